@@ -1,0 +1,234 @@
+"""Typed configs: dataclasses with defaults that run, loaded from YAML, overridden by dotted CLI flags.
+
+`kiln pretrain configs/shakespeare-char.yaml --train.max_steps 500 --model.n_layer 6`
+Unknown keys are errors with a "did you mean"; values are checked against the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.errors import KilnError, did_you_mean
+from kiln.model.config import ModelConfig
+
+
+def _f(default, help: str, **meta):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("kiln:tinyshakespeare", "text file, folder of .txt files, .jsonl or .csv; "
+                     "'kiln:tinyshakespeare' is the embedded corpus")
+    text_field: str = _f("text", "field holding the text in JSONL/CSV input")
+    tokenizer: str = _f("char", "char | bpe | wordpiece | path to an existing tokenizer.json")
+    vocab_size: int = _f(8192, "vocabulary size when training a bpe/wordpiece tokenizer")
+    val_fraction: float = _f(0.1, "share of the data held out for validation")
+    dedup: bool = _f(False, "drop exact duplicate documents")
+    prepared: str = _f("", "folder of already prepared shards (manifest.json); skips preparation")
+    mixture: dict = _f({}, "dataset mixture: {prepared_dir: weight, ...} (overrides `prepared`)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(2000, "optimizer steps")
+    batch_size: int = _f(12, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    optimizer: str = _f("adamw", "adamw | muon | lamb", choices=("adamw", "muon", "lamb"))
+    lr: float = _f(1e-3, "peak learning rate (AdamW part)")
+    muon_lr: float = _f(0.02, "learning rate of Muon for 2-D hidden weights (optimizer: muon)")
+    min_lr: float = _f(1e-4, "final learning rate of the decay")
+    warmup_steps: int = _f(100, "linear warmup steps")
+    decay: str = _f("cosine", "cosine | linear | constant", choices=("cosine", "linear", "constant"))
+    weight_decay: float = _f(0.1, "decoupled weight decay, on 2-D weights only")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.99, "Adam beta2")
+    grad_clip: float = _f(1.0, "clip the global grad norm to this value; 0 = off")
+    precision: str = _f("auto", "auto | fp32 | bf16 (auto: bf16 only where the device computes it fast)",
+                        choices=("auto", "fp32", "bf16"))
+    compile: bool = _f(False, "torch.compile the model")
+    device: str = _f("auto", "auto | cpu | cuda")
+    threads: int = _f(0, "torch CPU threads; 0 = all cores")
+    eval_every: int = _f(250, "evaluate every N steps")
+    eval_batches: int = _f(20, "validation batches per eval")
+    save_every: int = _f(500, "checkpoint every N steps (and at evals and the end)")
+    keep_last: int = _f(2, "checkpoints to keep besides the best")
+    log_every: int = _f(10, "write metrics every N steps")
+    target_loss: float = _f(0.0, "stop when val loss reaches this value; 0 = never")
+    sample_tokens: int = _f(200, "tokens of a generated sample printed at the end (decoders); 0 = none")
+    sample_prompt: str = _f("\n", "prompt of that sample")
+    tensorboard: bool = _f(True, "write TensorBoard events (if tensorboard is installed)")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "run name; the run folder is <out>/<name>-<timestamp> unless --out names it")
+    out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
+    seed: int = _f(1337, "random seed for init, data order and dropout")
+    objective: str = _f("clm", "clm (causal LM) | mlm (masked LM)", choices=("clm", "mlm"))
+    model_preset: str = _f("", "start from a named model preset (see `kiln models`); model.* keys override it")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp, where: str) -> Any:
+    """Check/convert one value to the field type; strings from the command line are parsed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        tp = args[0]
+    if isinstance(value, str) and tp is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+        dict: lambda v: isinstance(v, dict),
+        list: lambda v: isinstance(v, list),
+    }.get(tp, lambda v: True)
+    if not ok(value):
+        raise KilnError(f"{where}: {key} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is float:
+        value = float(value)
+    if tp is str:
+        value = str(value)
+    return value
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def update_dataclass(obj, values: dict, prefix: str = "", where: str = "config") -> None:
+    hints = _hints(type(obj))
+    names = {f.name: f for f in fields(obj)}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise KilnError(f"{where}: unknown key {full!r}{did_you_mean(key, names)}"
+                            .replace("did you mean '", f"did you mean '{prefix}"))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise KilnError(f"{where}: {full} expects a mapping of keys, got {value!r}")
+            update_dataclass(getattr(obj, key), value, f"{full}.", where)
+            continue
+        value = _coerce(full, value, tp, where)
+        choices = names[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise KilnError(f"{where}: {full} must be one of {', '.join(choices)}; got {value!r}"
+                            f"{did_you_mean(str(value), choices)}")
+        setattr(obj, key, value)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise KilnError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise KilnError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KilnError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--train.lr', '3e-4', '--model.n_layer=6'] -> {'train': {'lr': '3e-4'}, 'model': {'n_layer': '6'}}"""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise KilnError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise KilnError(f"override --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                cls=RunConfig, base: dict | None = None):
+    """Defaults <- YAML file <- overrides. Returns a validated config dataclass."""
+    values = dict(base or {})
+    where = "config"
+    if path is not None:
+        values = _merge(values, read_yaml(path))
+        where = str(path)
+    if overrides:
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        values = _merge(values, ov)
+    cfg = cls()
+    preset_name = values.get("model_preset") if cls is RunConfig else None
+    if preset_name:
+        from kiln.model.config import preset
+
+        cfg.model = preset(str(preset_name))
+    update_dataclass(cfg, values, where=where)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_help(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(flag, default, help) for every key, taken from the dataclasses: the single source of --help."""
+    rows = []
+    hints = _hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += config_help(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f"--{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
+    return rows

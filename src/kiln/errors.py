@@ -1,0 +1,15 @@
+"""User-facing errors. Internals assert; anything a user can cause raises KilnError (printed as one line, exit 2)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class KilnError(Exception):
+    """A mistake in the user's input: a file, a key or a value. The CLI prints it as one line and exits 2."""
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,101 @@
+"""The one model config. Every architecture kiln builds is a set of values here, with a name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Transformer. Defaults are a small GPT-style decoder."""
+
+    arch: str = field(default="decoder", metadata={"help": "decoder | encoder | encoder-decoder",
+                                                   "choices": ("decoder", "encoder", "encoder-decoder")})
+    vocab_size: int = field(default=0, metadata={"help": "vocabulary size; 0 = take it from the tokenizer"})
+    n_layer: int = field(default=4, metadata={"help": "number of Transformer blocks (encoder side for encoder-decoder)"})
+    n_decoder_layer: int = field(default=0, metadata={"help": "decoder blocks of an encoder-decoder; 0 = n_layer"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    n_kv_head: int = field(default=0, metadata={"help": "key/value heads for grouped-query attention; 0 = n_head"})
+    d_model: int = field(default=128, metadata={"help": "width of the residual stream"})
+    d_ff: int = field(default=0, metadata={"help": "hidden width of the feed-forward block; 0 = 4*d_model"})
+    context_length: int = field(default=256, metadata={"help": "maximum sequence length (positions)"})
+    position: str = field(default="learned", metadata={"help": "learned | rope | sinusoidal",
+                                                       "choices": ("learned", "rope", "sinusoidal")})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
+    norm: str = field(default="layernorm", metadata={"help": "layernorm | rmsnorm", "choices": ("layernorm", "rmsnorm")})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the norm layers"})
+    pre_norm: bool = field(default=True, metadata={"help": "pre-LN (GPT-2, Llama) or post-LN (BERT, original Transformer)"})
+    final_norm: bool = field(default=True, metadata={"help": "norm after the last block (pre-LN models)"})
+    embedding_norm: bool = field(default=False, metadata={"help": "norm right after the embeddings (BERT)"})
+    activation: str = field(default="gelu", metadata={"help": "gelu | gelu_tanh | relu | silu | swiglu",
+                                                      "choices": ("gelu", "gelu_tanh", "relu", "silu", "swiglu")})
+    bias: bool = field(default=True, metadata={"help": "biases in linear layers and norms"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings, attention output and MLP"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "share input embedding and output head weights"})
+    type_vocab_size: int = field(default=0, metadata={"help": "token-type (segment) embeddings, BERT; 0 = none"})
+    pad_token_id: int = field(default=-1, metadata={"help": "padding token id; -1 = none"})
+    embed_scale: bool = field(default=False, metadata={"help": "multiply embeddings by sqrt(d_model) (original Transformer)"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the normal init"})
+
+    def resolve(self) -> "ModelConfig":
+        """Fill the derived values left at 0 ("auto"). Called once the config is final."""
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.d_ff == 0:
+            self.d_ff = 4 * self.d_model
+        if self.n_decoder_layer == 0:
+            self.n_decoder_layer = self.n_layer
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def validate(self) -> None:
+        from kiln.errors import KilnError
+
+        self.resolve()
+        if self.vocab_size <= 0:
+            raise KilnError(f"model.vocab_size must be positive, got {self.vocab_size}")
+        if self.d_model % self.n_head:
+            raise KilnError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise KilnError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise KilnError(f"rotary positions need an even head dimension, got {self.head_dim}")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def with_(self, **kw) -> "ModelConfig":
+        return replace(self, **kw)
+
+
+# Named presets: a preset is only a ModelConfig with a name (litgpt's `Config.from_name`).
+PRESETS: dict[str, dict] = {
+    "gpt-baby": dict(arch="decoder", n_layer=4, n_head=4, d_model=128, context_length=64, vocab_size=65),
+    "gpt2": dict(arch="decoder", vocab_size=50257, n_layer=12, n_head=12, d_model=768, context_length=1024,
+                 activation="gelu_tanh"),
+    "gpt2-medium": dict(arch="decoder", vocab_size=50257, n_layer=24, n_head=16, d_model=1024, context_length=1024,
+                        activation="gelu_tanh"),
+    "llama-tiny": dict(arch="decoder", vocab_size=32000, n_layer=8, n_head=8, n_kv_head=4, d_model=512, d_ff=1376,
+                       context_length=2048, position="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                       tie_embeddings=False, norm_eps=1e-6),
+    "bert-mini": dict(arch="encoder", vocab_size=30522, n_layer=4, n_head=4, d_model=256, context_length=512,
+                      pre_norm=False, final_norm=False, embedding_norm=True, type_vocab_size=2, norm_eps=1e-12,
+                      pad_token_id=0),
+    "bert-base": dict(arch="encoder", vocab_size=30522, n_layer=12, n_head=12, d_model=768, context_length=512,
+                      pre_norm=False, final_norm=False, embedding_norm=True, type_vocab_size=2, norm_eps=1e-12,
+                      pad_token_id=0),
+    "transformer-base": dict(arch="encoder-decoder", vocab_size=37000, n_layer=6, n_head=8, d_model=512, d_ff=2048,
+                             context_length=512, position="sinusoidal", pre_norm=False, final_norm=False,
+                             activation="relu", dropout=0.1, embed_scale=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    from kiln.errors import KilnError, did_you_mean
+
+    if name not in PRESETS:
+        raise KilnError(f"unknown model preset {name!r}{did_you_mean(name, PRESETS)}; see `kiln models`")
+    return ModelConfig(**{**PRESETS[name], **overrides})

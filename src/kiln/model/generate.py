@@ -1,0 +1,75 @@
+"""Decoding for decoder-only models: greedy and sampling (temperature, top-k, top-p), with a KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask logits outside the top-k and the top-p nucleus with -inf. logits: [B, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.inference_mode()
+def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, greedy: bool = False, eos_token_id: int | None = None, use_cache: bool = True,
+             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend `idx` [B, T] by up to `max_new_tokens`. Left-pad batched prompts and pass `attention_mask`.
+
+    temperature 0 or greedy=True picks the argmax. Returns [B, T + new] (rows that hit eos are padded with eos).
+    """
+    was_training = model.training
+    model.eval()
+    cfg = model.config
+    B, T = idx.shape
+    total = T + max_new_tokens
+    if total > cfg.context_length and (use_cache or cfg.position == "learned"):
+        # a cache cannot slide; learned positions stop at context_length: keep the last context_length tokens
+        if T >= cfg.context_length:
+            idx = idx[:, -(cfg.context_length - max_new_tokens):] if max_new_tokens < cfg.context_length else idx[:, -1:]
+            attention_mask = attention_mask[:, -idx.shape[1]:] if attention_mask is not None else None
+            T = idx.shape[1]
+        max_new_tokens = min(max_new_tokens, cfg.context_length - T)
+    greedy = greedy or temperature == 0
+    mask = attention_mask.bool() if attention_mask is not None else None
+    position_ids = None
+    if mask is not None:
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    caches = model.new_caches(B, T + max_new_tokens) if use_cache else None
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    out = idx
+    step_input, step_mask, step_pos = idx, mask, position_ids
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits = model(step_input, attention_mask=step_mask, position_ids=step_pos, caches=caches)
+        else:
+            logits = model(out, attention_mask=mask, position_ids=position_ids)
+        logits = logits[:, -1, :].float()
+        if greedy:
+            next_token = logits.argmax(-1)
+        else:
+            logits = filter_logits(logits / temperature, top_k, top_p)
+            next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        if eos_token_id is not None:
+            next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+            finished |= next_token == eos_token_id
+        out = torch.cat([out, next_token[:, None]], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=mask.device)], dim=1)
+            position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+            step_mask, step_pos = mask, position_ids[:, -1:]
+        step_input = next_token[:, None]
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    if was_training:
+        model.train()
+    return out

@@ -1,0 +1,332 @@
+"""One Transformer, three shapes (decoder, encoder, encoder-decoder), every variant a config value.
+
+Read top to bottom: norms and positions, attention, feed-forward, a block, a stack of blocks, the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kiln.model.config import ModelConfig
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # the "rotate half" layout used by Llama checkpoints
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div)
+    return table
+
+
+class KVCache:
+    """Preallocated keys/values of one attention layer: decoding appends in place, never concatenates."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: keep the rows named by `index`."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class Attention(nn.Module):
+    """Multi-head attention (grouped-query when n_kv_head < n_head); self- or cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.cross = cross
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        if cross:  # queries from the decoder, keys/values from the encoder output
+            self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
+            self.kv_proj = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
+        else:
+            self.qkv_proj = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+        self.out_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.rope = cfg.position == "rope" and not cross
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, mask=None, is_causal=False, rope=None, cache: KVCache | None = None,
+                memory: torch.Tensor | None = None, return_weights: bool = False):
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        if self.cross:
+            q = self._heads(self.q_proj(x), self.n_head)
+            if cache is not None and cache.length > 0:  # encoder keys/values are computed once
+                k, v = cache.k[:, :, :cache.length], cache.v[:, :, :cache.length]
+            else:
+                k, v = self.kv_proj(memory).split(kv_dim, dim=-1)
+                k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+                if cache is not None:
+                    k, v = cache.append(k, v)
+        else:
+            q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+            if self.rope:
+                cos, sin = rope
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        if return_weights:
+            y, weights = _attention_with_weights(q, k, v, mask, is_causal, self.n_head // self.n_kv_head)
+        else:
+            weights = None
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+        B, _, T, _ = y.shape
+        y = self.out_proj(y.transpose(1, 2).reshape(B, T, q_dim))
+        return (y, weights) if return_weights else y
+
+
+def _attention_with_weights(q, k, v, mask, is_causal, groups):
+    """Explicit softmax attention, only for attention maps (kiln viz attention)."""
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if is_causal and mask is None:
+        Tq, Tk = scores.shape[-2:]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(-1)
+    return weights @ v, weights
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.activation == "swiglu"
+        self.up_proj = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(),
+                    "silu": nn.SiLU(), "swiglu": nn.SiLU()}[cfg.activation]
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.up_proj(x)
+        if self.gated:  # SwiGLU: silu(gate) * up, gate first (Llama's gate_proj, up_proj order)
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    """Self-attention (+ cross-attention in an encoder-decoder's decoder) + feed-forward, pre- or post-norm."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.cross_norm, self.cross_attn = (make_norm(cfg), Attention(cfg, cross=True)) if cross else (None, None)
+        self.mlp_norm, self.mlp = make_norm(cfg), FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _sublayer(self, x, norm, fn):
+        if self.pre_norm:
+            return x + self.dropout(fn(norm(x)))
+        return norm(x + self.dropout(fn(x)))
+
+    def forward(self, x, mask=None, is_causal=False, rope=None, cache=None, memory=None, memory_mask=None,
+                cross_cache=None):
+        x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, is_causal, rope, cache))
+        if self.cross_attn is not None:
+            x = self._sublayer(x, self.cross_norm,
+                               lambda h: self.cross_attn(h, memory_mask, False, None, cross_cache, memory))
+        return self._sublayer(x, self.mlp_norm, self.mlp)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokens: nn.Embedding):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = tokens
+        self.positions = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.position == "learned" else None
+        if cfg.position == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_table(cfg.context_length, cfg.d_model), persistent=False)
+        self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.norm = make_norm(cfg) if cfg.embedding_norm else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+
+    def forward(self, idx, position_ids, token_type_ids=None):
+        x = self.tokens(idx)
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.positions is not None:
+            x = x + self.positions(position_ids)
+        elif self.cfg.position == "sinusoidal":
+            x = x + self.sinusoid[position_ids].to(x.dtype)
+        if self.token_types is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(idx)
+            x = x + self.token_types(token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+class Stack(nn.Module):
+    """Embeddings, a stack of blocks and the final norm: an encoder, a decoder, or one side of a seq2seq."""
+
+    def __init__(self, cfg: ModelConfig, tokens: nn.Embedding, n_layer: int, causal: bool, cross: bool):
+        super().__init__()
+        self.cfg, self.causal = cfg, causal
+        self.embed = Embeddings(cfg, tokens)
+        self.blocks = nn.ModuleList(Block(cfg, cross=cross) for _ in range(n_layer))
+        self.norm = make_norm(cfg) if (cfg.pre_norm and cfg.final_norm) else None
+        if cfg.position == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, attention_mask=None, position_ids=None, token_type_ids=None, caches=None,
+                memory=None, memory_mask=None, cross_caches=None):
+        B, T = idx.shape
+        offset = caches[0].length if caches else 0
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + T, device=idx.device).unsqueeze(0)
+        x = self.embed(idx, position_ids, token_type_ids)
+        rope = None
+        if self.cfg.position == "rope":
+            rope = (self.rope_cos[position_ids].unsqueeze(1).to(x.dtype),
+                    self.rope_sin[position_ids].unsqueeze(1).to(x.dtype))
+        mask = build_mask(attention_mask, T, offset, self.causal, idx.device)
+        is_causal = self.causal and mask is None and offset == 0
+        if memory_mask is not None and memory_mask.dim() == 2:
+            memory_mask = memory_mask[:, None, None, :].bool()
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, is_causal, rope, caches[i] if caches else None, memory, memory_mask,
+                      cross_caches[i] if cross_caches else None)
+        return self.norm(x) if self.norm is not None else x
+
+
+def build_mask(attention_mask, T: int, offset: int, causal: bool, device) -> torch.Tensor | None:
+    """Boolean [B, 1, T, offset+T] mask (True = attend) from a [B, offset+T] padding mask; None when plain causal."""
+    if attention_mask is None:
+        if not causal or offset == 0 or T == 1:
+            return None  # plain causal prefill, one-token decode, or full bidirectional attention
+        attention_mask = torch.ones(1, offset + T, dtype=torch.bool, device=device)
+    keep = attention_mask[:, None, None, :].bool()
+    if causal:
+        causal_mask = torch.ones(T, offset + T, dtype=torch.bool, device=device).tril(offset)
+        keep = keep & causal_mask
+        # a fully padded query row (left padding) would give NaN; let it attend to itself
+        rows = torch.arange(T, device=device)[:, None] + offset
+        keep = keep | (rows == torch.arange(offset + T, device=device)[None, :])
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.arch == "encoder-decoder":
+            self.encoder = Stack(cfg, tokens, cfg.n_layer, causal=False, cross=False)
+            self.decoder = Stack(cfg, tokens, cfg.n_decoder_layer, causal=True, cross=True)
+        else:
+            self.encoder = None
+            self.decoder = Stack(cfg, tokens, cfg.n_layer, causal=cfg.arch == "decoder", cross=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = tokens.weight
+        self.init_weights()
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.encoder is not None
+
+    def init_weights(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+                scale = (2 * self.config.n_layer) ** -0.5 if name.endswith(("out_proj.weight", "down_proj.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:  # norm weights
+                nn.init.ones_(p)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and self.decoder.embed.positions is not None:
+            n -= self.decoder.embed.positions.weight.numel()
+        return n
+
+    def encode(self, src, src_mask=None, token_type_ids=None):
+        stack = self.encoder if self.is_seq2seq else self.decoder
+        return stack(src, attention_mask=src_mask, token_type_ids=token_type_ids)
+
+    def hidden(self, idx, attention_mask=None, position_ids=None, token_type_ids=None, caches=None,
+               memory=None, memory_mask=None, cross_caches=None):
+        return self.decoder(idx, attention_mask, position_ids, token_type_ids, caches, memory, memory_mask,
+                            cross_caches)
+
+    def forward(self, idx, attention_mask=None, position_ids=None, token_type_ids=None, caches=None,
+                src=None, src_mask=None, memory=None, cross_caches=None):
+        """Logits [B, T, vocab]. For an encoder-decoder pass `src` (or a precomputed `memory`)."""
+        if self.is_seq2seq and memory is None and src is not None:
+            memory = self.encode(src, src_mask)
+        h = self.hidden(idx, attention_mask, position_ids, token_type_ids, caches, memory, src_mask, cross_caches)
+        return self.lm_head(h)
+
+    def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        p = self.lm_head.weight
+        return [KVCache(batch, self.config.n_kv_head, max_len, self.config.head_dim, dtype or p.dtype,
+                        device or p.device) for _ in self.decoder.blocks]
+
+    def generate(self, idx, max_new_tokens: int, **kw) -> torch.Tensor:
+        from kiln.model.generate import generate
+
+        return generate(self, idx, max_new_tokens, **kw)
