@@ -1,0 +1,22 @@
+"""kiln: from raw text to a trained, evaluated, compressed Transformer.
+
+    import kiln
+    run_dir = kiln.pretrain("configs/shakespeare-char.yaml", overrides=["--train.max_steps", "200"])
+    model, tokenizer, cfg = kiln.load(run_dir)
+    print(kiln.sample(run_dir, "ROMEO:", max_new_tokens=100))
+"""
+
+__version__ = "0.1.0"
+
+from kiln.errors import KilnError  # noqa: E402
+
+
+def __getattr__(name):  # lazy: `import kiln` stays fast and torch-free until needed
+    if name in ("pretrain", "load", "sample", "prepare_data"):
+        from kiln import api
+
+        return getattr(api, name)
+    raise AttributeError(name)
+
+
+__all__ = ["KilnError", "pretrain", "load", "sample", "prepare_data", "__version__"]

@@ -1,0 +1,86 @@
+"""The Python API; every CLI verb is one of these functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kiln.config import RunConfig, load_config
+from kiln.errors import KilnError
+from kiln.model.transformer import Transformer
+from kiln.train.checkpoint import find_checkpoint, load_weights
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    if (run_dir / "model.safetensors").is_file() and not (run_dir / "config.yaml").is_file():
+        run_dir = run_dir.parent.parent  # a checkpoint folder inside a run
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise KilnError(f"{run_dir} is not a kiln run folder (no config.yaml)")
+    return load_config(cfg_file)
+
+
+def load(run_dir: str | Path, which: str = "latest", device: str = "cpu"):
+    """(model, tokenizer or None, config) from a run folder; `which` is latest, best, or a checkpoint path."""
+    run_dir = Path(run_dir)
+    ckpt = find_checkpoint(run_dir, which)
+    cfg = load_run_config(run_dir if (run_dir / "config.yaml").is_file() else ckpt)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model = model.to_empty(device=device)  # no random init of weights we are about to overwrite
+    _rebuild_buffers(model, cfg)
+    load_weights(model, ckpt / "model.safetensors")
+    model.eval()
+    tok_file = (ckpt.parent.parent / "tokenizer.json")
+    tokenizer = None
+    if tok_file.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    return model, tokenizer, cfg
+
+
+def _rebuild_buffers(model: Transformer, cfg: RunConfig) -> None:
+    """Non-persistent buffers are not in the weights file: recompute them after a meta-device build."""
+    from kiln.model.transformer import rope_tables, sinusoidal_table
+
+    for stack in [s for s in (model.encoder, model.decoder) if s is not None]:
+        m = cfg.model
+        if m.position == "rope":
+            cos, sin = rope_tables(m.head_dim, m.context_length, m.rope_theta)
+            stack.rope_cos, stack.rope_sin = cos, sin
+        if m.position == "sinusoidal":
+            stack.embed.sinusoid = sinusoidal_table(m.context_length, m.d_model)
+
+
+def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+           top_k: int = 0, top_p: float = 1.0, seed: int | None = None, greedy: bool = False) -> str:
+    model, tokenizer, cfg = load(run_dir)
+    if tokenizer is None:
+        raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise KilnError("the prompt encodes to no tokens")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         greedy=greedy, generator=gen)
+    return tokenizer.decode(out[0].tolist())
+
+
+def pretrain(config: str | Path | RunConfig | None = None, overrides: list[str] | dict | None = None,
+             resume: str | Path | None = None) -> Path:
+    """Train a model from a config (file, RunConfig or None for the default recipe). Returns the run folder."""
+    from kiln.train.pretrain import run_pretrain
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    return run_pretrain(cfg, resume=resume)
+
+
+def prepare_data(config: str | Path | None = None, overrides: list[str] | dict | None = None,
+                 out: str | Path = "data/prepared") -> dict:
+    from kiln.data.prepare import prepare
+
+    cfg = load_config(config, overrides)
+    return prepare(cfg.data, Path(out), seed=cfg.seed)

@@ -1,0 +1,193 @@
+"""Checkpoints: atomic, pickle-free weights, and a run folder layout every verb understands.
+
+run_dir/
+  config.yaml                 resolved config (reproduce the run from the folder alone)
+  tokenizer.json
+  checkpoints/step_000500/    model.safetensors, trainer.pt (optimizer, step, RNG), meta.json
+  checkpoints/latest          text file naming the newest complete checkpoint
+  checkpoints/best            text file naming the one with the lowest val loss
+
+A checkpoint is written into a hidden temp folder, every file fsynced, then renamed into place: a crash or
+SIGKILL at any instant leaves either the old set of checkpoints or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kiln.errors import KilnError
+
+CHECKPOINTS = "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under torch.compile / DDP wrappers (no `_orig_mod.` / `module.` prefixes in files)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without duplicated tied tensors (safetensors refuses shared memory)."""
+    model = unwrap(model)
+    state, seen = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue  # e.g. lm_head.weight tied to the token embedding
+        if key is not None:
+            seen[key] = name
+        state[name] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = None) -> None:
+    save_file(model_state(model), str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KilnError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
+    model = unwrap(model)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name not in expected:
+            raise KilnError(f"{path}: unexpected tensor {name!r} (not in the model built from config.yaml)")
+        if expected[name].shape != tensor.shape:
+            raise KilnError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                            f"the config expects {tuple(expected[name].shape)}")
+    missing, _ = model.load_state_dict(state, strict=False)
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [m for m in missing if m not in tied]
+    if missing:
+        raise KilnError(f"{path}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, step: int, trainer_state: dict | None = None,
+                    meta: dict | None = None, keep_last: int = 2, is_best: bool = False) -> Path:
+    """Write checkpoints/step_<N>/ atomically, move the `latest` (and `best`) pointers, prune old ones."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    meta = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
+            "kiln": _kiln_version(), **(meta or {})}
+    save_weights(model, tmp / "model.safetensors", {"step": step})
+    files = [tmp / "model.safetensors"]
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer.pt")
+        files.append(tmp / "trainer.pt")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    files.append(tmp / "meta.json")
+    for f in files:
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. interrupt right after a periodic save)
+        old = root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / "latest", name + "\n")
+    if is_best:
+        atomic_write_text(root / "best", name + "\n")
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    keep = {_read_pointer(root, "latest"), _read_pointer(root, "best")}
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for p in steps[:-keep_last] if keep_last > 0 else []:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-*"):  # leftovers of a crashed save
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _read_pointer(root: Path, pointer: str) -> str | None:
+    f = root / pointer
+    return f.read_text().strip() if f.is_file() else None
+
+
+def _kiln_version() -> str:
+    from kiln import __version__
+
+    return __version__
+
+
+def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """Resolve a run folder (or a checkpoint folder) to one complete checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise KilnError(f"checkpoint not found: {path} does not exist")
+    if (path / "model.safetensors").is_file():
+        return path
+    root = path / CHECKPOINTS
+    name = _read_pointer(root, which) if root.is_dir() else None
+    if name is None and root.is_dir():  # pointer lost: fall back to the newest complete folder
+        complete = sorted(p for p in root.glob("step_*") if (p / "model.safetensors").is_file())
+        name = complete[-1].name if complete else None
+    if name is None or not (root / name / "model.safetensors").is_file():
+        raise KilnError(f"no checkpoint in {path} (expected {root}/{which} naming a step_* folder with model.safetensors)")
+    return root / name
+
+
+def load_trainer_state(ckpt_dir: Path) -> dict:
+    f = ckpt_dir / "trainer.pt"
+    if not f.is_file():
+        raise KilnError(f"{ckpt_dir}: no trainer.pt; this checkpoint holds weights only and cannot be resumed")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupted or truncated file; weights_only never unpickles code
+        raise KilnError(f"{f}: corrupted trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    try:
+        return json.loads((ckpt_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
