@@ -56,8 +56,9 @@ def _rebuild_buffers(model: Transformer, cfg: RunConfig) -> None:
 
 
 def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
-           top_k: int = 0, top_p: float = 1.0, seed: int | None = None, greedy: bool = False) -> str:
-    model, tokenizer, cfg = load(run_dir)
+           top_k: int = 0, top_p: float = 1.0, seed: int | None = None, greedy: bool = False,
+           which: str = "latest") -> str:
+    model, tokenizer, cfg = load(run_dir, which)
     if tokenizer is None:
         raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
     ids = tokenizer.encode(prompt).ids

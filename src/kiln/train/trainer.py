@@ -1,0 +1,224 @@
+"""The one training loop. Objectives plug in as a loss over a batch; everything else is shared.
+
+Per optimizer step: fetch the step's micro-batches (a pure function of the step, so resume seeks), count
+their target tokens, and backpropagate sum-of-losses / total-targets for each, so the gradient does not
+depend on how the batch is split into micro-batches (transformers#34191). Then clip, step, log.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from kiln.config import TrainConfig
+from kiln.errors import KilnError
+from kiln.report.metrics import MetricsLog
+from kiln.report.plots import loss_curve
+from kiln.report.progress import Progress
+from kiln.train.checkpoint import find_checkpoint, load_trainer_state, load_weights, save_checkpoint, unwrap
+from kiln.train.optim import build_optimizer, lr_at, set_lr
+from kiln.train.precision import autocast
+
+
+class Objective(Protocol):
+    def targets(self, batch) -> int: ...  # number of target tokens/labels in the batch
+
+    def loss(self, model, batch) -> torch.Tensor: ...  # SUM of per-target losses (not the mean)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. The CLI exits 130."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    best_val: float = math.inf
+    elapsed: float = 0.0  # training wall time over all sessions of this run
+
+
+def to_device(batch, device: str):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, objective: Objective, cfg: TrainConfig, run_dir: Path,
+                 next_batch: Callable[[int], object], evaluate: Callable[[torch.nn.Module], dict] | None = None,
+                 device: str = "cpu", precision: str = "fp32", log=print, tokens_per_target: int = 1,
+                 on_eval: Callable[[int, dict], None] | None = None, world_size: int = 1, is_main: bool = True):
+        self.model, self.objective, self.cfg, self.run_dir = model, objective, cfg, Path(run_dir)
+        self.next_batch, self.evaluate, self.device, self.precision = next_batch, evaluate, device, precision
+        self.log, self.on_eval, self.world_size, self.is_main = log, on_eval, world_size, is_main
+        self.tokens_per_target = tokens_per_target
+        self.optimizer = build_optimizer(unwrap(model), cfg, "cpu" if device == "cpu" else device)
+        self.state = TrainState()
+        self.compiled = torch.compile(model) if cfg.compile else model
+        self._stop_signal: int | None = None
+        self.reached_target_at: float | None = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict:
+        s = self.state
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"step": s.step, "tokens": s.tokens, "best_val": s.best_val, "elapsed": s.elapsed,
+                "optimizer": self.optimizer.state_dict(), "rng": rng}
+
+    def save(self, is_best: bool = False, val_loss: float | None = None) -> Path | None:
+        if not self.is_main:
+            return None
+        meta = {"tokens": self.state.tokens, "val_loss": val_loss, "best_val_loss": self.state.best_val
+                if math.isfinite(self.state.best_val) else None}
+        return save_checkpoint(self.run_dir, self.model, self.state.step, self.trainer_state(), meta,
+                               keep_last=self.cfg.keep_last, is_best=is_best)
+
+    def restore(self, path: Path) -> None:
+        ckpt = find_checkpoint(path)
+        state = load_trainer_state(ckpt)
+        load_weights(self.model, ckpt / "model.safetensors")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise KilnError(f"{ckpt}: optimizer state does not match this model/optimizer ({e})") from None
+        self.state = TrainState(step=int(state["step"]), tokens=int(state["tokens"]),
+                                best_val=float(state["best_val"]), elapsed=float(state["elapsed"]))
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.log(f"resumed from {ckpt} at step {self.state.step}")
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def train_step(self) -> tuple[float, float | None]:
+        cfg, step = self.cfg, self.state.step
+        lr = lr_at(step, cfg)
+        set_lr(self.optimizer, lr)
+        batches = [to_device(self.next_batch(step * cfg.grad_accum + m), self.device) for m in range(cfg.grad_accum)]
+        total = torch.tensor(float(sum(self.objective.targets(b) for b in batches)))
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            ctx = self.compiled.no_sync() if (not sync and hasattr(self.compiled, "no_sync")) else _null()
+            with ctx:
+                with autocast(self.precision, self.device):
+                    loss = self.objective.loss(self.compiled, batch)
+                (loss / total * self.world_size).backward()  # DDP averages over ranks; undo it to get a sum
+            loss_sum += loss.detach().float()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean_loss = loss_sum / total * self.world_size
+        if self.world_size > 1:
+            torch.distributed.all_reduce(mean_loss)
+            mean_loss = mean_loss / self.world_size
+        self.state.step += 1
+        self.state.tokens += int(total.item()) * self.tokens_per_target
+        return float(mean_loss), (float(grad_norm) if grad_norm is not None else None)
+
+    def run_eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), autocast(self.precision, self.device):
+            metrics = self.evaluate(self.compiled)
+        self.model.train()
+        return metrics
+
+    def fit(self, resume_from: Path | None = None) -> dict:
+        cfg = self.cfg
+        if resume_from is not None:
+            self.restore(resume_from)
+        metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resume_from else None,
+                             tensorboard=cfg.tensorboard and self.is_main) if self.is_main else None
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        progress = Progress(cfg.max_steps, self.state.step, cfg.log_every, log=self.log) if self.is_main else None
+        self.model.train()
+        last_eval: dict = {}
+        window_t, window_tokens = time.perf_counter(), self.state.tokens
+        session_t0 = time.perf_counter() - self.state.elapsed
+        try:
+            while self.state.step < cfg.max_steps:
+                loss, grad_norm = self.train_step()
+                step = self.state.step
+                self.state.elapsed = time.perf_counter() - session_t0
+                if not math.isfinite(loss):
+                    latest = self.run_dir / "checkpoints" / "latest"
+                    where = f"; the last good checkpoint is {latest.read_text().strip()}" if latest.is_file() else ""
+                    raise KilnError(f"loss became {loss} at step {step} (lr {lr_at(step - 1, cfg):.2e}); stopping "
+                                    f"without saving{where}. Try a lower train.lr or train.grad_clip > 0")
+                now = time.perf_counter()
+                tps = (self.state.tokens - window_tokens) / max(now - window_t, 1e-9)
+                if progress is not None:
+                    progress.update(step, loss=loss, lr=lr_at(step - 1, cfg), tokens_per_second=tps)
+                if metrics is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    metrics.log(step, tokens=self.state.tokens, loss=loss, lr=lr_at(step - 1, cfg),
+                                grad_norm=grad_norm if grad_norm is not None else "",
+                                tokens_per_second=tps, elapsed=self.state.elapsed)
+                    window_t, window_tokens = now, self.state.tokens
+                is_eval = self.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+                saved = False
+                if is_eval:
+                    last_eval = self.run_eval()
+                    val = last_eval.get("val_loss", math.inf)
+                    is_best = val < self.state.best_val
+                    self.state.best_val = min(self.state.best_val, val)
+                    if self.is_main:
+                        line = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
+                        progress.write(f"step {step}: {line}  ({self.state.elapsed:.1f}s)")
+                        metrics.log(step, tokens=self.state.tokens, elapsed=self.state.elapsed, **last_eval)
+                        loss_curve(metrics, self.run_dir / "plots" / "loss.png", title=self.run_dir.name)
+                        if self.on_eval:
+                            self.on_eval(step, last_eval)
+                    self.save(is_best=is_best, val_loss=val)
+                    saved = True
+                    if cfg.target_loss and val <= cfg.target_loss and self.reached_target_at is None:
+                        self.reached_target_at = self.state.elapsed
+                        if self.is_main:
+                            progress.write(f"reached target val loss {cfg.target_loss} at step {step} "
+                                           f"after {self.state.elapsed:.1f}s; stopping")
+                        break
+                    window_t = time.perf_counter()  # eval time is not training throughput
+                if not saved and (step % cfg.save_every == 0 or step == cfg.max_steps):
+                    self.save()
+                if self._stop_signal is not None:
+                    if not saved:
+                        self.save()
+                    name = signal.Signals(self._stop_signal).name
+                    if progress is not None:
+                        progress.write(f"{name} received: saved checkpoint at step {step}; resume with --resume")
+                    raise Interrupted(name)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            if progress is not None:
+                progress.close()
+            if metrics is not None:
+                metrics.close()
+        return {"step": self.state.step, "tokens": self.state.tokens, "elapsed": self.state.elapsed,
+                "best_val_loss": self.state.best_val, "reached_target_at": self.reached_target_at, **last_eval}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
