@@ -69,10 +69,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull config overrides (--section.key VALUE, --section.key=VALUE, --seed 3) out of argv."""
+    from dataclasses import fields
+
+    from kiln.config import RunConfig
+
+    top = {f.name for f in fields(RunConfig)} - {"out"}
+    if argv[:2] == ["data", "prepare"]:
+        top.discard("out")
+    elif argv[:1] == ["pretrain"]:
+        top.add("out")
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and ("." in key or key in top):
+            if "=" in arg or i + 1 >= len(argv):
+                overrides.append(arg)
+            else:
+                overrides += [arg, argv[i + 1]]
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    if argv[:1] in (["pretrain"], ["data"]):
+        argv, extra = split_overrides(argv)
+        args = parser.parse_args(argv)
+    else:
+        args, extra = parser.parse_args(argv), []
     debug = args.debug or os.environ.get("KILN_DEBUG") == "1"
     if args.version:
         from kiln import __version__
@@ -82,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 0
-    if extra and args.verb not in ("pretrain", "data"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args, extra) or 0
     except KilnError as e:

@@ -101,6 +101,12 @@ def _coerce(key: str, value: Any, tp, where: str) -> Any:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
             pass
+    if isinstance(value, str) and tp in (int, float):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            number = float(value)
+            value = int(number) if tp is int and number.is_integer() and "." not in value else number
+        except ValueError:
+            pass
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),

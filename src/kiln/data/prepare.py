@@ -95,21 +95,22 @@ def _tokenizer(cfg: DataConfig, corpus: Corpus, log, sample_bytes: int | None):
     what = "all" if limit is None else f"the first {limit / 1e6:.0f} MB"
     log(f"pass 1: building the {cfg.tokenizer} tokenizer from {what} of the text"
         + ("" if cfg.tokenizer == "char" else f" (vocab {cfg.vocab_size})"))
-    n = [0]
+    n, finished = 0, False
 
     def texts():
+        nonlocal n, finished
         for t in corpus.texts(limit):
             if t:
-                n[0] += 1
+                n += 1
                 yield t
+        finished = True
 
     try:
         tok = train_tokenizer(cfg.tokenizer, texts(), cfg.vocab_size)
     except KilnError:
-        if n[0]:
+        if not (finished and n == 0):  # an input error, not "no text"
             raise
-        tok = None
-    if n[0] == 0:
+    if n == 0:
         raise KilnError(f"{corpus.path}: no text left after cleaning")
     return tok, cfg.tokenizer
 

@@ -30,6 +30,9 @@ class ModelConfig:
     activation: str = field(default="gelu", metadata={"help": "gelu | gelu_tanh | relu | silu | swiglu",
                                                       "choices": ("gelu", "gelu_tanh", "relu", "silu", "swiglu")})
     bias: bool = field(default=True, metadata={"help": "biases in linear layers and norms"})
+    qkv_bias: bool = field(default=False, metadata={"help": "biases on the q/k/v projections even when bias is off (Qwen2)"})
+    mlm_head: bool = field(default=False, metadata={"help": "dense + activation + norm before a biased LM head (BERT's MLM head)"})
+    pooler: bool = field(default=False, metadata={"help": "BERT pooler: dense + tanh on the first token (model.pooler)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings, attention output and MLP"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share input embedding and output head weights"})
     type_vocab_size: int = field(default=0, metadata={"help": "token-type (segment) embeddings, BERT; 0 = none"})

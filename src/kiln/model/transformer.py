@@ -77,11 +77,12 @@ class Attention(nn.Module):
         self.cross = cross
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
         if cross:  # queries from the decoder, keys/values from the encoder output
-            self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
-            self.kv_proj = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
+            self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=qkv_bias)
+            self.kv_proj = nn.Linear(cfg.d_model, 2 * kv_dim, bias=qkv_bias)
         else:
-            self.qkv_proj = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+            self.qkv_proj = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.rope = cfg.position == "rope" and not cross
@@ -277,7 +278,11 @@ class Transformer(nn.Module):
         else:
             self.encoder = None
             self.decoder = Stack(cfg, tokens, cfg.n_layer, causal=cfg.arch == "decoder", cross=False)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        from kiln.model.heads import MLMTransform, Pooler
+
+        self.head_transform = MLMTransform(cfg) if cfg.mlm_head else None
+        self.pooler = Pooler(cfg) if cfg.pooler else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.mlm_head)
         if cfg.tie_embeddings:
             self.lm_head.weight = tokens.weight
         self.init_weights()
@@ -319,6 +324,8 @@ class Transformer(nn.Module):
         if self.is_seq2seq and memory is None and src is not None:
             memory = self.encode(src, src_mask)
         h = self.hidden(idx, attention_mask, position_ids, token_type_ids, caches, memory, src_mask, cross_caches)
+        if self.head_transform is not None:
+            h = self.head_transform(h)
         return self.lm_head(h)
 
     def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:

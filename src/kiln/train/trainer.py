@@ -144,6 +144,7 @@ class Trainer:
 
     def fit(self, resume_from: Path | None = None) -> dict:
         cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             self.restore(resume_from)
         metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resume_from else None,

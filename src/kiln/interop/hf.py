@@ -1,0 +1,193 @@
+"""Hugging Face checkpoints <-> kiln run folders.
+
+    import_hf("path/to/hf_model", "runs/gpt2")   # config.json + model.safetensors (+ tokenizer.json)
+    export_hf("runs/gpt2", "out/gpt2-hf")         # loadable by transformers' Auto*.from_pretrained
+
+The family (gpt2.py, llama.py, bert.py) is picked by `model_type` (or `architectures`); each holds the
+explicit name map. Nothing here needs `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.interop import bert, gpt2, llama
+
+FAMILIES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert}
+ARCHITECTURES = {
+    "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
+    "LlamaForCausalLM": "llama", "LlamaModel": "llama", "MistralForCausalLM": "mistral", "MistralModel": "mistral",
+    "Qwen2ForCausalLM": "qwen2", "Qwen2Model": "qwen2",
+    "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
+}
+HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, kept in the run folder (token ids for export)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KilnError(f"{path}: cannot read JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise KilnError(f"{path}: expected a JSON object")
+    return data
+
+
+def family_of(hf_config: dict, where: str = "config.json"):
+    """The family module for an HF config (by model_type, else architectures)."""
+    model_type = hf_config.get("model_type")
+    archs = hf_config.get("architectures") or []
+    if model_type is None:
+        model_type = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if model_type not in FAMILIES:
+        name = model_type or (archs[0] if archs else "no model_type")
+        raise KilnError(f"{where}: unsupported architecture {name!r}; kiln imports {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:  # corrupted / truncated / not a weights file
+        raise KilnError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KilnError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, sharded safetensors (index), or pytorch_model.bin (weights_only)."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (src / single).is_file():
+            return _load_file(src / single)
+        if (src / index).is_file():
+            shards = sorted(set(_read_json(src / index).get("weight_map", {}).values()))
+            state = {}
+            for shard in shards:
+                state.update(_load_file(src / shard))
+            return state
+    raise KilnError(f"{src}: no weights (expected model.safetensors or pytorch_model.bin)")
+
+
+# ----------------------------------------------------------------------------------------------- import
+
+
+def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a kiln run folder (config.yaml, tokenizer.json, checkpoints/step_000000) from an HF model folder."""
+    from kiln.api import _rebuild_buffers
+    from kiln.config import RunConfig, dump_yaml
+    from kiln.model.transformer import Transformer
+    from kiln.train.checkpoint import atomic_write_text, save_checkpoint
+
+    src, run_dir = Path(src_dir), Path(run_dir)
+    if not (src / "config.json").is_file():
+        raise KilnError(f"{src}: not a Hugging Face model folder (no config.json)")
+    if (run_dir / "config.yaml").exists() and not overwrite:
+        raise KilnError(f"{run_dir} already holds a kiln run; pick another folder or pass overwrite=True")
+    hf_config = _read_json(src / "config.json")
+    family = family_of(hf_config, str(src / "config.json"))
+    hf_state = read_hf_weights(src)
+    cfg = (family.config_from_hf(hf_config, list(hf_state)) if family is bert
+           else family.config_from_hf(hf_config))
+    try:
+        cfg.validate()
+    except KilnError as e:
+        raise KilnError(f"{src / 'config.json'}: {e}") from None
+    state = family.state_from_hf(hf_state, cfg)
+
+    run = RunConfig(name=src.resolve().name, out=str(run_dir), model=cfg,
+                    objective="mlm" if cfg.arch == "encoder" else "clm")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    _rebuild_buffers(model, run)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [m for m in missing if m not in tied]
+    assert not missing and not unexpected, (missing, unexpected)  # the family map covers the whole model
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (src / "tokenizer.json").is_file():
+        shutil.copyfile(src / "tokenizer.json", run_dir / "tokenizer.json")
+        run.data.tokenizer = str(run_dir / "tokenizer.json")
+    shutil.copyfile(src / "config.json", run_dir / HF_CONFIG_COPY)
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
+    save_checkpoint(run_dir, model, 0, trainer_state=None,
+                    meta={"imported_from": str(src.resolve()), "hf_model_type": hf_config.get("model_type")})
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def family_for(cfg):
+    """The HF family a kiln ModelConfig exports to."""
+    if cfg.arch == "encoder":
+        return bert
+    if cfg.arch == "decoder" and cfg.position == "learned":
+        return gpt2
+    if cfg.arch == "decoder" and cfg.position == "rope":
+        return llama
+    raise KilnError(f"cannot export model.arch={cfg.arch} with model.position={cfg.position}: no matching "
+                    "Hugging Face family (kiln exports decoder+learned -> gpt2, decoder+rope -> llama/qwen2, "
+                    "encoder -> bert)")
+
+
+SPECIAL_TOKENS = {  # token text -> tokenizer_config.json roles
+    "[UNK]": ("unk_token",), "[PAD]": ("pad_token",), "[CLS]": ("cls_token",), "[SEP]": ("sep_token",),
+    "[MASK]": ("mask_token",), "<unk>": ("unk_token",), "<pad>": ("pad_token",), "<s>": ("bos_token",),
+    "</s>": ("eos_token",), "<|endoftext|>": ("bos_token", "eos_token", "unk_token"),
+}
+
+
+def _tokenizer_config(tokenizer_json: Path, context_length: int) -> dict:
+    out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length}
+    try:
+        added = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens") or []
+    except (OSError, json.JSONDecodeError):
+        added = []
+    for tok in added:
+        for role in SPECIAL_TOKENS.get(tok.get("content"), ()):
+            out.setdefault(role, tok["content"])
+    return out
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -> Path:
+    """Write config.json, model.safetensors, tokenizer.json (+ tokenizer_config.json) for transformers."""
+    from safetensors.torch import save_file
+
+    from kiln.api import load
+    from kiln.train.checkpoint import find_checkpoint
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    model, _, run = load(run_dir, which)
+    root = run_dir if (run_dir / "config.yaml").is_file() else find_checkpoint(run_dir, which).parent.parent
+    cfg = run.model
+    family = family_for(cfg)
+    hf_config = family.config_to_hf(cfg)
+    if (root / HF_CONFIG_COPY).is_file():  # imported: keep the special token ids HF generate relies on
+        src = _read_json(root / HF_CONFIG_COPY)
+        hf_config.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in src})
+    state = family.state_to_hf(model.state_dict(), cfg)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if (root / "tokenizer.json").is_file():
+        shutil.copyfile(root / "tokenizer.json", out / "tokenizer.json")
+        tok_cfg = _tokenizer_config(root / "tokenizer.json", cfg.context_length)
+        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    return out

@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT / "src" / "kiln" / "assets" / "tinyshakespeare.txt"
+
+# A tiny GPT that trains for real in a second or two.
+TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.d_model", "32", "--model.context_length", "32",
+        "--train.batch_size", "4", "--train.warmup_steps", "2", "--train.eval_every", "10",
+        "--train.eval_batches", "2", "--train.log_every", "1", "--train.sample_tokens", "0",
+        "--train.tensorboard", "false", "--train.precision", "fp32", "--train.threads", "1"]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """The first 30k characters of tiny Shakespeare as a standalone file."""
+    f = tmp_path / "corpus.txt"
+    f.write_text(SHAKESPEARE.read_text()[:30_000])
+    return f

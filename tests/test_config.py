@@ -1,0 +1,53 @@
+import pytest
+
+from kiln.cli import main
+from kiln.config import RunConfig, config_help, load_config, parse_overrides
+from kiln.errors import KilnError
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("train:\n  lr: 1e-3\n  max_steps: 5\nmodel:\n  n_layer: 3\n")
+    cfg = load_config(f, ["--train.max_steps", "7", "--model.d_model=48", "--train.lr", "3e-4"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.max_steps == 7 and cfg.model.n_layer == 3 and cfg.model.d_model == 48
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(KilnError, match=r"unknown key 'train.max_step'.*did you mean 'train.max_steps'"):
+        load_config(None, ["--train.max_step", "5"])
+    with pytest.raises(KilnError, match=r"unknown key 'modle'.*did you mean 'model'"):
+        load_config(None, {"modle": {"n_layer": 2}})
+
+
+def test_wrong_type_names_key_and_type():
+    with pytest.raises(KilnError, match=r"train.max_steps expects int, got 'many'"):
+        load_config(None, ["--train.max_steps", "many"])
+    with pytest.raises(KilnError, match=r"model.n_layer expects int, got 2.5"):
+        load_config(None, ["--model.n_layer", "2.5"])
+
+
+def test_choice_is_checked():
+    with pytest.raises(KilnError, match=r"train.optimizer must be one of .*did you mean 'adamw'"):
+        load_config(None, ["--train.optimizer", "adamx"])
+
+
+def test_override_parsing_errors():
+    assert parse_overrides(["--a.b", "1", "--c=2"]) == {"a": {"b": "1"}, "c": "2"}
+    with pytest.raises(KilnError, match="needs a value"):
+        parse_overrides(["--train.lr"])
+
+
+def test_help_lists_every_key_from_the_dataclasses():
+    flags = {row[0] for row in config_help()}
+    assert {"--train.max_steps", "--model.n_layer", "--data.source", "--seed"} <= flags
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["pretrain", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kiln: error: config file not found") and "\n" not in err
+    assert main(["pretrain", "--train.bogus", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.bogus'" in err and "Traceback" not in err

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from kiln.model.config import PRESETS, ModelConfig, preset
+from kiln.model.transformer import Transformer
+
+
+def tiny(**kw):
+    base = dict(vocab_size=50, n_layer=2, n_head=4, d_model=32, context_length=48)
+    return Transformer(ModelConfig(**{**base, **kw}))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                                                n_kv_head=2, tie_embeddings=False)])
+def test_greedy_with_and_without_cache_is_identical(kw):
+    torch.manual_seed(0)
+    model = tiny(**kw)
+    prompt = torch.randint(0, 50, (3, 7))
+    cached = model.generate(prompt, 25, greedy=True, use_cache=True)
+    uncached = model.generate(prompt, 25, greedy=True, use_cache=False)
+    assert cached.shape == (3, 32)
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padded_batch_matches_single_prompts():
+    torch.manual_seed(0)
+    model = tiny(position="rope", norm="rmsnorm")
+    a, b = torch.randint(0, 50, (1, 6)), torch.randint(0, 50, (1, 3))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :3] = 0
+    out = model.generate(batch, 10, greedy=True, attention_mask=mask)
+    assert torch.equal(out[0, 6:], model.generate(a, 10, greedy=True)[0, 6:])
+    assert torch.equal(out[1, 6:], model.generate(b, 10, greedy=True)[0, 3:])
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    torch.manual_seed(0)
+    model = tiny()
+    prompt = torch.randint(0, 50, (1, 4))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(model.generate(prompt, 20, top_k=5, generator=g1), model.generate(prompt, 20, top_k=5, generator=g2))
+    from kiln.model.generate import filter_logits
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, True, True]]
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = torch.randint(0, 50, (1, 10))
+    y = x.clone()
+    y[0, 7:] = (y[0, 7:] + 1) % 50
+    assert torch.allclose(model(x)[0, :7], model(y)[0, :7], atol=1e-6)
+
+
+def test_encoder_is_bidirectional_and_masks_padding():
+    torch.manual_seed(0)
+    model = tiny(arch="encoder", type_vocab_size=2, embedding_norm=True, pre_norm=False).eval()
+    x = torch.randint(1, 50, (2, 8))
+    h = model.encode(x)
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % 50
+    assert not torch.allclose(model.encode(y)[:, 0], h[:, 0])  # the first position sees the last
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    padded = model.encode(torch.cat([x[1:, :5], torch.zeros(1, 3, dtype=torch.long)], 1), src_mask=mask[1:])
+    assert torch.allclose(padded[0, :5], model.encode(x[1:, :5])[0], atol=1e-5)
+
+
+def test_encoder_decoder_uses_source_and_caches_cross_attention():
+    torch.manual_seed(0)
+    model = tiny(arch="encoder-decoder", position="sinusoidal").eval()
+    src, tgt = torch.randint(0, 50, (2, 9)), torch.randint(0, 50, (2, 5))
+    logits = model(tgt, src=src)
+    assert logits.shape == (2, 5, 50)
+    assert not torch.allclose(logits, model(tgt, src=torch.randint(0, 50, (2, 9))))
+    # incremental decoding with self- and cross-attention caches equals the full pass
+    memory = model.encode(src)
+    caches, cross = model.new_caches(2, 5), model.new_caches(2, 9)
+    steps = [model(tgt[:, i:i + 1], memory=memory, caches=caches, cross_caches=cross) for i in range(5)]
+    assert torch.allclose(torch.cat(steps, 1), logits, atol=1e-5)
+
+
+def test_presets_build_on_meta_device():
+    for name in PRESETS:
+        with torch.device("meta"):
+            model = Transformer(preset(name))
+        assert model.num_parameters() > 0
+    with torch.device("meta"):
+        assert 123e6 < Transformer(preset("gpt2")).num_parameters() < 125e6
