@@ -14,7 +14,8 @@ SHAKESPEARE = ROOT / "src" / "kiln" / "assets" / "tinyshakespeare.txt"
 TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.d_model", "32", "--model.context_length", "32",
         "--train.batch_size", "4", "--train.warmup_steps", "2", "--train.eval_every", "10",
         "--train.eval_batches", "2", "--train.log_every", "1", "--train.sample_tokens", "0",
-        "--train.tensorboard", "false", "--train.precision", "fp32", "--train.threads", "1"]
+        "--train.tensorboard", "false", "--train.precision", "fp32", "--train.threads", "1",
+        "--train.lr", "1e-2", "--train.min_lr", "1e-3"]
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from kiln.data.text import Corpus
 from kiln.data.tokenizer import KINDS, encoder, eot_id, tokenizer_kind, train_tokenizer, vocab_size
 from kiln.errors import KilnError
 
-BATCH_CHARS = 4 << 20      # text per encode_batch call
-PIECE_CHARS = 1 << 20      # long documents are encoded in pieces of about this size
+BATCH_CHARS = 1 << 20      # text per encode_batch call (Encoding objects cost ~200 bytes a token)
+PIECE_CHARS = 1 << 18      # longer texts are encoded in pieces of about this size, in parallel
 _BOUNDARY = re.compile(r"\n(?=\S)")  # cutting here leaves byte-level BPE tokens unchanged
 
 
@@ -125,7 +125,8 @@ def _write_text(corpus: Corpus, cfg: DataConfig, encode, writers, progress) -> d
     batch: list[tuple[int, str]] = []
 
     def flush():
-        for (part, _), ids in zip(batch, encode([t for _, t in batch])):
+        pieces = [(part, p) for part, text in batch for p in _pieces(text)]
+        for (part, _), ids in zip(pieces, encode([p for _, p in pieces])):
             writers[names[part]].append(ids)
         batch.clear()
         progress.update(corpus.bytes_read)

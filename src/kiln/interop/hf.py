@@ -153,8 +153,10 @@ SPECIAL_TOKENS = {  # token text -> tokenizer_config.json roles
 }
 
 
-def _tokenizer_config(tokenizer_json: Path, context_length: int) -> dict:
-    out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length}
+def _tokenizer_config(tokenizer_json: Path, cfg) -> dict:
+    inputs = ["input_ids"] + (["token_type_ids"] if cfg.type_vocab_size else []) + ["attention_mask"]
+    out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length,
+           "model_input_names": inputs}
     try:
         added = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens") or []
     except (OSError, json.JSONDecodeError):
@@ -188,6 +190,6 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if (root / "tokenizer.json").is_file():
         shutil.copyfile(root / "tokenizer.json", out / "tokenizer.json")
-        tok_cfg = _tokenizer_config(root / "tokenizer.json", cfg.context_length)
+        tok_cfg = _tokenizer_config(root / "tokenizer.json", cfg)
         (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return out

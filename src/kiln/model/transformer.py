@@ -287,6 +287,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = tokens.weight
         self.init_weights()
 
+    def to_empty(self, *, device, recurse: bool = True):
+        """nn.Module.to_empty unties shared parameters (a meta-device build): tie the head to the embedding again."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.decoder.embed.tokens.weight
+        return self
+
     @property
     def is_seq2seq(self) -> bool:
         return self.encoder is not None

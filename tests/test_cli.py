@@ -1,0 +1,135 @@
+"""The command line as a user meets it: one-line errors with exit 2, crash safety, resume, generate."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+from kiln.cli import main
+
+
+def kiln(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kiln", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_user_error(capsys, argv, *needles):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("kiln: error:") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def pretrain_args(source, out, *extra):
+    return ["pretrain", "--data.source", source, "--out", out, *TINY, *extra]
+
+
+def test_missing_empty_binary_and_non_utf8_inputs(tmp_path, capsys):
+    assert_user_error(capsys, pretrain_args(tmp_path / "nope.txt", tmp_path / "r1"), "nope.txt")
+    (tmp_path / "empty.txt").write_text("")
+    assert_user_error(capsys, pretrain_args(tmp_path / "empty.txt", tmp_path / "r2"), "empty.txt")
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 40)
+    assert_user_error(capsys, pretrain_args(tmp_path / "blob.txt", tmp_path / "r3"), "blob.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 100)
+    assert_user_error(capsys, pretrain_args(tmp_path / "latin1.txt", tmp_path / "r4"), "latin1.txt", "UTF-8")
+
+
+def test_context_longer_than_the_data(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("To be, or not to be, that is the question.\n" * 3)
+    assert_user_error(capsys, pretrain_args(tmp_path / "short.txt", tmp_path / "r", "--model.context_length", "64"),
+                      "context_length")
+
+
+def test_unknown_key_and_wrong_type(corpus, tmp_path, capsys):
+    assert_user_error(capsys, pretrain_args(corpus, tmp_path / "r", "--model.n_layers", "2"),
+                      "model.n_layers", "did you mean 'model.n_layer'")
+    assert_user_error(capsys, pretrain_args(corpus, tmp_path / "r", "--train.lr", "fast"), "train.lr", "float")
+    assert not (tmp_path / "r").exists()  # nothing was created for a rejected config
+
+
+def test_resume_from_missing_or_corrupted_checkpoint(corpus, tmp_path, capsys):
+    assert_user_error(capsys, ["pretrain", "--resume", tmp_path / "nowhere"], "nowhere")
+    run = tmp_path / "run"
+    assert main([str(a) for a in pretrain_args(corpus, run, "--train.max_steps", "4")]) == 0
+    state = run / "checkpoints/step_000004/trainer.pt"
+    good = state.read_bytes()
+    state.write_bytes(good[: len(good) // 2])  # truncated, as after a disk-full write outside kiln
+    assert_user_error(capsys, ["pretrain", "--resume", run, "--train.max_steps", "8"], "trainer.pt", "corrupted")
+    assert state.read_bytes() == good[: len(good) // 2]  # destroys nothing
+    assert (run / "checkpoints/step_000004/model.safetensors").is_file()
+
+
+def test_large_vocabulary_switches_to_uint32_shards(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(70_000)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 70_000}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "big.json"))
+    (tmp_path / "text.txt").write_text(" ".join(words[-500:] * 4) + "\n")
+    assert main(["data", "prepare", "--data.source", str(tmp_path / "text.txt"), "--data.tokenizer",
+                 str(tmp_path / "big.json"), "--out", str(tmp_path / "prepared")]) == 0
+    from kiln.data.shards import TokenShards, read_manifest
+
+    assert read_manifest(tmp_path / "prepared")["dtype"] == "uint32"
+    tokens = TokenShards(tmp_path / "prepared", "train").read(0, 10)
+    assert tokens.max() >= 69_500  # ids above 65535 survive intact
+
+
+def test_sigkill_mid_run_leaves_a_loadable_checkpoint_and_resume_finishes(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "kiln", *map(str, pretrain_args(corpus, run, "--train.max_steps", "100000",
+                                                                  "--train.save_every", "3", "--train.eval_every", "1000"))]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step_000009"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.is_file(), "no checkpoint was written before the kill"
+    from kiln.api import load
+
+    model, tokenizer, cfg = load(run)  # loadable, whatever instant the kill hit
+    step = int(latest.read_text().strip().split("_")[1])
+    done = kiln("pretrain", "--resume", run, "--train.max_steps", step + 4)
+    assert done.returncode == 0, done.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{step + 4:06d}"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigint_saves_then_exits_130(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "kiln", *map(str, pretrain_args(corpus, run, "--train.max_steps", "100000",
+                                                                  "--train.save_every", "100000", "--train.eval_every", "100000"))]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.csv").is_file():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGINT received: saved checkpoint" in out + err
+    assert (run / "checkpoints" / "latest").is_file()
+
+
+def test_generate_cli_greedy_is_deterministic(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([str(a) for a in pretrain_args(corpus, run, "--train.max_steps", "5")]) == 0
+    capsys.readouterr()
+    argv = ["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first and first.startswith("ROMEO:") and len(first) >= 26
+    assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1",
+                 "--top-k", "5", "--top-p", "0.9"]) == 0
