@@ -254,11 +254,15 @@ def test_bad_inputs_raise_one_line_errors_naming_the_file(tmp_path):
     (tmp_path / "emptydir").mkdir()
     _bad(tmp_path, "emptydir", None, "no .txt files")
     (tmp_path / "ok.txt").write_text("abc\n")
+    run(tmp_path, name="out-ok", source=str(tmp_path / "ok.txt"))
     (tmp_path / "garbage.json").write_text("{}")
     for tokenizer, match in (("bep", "unknown tokenizer 'bep' .did you mean 'bpe'"),
                              (str(tmp_path / "nope.json"), "not found: .*nope.json"),
                              (str(tmp_path / "garbage.json"), "garbage.json: not a valid tokenizer")):
         with pytest.raises(KilnError, match=match):
             run(tmp_path, source=str(tmp_path / "ok.txt"), tokenizer=tokenizer)
+    (tmp_path / "other.txt").write_text("xyz\n")
+    with pytest.raises(KilnError, match="other.txt: character 'x'"):  # char tokenizer built on other text
+        run(tmp_path, source=str(tmp_path / "other.txt"), tokenizer=str(tmp_path / "out-ok" / "tokenizer.json"))
     with pytest.raises(KilnError, match="did you mean 'kiln:tinyshakespeare'"):
         Corpus("kiln:tinyshakespear")

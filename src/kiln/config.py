@@ -43,6 +43,12 @@ class TrainConfig:
     max_steps: int = _f(2000, "optimizer steps")
     batch_size: int = _f(12, "sequences per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
+    batch_tokens: int = _f(0, "global batch in tokens per optimizer step; when set, grad_accum is derived as "
+                           "batch_tokens / (batch_size * context_length * world_size); 0 = batch_size * "
+                           "grad_accum * world_size * context_length")
+    lr_scaling: str = _f("none", "none | linear | sqrt: scale lr (and min_lr, muon_lr) by (global batch tokens / "
+                         "reference_batch_tokens)^(1 | 0.5)", choices=("none", "linear", "sqrt"))
+    reference_batch_tokens: int = _f(0, "global batch in tokens that train.lr was tuned for (train.lr_scaling)")
     optimizer: str = _f("adamw", "adamw | muon | lamb", choices=("adamw", "muon", "lamb"))
     lr: float = _f(1e-3, "peak learning rate (AdamW part)")
     muon_lr: float = _f(0.02, "learning rate of Muon for 2-D hidden weights (optimizer: muon)")
@@ -55,6 +61,8 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global grad norm to this value; 0 = off")
     precision: str = _f("auto", "auto | fp32 | bf16 (auto: bf16 only where the device computes it fast)",
                         choices=("auto", "fp32", "bf16"))
+    bf16_weights: bool = _f(True, "with bf16: compute in a bf16 copy of the weights (fp32 master weights in the "
+                            "optimizer and checkpoints) instead of autocast's per-op casts")
     compile: bool = _f(False, "torch.compile the model")
     device: str = _f("auto", "auto | cpu | cuda")
     threads: int = _f(0, "torch CPU threads; 0 = all cores")
@@ -67,6 +75,11 @@ class TrainConfig:
     sample_tokens: int = _f(200, "tokens of a generated sample printed at the end (decoders); 0 = none")
     sample_prompt: str = _f("\n", "prompt of that sample")
     tensorboard: bool = _f(True, "write TensorBoard events (if tensorboard is installed)")
+    backend: str = _f("auto", "distributed backend under torchrun: auto (nccl on cuda, gloo on cpu) | nccl | gloo",
+                      choices=("auto", "nccl", "gloo"))
+    parallel: str = _f("ddp", "data parallelism under torchrun: ddp | fsdp (FSDP2, each block then the root "
+                       "sharded)", choices=("ddp", "fsdp"))
+    activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
 
 
 @dataclass
@@ -79,6 +92,51 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ClassifyDataConfig:
+    train: str = _f("", "training file: .csv, .tsv or .jsonl with a text column and a label column")
+    val: str = _f("", "validation file; empty = split off from train (deduplicated, stratified, seeded)")
+    test: str = _f("", "test file; empty = split off from train")
+    text_field: str = _f("text", "column holding the text")
+    text_pair_field: str = _f("", "optional second text column (sentence pairs); empty = none")
+    label_field: str = _f("label", "column holding the class label")
+    max_length: int = _f(128, "tokens per example (special tokens included); longer ones are cut and counted")
+    val_fraction: float = _f(0.1, "share of the unique texts held out for validation when data.val is empty")
+    test_fraction: float = _f(0.1, "share of the unique texts held out for test when data.test is empty")
+    dedup: bool = _f(True, "drop exact duplicate (text, label) rows; identical texts always share one split")
+
+
+def _classify_train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=0, batch_size=32, lr=5e-5, min_lr=0.0, warmup_steps=0, decay="linear",
+                       weight_decay=0.01, beta2=0.999, eval_every=0, save_every=0, keep_last=1, log_every=10,
+                       sample_tokens=0)
+
+
+@dataclass
+class ClassifyConfig:
+    """`kiln finetune classify`: a pretrained backbone + a classification head, fine-tuned end to end."""
+
+    name: str = _f("classify", "run name; the run folder is runs/<name>-<timestamp> unless --out names it")
+    out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
+    seed: int = _f(1337, "random seed for the splits, the head's init, data order and dropout")
+    init: str = _f("", "backbone: a kiln run folder, or a Hugging Face model folder (imported into <run>/base)")
+    init_checkpoint: str = _f("latest", "checkpoint of a kiln run used as init: latest | best | a folder")
+    pooling: str = _f("auto", "auto | mean | cls | pooler | last (auto: mean for encoders, last token for "
+                      "decoders)", choices=("auto", "mean", "cls", "pooler", "last"))
+    head_dropout: float = _f(0.1, "dropout before the classification layer")
+    epochs: float = _f(3.0, "passes over the training split (sets train.max_steps when that is 0)")
+    warmup_fraction: float = _f(0.06, "share of the steps for linear warmup when train.warmup_steps is 0")
+    class_weights: str = _f("none", "none | balanced | label=weight,label=weight (weighted cross-entropy)")
+    metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint and drives early stopping",
+                     choices=("val_loss", "val_accuracy", "val_macro_f1"))
+    patience: int = _f(0, "stop after this many evaluations without improvement of `metric`; 0 = never")
+    positive_label: str = _f("", "positive class of a binary task for ROC/PR (default: the second label)")
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    train: TrainConfig = field(default_factory=_classify_train_defaults)
+    model: ModelConfig = field(default_factory=ModelConfig,
+                               metadata={"help": "written by kiln: the backbone's shape (read from init)"})
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -51,15 +51,16 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int = 1337, log=print, *
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    writers: dict[str, ShardWriter] = {}
     try:
         tok.save(str(tmp / "tokenizer.json"))
         writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
         progress = _Progress(log, corpus.nbytes, writers)
         corpus.bytes_read = 0
         if corpus.single_file:
-            stats = _write_text(corpus, cfg, encoder(tok), writers, progress)
+            stats = _write_text(corpus, cfg, encoder(tok, str(corpus.path)), writers, progress)
         else:
-            stats = _write_documents(corpus, cfg, seed, encoder(tok), eot, writers, progress)
+            stats = _write_documents(corpus, cfg, seed, encoder(tok, str(corpus.path)), eot, writers, progress)
         splits = {s: w.close() for s, w in writers.items()}
         if splits["train"]["tokens"] + splits["val"]["tokens"] == 0:
             raise KilnError(f"{corpus.path}: no text left after cleaning")
@@ -76,6 +77,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int = 1337, log=print, *
         write_manifest(tmp, manifest)
         _install(tmp, out_dir)
     except BaseException:
+        for w in writers.values():
+            w.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"prepared {stats['documents']} docs ({stats['duplicates_dropped']} duplicates dropped): "

@@ -112,7 +112,8 @@ def tokenizer_kind(tok: Tokenizer) -> str:
 class CharEncoder:
     """Fast encoder for char tokenizers: a code point -> id table (same ids as the tokenizer, ~50x faster)."""
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer, where: str = "input"):
+        self.where = where
         vocab = tok.get_vocab()
         self.table = np.full(max(map(ord, vocab)) + 1, -1, dtype=np.int64)
         for c, i in vocab.items():
@@ -124,21 +125,22 @@ class CharEncoder:
         bad = (ids < 0) | (cps >= len(self.table))
         if bad.any():
             c = chr(int(cps[np.argmax(bad)]))
-            raise KilnError(f"character {c!r} (U+{ord(c):04X}) is not in the char tokenizer's vocabulary")
+            raise KilnError(f"{self.where}: character {c!r} (U+{ord(c):04X}) is not in the char tokenizer's vocabulary")
         return ids
 
 
-def encoder(tok: Tokenizer):
-    """texts -> list of int64 id arrays, without special tokens (encode_batch; table lookup for char)."""
+def encoder(tok: Tokenizer, where: str = "input"):
+    """texts -> list of int64 id arrays, without special tokens (encode_batch; table lookup for char).
+    `where` (the source) starts the message of a KilnError when the tokenizer cannot encode the text."""
     if tokenizer_kind(tok) == "char":
-        enc = CharEncoder(tok)
+        enc = CharEncoder(tok, where)
         return lambda texts: [enc(t) for t in texts]
 
     def encode(texts: list[str]) -> list[np.ndarray]:
         try:
             out = tok.encode_batch(texts, add_special_tokens=False)
         except Exception as e:
-            raise KilnError(f"tokenizer failed on the input: {str(e).splitlines()[0]}") from None
+            raise KilnError(f"{where}: the tokenizer cannot encode this text: {str(e).splitlines()[0]}") from None
         return [np.asarray(e.ids, dtype=np.int64) for e in out]
 
     return encode

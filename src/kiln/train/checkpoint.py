@@ -76,8 +76,11 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = None) -> None:
-    save_file(model_state(model), str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    """`state`: already gathered full weights (a sharded model); default model_state(model)."""
+    save_file(model_state(model) if state is None else state, str(path),
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -101,7 +104,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, step: int, trainer_state: dict | None = None,
-                    meta: dict | None = None, keep_last: int = 2, is_best: bool = False) -> Path:
+                    meta: dict | None = None, keep_last: int = 2, is_best: bool = False,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoints/step_<N>/ atomically, move the `latest` (and `best`) pointers, prune old ones."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -113,7 +117,7 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, step: int, trai
     tmp.mkdir()
     meta = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
             "kiln": _kiln_version(), **(meta or {})}
-    save_weights(model, tmp / "model.safetensors", {"step": step})
+    save_weights(model, tmp / "model.safetensors", {"step": step}, state=weights)
     files = [tmp / "model.safetensors"]
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer.pt")

@@ -21,7 +21,8 @@ from kiln.errors import KilnError
 from kiln.report.metrics import MetricsLog
 from kiln.report.plots import loss_curve
 from kiln.report.progress import Progress
-from kiln.train.checkpoint import find_checkpoint, load_trainer_state, load_weights, save_checkpoint, unwrap
+from kiln.train.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, unwrap
+from kiln.train.distributed import full_model_state, full_optimizer_state, load_model_state, load_optimizer_state
 from kiln.train.optim import build_optimizer, lr_at, set_lr
 from kiln.train.precision import autocast
 
@@ -63,7 +64,11 @@ class Trainer:
         self.tokens_per_target = tokens_per_target
         self.optimizer = build_optimizer(unwrap(model), cfg, "cpu" if device == "cpu" else device)
         self.state = TrainState()
-        self.compiled = torch.compile(model) if cfg.compile else model
+        # bf16 weights: forward/backward run in a bf16 copy; the fp32 model is the master copy that the
+        # optimizer updates and checkpoints store (exact resume, no precision lost in the weights).
+        self.bf16_weights = precision == "bf16" and cfg.bf16_weights
+        self.compute_model = _bf16_copy(model) if self.bf16_weights else model
+        self.compiled = torch.compile(self.compute_model) if cfg.compile else self.compute_model
         self._stop_signal: int | None = None
         self.reached_target_at: float | None = None
 
@@ -74,22 +79,31 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"step": s.step, "tokens": s.tokens, "best_val": s.best_val, "elapsed": s.elapsed,
-                "optimizer": self.optimizer.state_dict(), "rng": rng}
+                # full (unsharded) state keyed by parameter name: resumes on any number of ranks
+                "optimizer": full_optimizer_state(self.model, self.optimizer), "optimizer_format": "fqn",
+                "rng": rng}
 
     def save(self, is_best: bool = False, val_loss: float | None = None) -> Path | None:
+        # gathering the full state is a collective under FSDP: every rank takes part, rank 0 writes
+        weights, state = full_model_state(self.model), self.trainer_state()
         if not self.is_main:
             return None
         meta = {"tokens": self.state.tokens, "val_loss": val_loss, "best_val_loss": self.state.best_val
-                if math.isfinite(self.state.best_val) else None}
-        return save_checkpoint(self.run_dir, self.model, self.state.step, self.trainer_state(), meta,
-                               keep_last=self.cfg.keep_last, is_best=is_best)
+                if math.isfinite(self.state.best_val) else None, "world_size": self.world_size}
+        return save_checkpoint(self.run_dir, self.model, self.state.step, state, meta,
+                               keep_last=self.cfg.keep_last, is_best=is_best, weights=weights)
 
     def restore(self, path: Path) -> None:
         ckpt = find_checkpoint(path)
         state = load_trainer_state(ckpt)
-        load_weights(self.model, ckpt / "model.safetensors")
+        load_model_state(self.model, ckpt / "model.safetensors")
+        if self.bf16_weights:
+            _master_to_copy(self.model, self.compute_model)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("optimizer_format") == "fqn":
+                load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            else:  # older checkpoints: the optimizers' own (index-keyed) state dicts
+                self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise KilnError(f"{ckpt}: optimizer state does not match this model/optimizer ({e})") from None
         self.state = TrainState(step=int(state["step"]), tokens=int(state["tokens"]),
@@ -108,7 +122,7 @@ class Trainer:
         lr = lr_at(step, cfg)
         set_lr(self.optimizer, lr)
         batches = [to_device(self.next_batch(step * cfg.grad_accum + m), self.device) for m in range(cfg.grad_accum)]
-        total = torch.tensor(float(sum(self.objective.targets(b) for b in batches)))
+        total = torch.tensor(float(sum(self.objective.targets(b) for b in batches)), device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(total)
         loss_sum = 0.0
@@ -116,15 +130,21 @@ class Trainer:
             sync = i == len(batches) - 1
             ctx = self.compiled.no_sync() if (not sync and hasattr(self.compiled, "no_sync")) else _null()
             with ctx:
-                with autocast(self.precision, self.device):
+                with autocast("fp32" if self.bf16_weights else self.precision, self.device):
                     loss = self.objective.loss(self.compiled, batch)
                 (loss / total * self.world_size).backward()  # DDP averages over ranks; undo it to get a sum
             loss_sum += loss.detach().float()
+        if self.bf16_weights:
+            _grads_to_master(self.compute_model, self.model)
         grad_norm = None
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor reduced over the shards
+                grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.bf16_weights:
+            _master_to_copy(self.model, self.compute_model)
         mean_loss = loss_sum / total * self.world_size
         if self.world_size > 1:
             torch.distributed.all_reduce(mean_loss)
@@ -136,10 +156,10 @@ class Trainer:
     def run_eval(self) -> dict:
         if self.evaluate is None:
             return {}
-        self.model.eval()
-        with torch.no_grad(), autocast(self.precision, self.device):
+        self.compute_model.eval()
+        with torch.no_grad(), autocast("fp32" if self.bf16_weights else self.precision, self.device):
             metrics = self.evaluate(self.compiled)
-        self.model.train()
+        self.compute_model.train()
         return metrics
 
     def fit(self, resume_from: Path | None = None) -> dict:
@@ -151,7 +171,7 @@ class Trainer:
                              tensorboard=cfg.tensorboard and self.is_main) if self.is_main else None
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = Progress(cfg.max_steps, self.state.step, cfg.log_every, log=self.log) if self.is_main else None
-        self.model.train()
+        self.compute_model.train()
         last_eval: dict = {}
         window_t, window_tokens = time.perf_counter(), self.state.tokens
         session_t0 = time.perf_counter() - self.state.elapsed
@@ -215,6 +235,27 @@ class Trainer:
                 metrics.close()
         return {"step": self.state.step, "tokens": self.state.tokens, "elapsed": self.state.elapsed,
                 "best_val_loss": self.state.best_val, "reached_target_at": self.reached_target_at, **last_eval}
+
+
+def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():  # parameters only: buffers such as RoPE tables stay fp32
+        p.data = p.data.to(torch.bfloat16)
+    return twin
+
+
+@torch.no_grad()
+def _grads_to_master(compute: torch.nn.Module, master: torch.nn.Module) -> None:
+    for pc, pm in zip(compute.parameters(), master.parameters(), strict=True):
+        pm.grad = None if pc.grad is None else pc.grad.float()
+        pc.grad = None
+
+
+@torch.no_grad()
+def _master_to_copy(master: torch.nn.Module, compute: torch.nn.Module) -> None:
+    torch._foreach_copy_(list(compute.parameters()), list(master.parameters()))
 
 
 class _null:

@@ -1,0 +1,175 @@
+"""Classification metrics (scikit-learn) and their plots.
+
+    m = classification_metrics(y_true, probs, labels)   # ids, [N, K] probabilities, label names
+    print(metrics_table(m)); write_report(m, y_true, probs, labels, out_dir, prefix="test")
+
+Metrics: accuracy, per-class precision/recall/F1/support, macro/micro/weighted averages, the confusion matrix
+(rows = true, columns = predicted) and the log loss; for a binary task also ROC-AUC and average precision
+of the positive class (plots: confusion matrix, ROC curve, precision-recall curve).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def classification_metrics(y_true, probs, labels: list[str], positive: int | None = None) -> dict:
+    from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, log_loss,
+                                 precision_recall_fscore_support, roc_auc_score)
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    y_pred = probs.argmax(1)
+    ids = list(range(len(labels)))
+    out: dict = {"n": int(len(y_true)), "accuracy": float(accuracy_score(y_true, y_pred))}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
+    out["per_class"] = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                               "support": int(s[i])} for i, name in enumerate(labels)}
+    for avg in ("macro", "micro", "weighted"):
+        pa, ra, fa, _ = precision_recall_fscore_support(y_true, y_pred, labels=ids, average=avg, zero_division=0)
+        out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(pa), float(ra), float(fa)
+    out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=ids).tolist()
+    out["labels"] = list(labels)
+    try:
+        out["log_loss"] = float(log_loss(y_true, np.clip(probs, 1e-12, 1.0), labels=ids))
+    except ValueError:
+        pass
+    present = set(y_true.tolist())
+    if len(labels) == 2:
+        pos = 1 if positive is None else positive
+        out["positive_label"] = labels[pos]
+        if len(present) == 2:
+            out["roc_auc"] = float(roc_auc_score(y_true == pos, probs[:, pos]))
+            out["average_precision"] = float(average_precision_score(y_true == pos, probs[:, pos]))
+    elif len(present) == len(labels) > 2:
+        try:
+            out["roc_auc_ovr_macro"] = float(roc_auc_score(y_true, probs, multi_class="ovr", labels=ids))
+        except ValueError:
+            pass
+    return out
+
+
+def metrics_table(m: dict) -> str:
+    """Per-class and averaged precision/recall/F1 as a fixed-width text table, then the scalar metrics."""
+    names = list(m["per_class"])
+    w = max(12, *(len(n) for n in names))
+    lines = [f"{'':<{w}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>8}"]
+    for name, row in m["per_class"].items():
+        lines.append(f"{name:<{w}}  {row['precision']:>9.4f}  {row['recall']:>9.4f}  {row['f1']:>9.4f}  "
+                     f"{row['support']:>8}")
+    lines.append("")
+    for avg in ("macro", "micro", "weighted"):
+        lines.append(f"{avg + ' avg':<{w}}  {m[f'{avg}_precision']:>9.4f}  {m[f'{avg}_recall']:>9.4f}  "
+                     f"{m[f'{avg}_f1']:>9.4f}  {m['n']:>8}")
+    lines.append("")
+    scalars = [("accuracy", "accuracy"), ("log_loss", "log loss"), ("roc_auc", "ROC-AUC"),
+               ("average_precision", "average precision"), ("roc_auc_ovr_macro", "ROC-AUC (ovr, macro)")]
+    for key, title in scalars:
+        if key in m and isinstance(m[key], float) and math.isfinite(m[key]):
+            suffix = f" (positive: {m['positive_label']})" if key in ("roc_auc", "average_precision") else ""
+            lines.append(f"{title:<{w}}  {m[key]:.4f}{suffix}")
+    cm = m["confusion_matrix"]
+    lines.append("")
+    lines.append("confusion matrix (rows: true, columns: predicted)")
+    cw = max(6, *(len(n) for n in names), *(len(str(v)) for row in cm for v in row))
+    lines.append(f"{'':<{w}}  " + "  ".join(f"{n:>{cw}}" for n in names))
+    for name, row in zip(names, cm):
+        lines.append(f"{name:<{w}}  " + "  ".join(f"{v:>{cw}}" for v in row))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_confusion(cm, labels: list[str], path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    k = len(labels)
+    size = min(4 + 0.5 * k, 14)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=110)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(k), labels, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{cm[i, j]}", ha="center", va="center",
+                        color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_title(title or "confusion matrix")
+    return _save(fig, path)
+
+
+def plot_roc_pr(y_true, scores, roc_path: Path, pr_path: Path, positive_name: str, title: str = "") -> list[Path]:
+    """ROC curve and precision-recall curve of one positive class (binary tasks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    y_true = np.asarray(y_true).astype(bool)
+    fpr, tpr, _ = roc_curve(y_true, scores)
+    fig, ax = plt.subplots(figsize=(5, 4.6), dpi=110)
+    ax.plot(fpr, tpr, lw=1.8, label=f"AUC {auc(fpr, tpr):.4f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"{title + ': ' if title else ''}ROC (positive: {positive_name})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    out = [_save(fig, roc_path)]
+    prec, rec, _ = precision_recall_curve(y_true, scores)
+    fig, ax = plt.subplots(figsize=(5, 4.6), dpi=110)
+    ax.plot(rec, prec, lw=1.8, label=f"AP {average_precision_score(y_true, scores):.4f}")
+    ax.axhline(y_true.mean(), ls="--", color="grey", lw=1, label="chance")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{title + ': ' if title else ''}precision-recall (positive: {positive_name})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    out.append(_save(fig, pr_path))
+    return out
+
+
+def write_report(m: dict, y_true, probs, labels: list[str], out_dir: Path, prefix: str,
+                 extra: dict | None = None) -> dict:
+    """<prefix>.json (metrics + extra), <prefix>_confusion.png and, for a binary task with both classes
+    present, <prefix>_roc.png and <prefix>_pr.png. Returns {name: path} of what was written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": out_dir / f"{prefix}.json"}
+    files["confusion"] = plot_confusion(m["confusion_matrix"], labels, out_dir / f"{prefix}_confusion.png",
+                                        title=f"{prefix}: confusion matrix (n={m['n']})")
+    if "roc_auc" in m:
+        pos = labels.index(m["positive_label"])
+        files["roc"], files["pr"] = plot_roc_pr(np.asarray(y_true) == pos, np.asarray(probs)[:, pos],
+                                                out_dir / f"{prefix}_roc.png", out_dir / f"{prefix}_pr.png",
+                                                m["positive_label"], title=prefix)
+    data = {**m, **(extra or {}), "plots": {k: str(v) for k, v in files.items() if k != "json"}}
+    files["json"].write_text(json.dumps(data, indent=2) + "\n")
+    return files
