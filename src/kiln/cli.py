@@ -66,6 +66,37 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("format", choices=["hf"])
     exp.add_argument("run_dir")
     exp.add_argument("out_dir")
+
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
+    ft_sub = ft.add_subparsers(dest="finetune_verb", metavar="TASK")
+    from kiln.config import ClassifyConfig, config_help
+
+    train_defaults, notes = ClassifyConfig().train, {"max_steps": "; 0 = from epochs", "warmup_steps":
+                                                     "; 0 = warmup_fraction", "eval_every": "; 0 = once per epoch",
+                                                     "save_every": "; 0 = at evaluations and the end"}
+    rows = [(f, repr(getattr(train_defaults, f[8:])) if f.startswith("--train.") else d,
+             h + notes.get(f[8:], "") if f.startswith("--train.") else h)
+            for f, d, h in config_help(ClassifyConfig) if not f.startswith("--model.")  # model: from init
+            and f[8:] not in ("batch_tokens", "lr_scaling", "reference_batch_tokens", "eval_batches",
+                              "sample_tokens", "sample_prompt", "target_loss", "muon_lr")]
+    width = max(len(r[0]) for r in rows)
+    epilog = "\n".join(["config keys (set in the YAML file or override as --section.key VALUE):"] +
+                       [f"  {flag:<{width}}  {help} [default {default}]" for flag, default, help in rows])
+    fc = ft_sub.add_parser("classify", help="text classification from a CSV/TSV/JSONL file",
+                           formatter_class=fmt, epilog=epilog,
+                           description="kiln finetune classify [CONFIG.yaml] --data.train FILE --init RUN_OR_HF_DIR "
+                                       "[--section.key VALUE ...]")
+    fc.add_argument("config", nargs="?", help="recipe YAML (e.g. configs/classify-rotten.yaml)")
+    pr = sub.add_parser("predict", help="class predictions with probabilities for a file (CSV out)")
+    pr.add_argument("run_dir", help="a `kiln finetune classify` run folder")
+    pr.add_argument("file", help=".csv/.tsv/.jsonl with the run's text column (a label column is optional)")
+    pr.add_argument("--out", help="output CSV (default RUN_DIR/predictions/<FILE stem>.csv)")
+    pr.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
+    ev = sub.add_parser("eval", help="metrics of a classifier run on a labelled file (table + JSON)")
+    ev.add_argument("run_dir", help="a `kiln finetune classify` run folder")
+    ev.add_argument("file", help=".csv/.tsv/.jsonl with the run's text and label columns")
+    ev.add_argument("--out", help="output JSON (default RUN_DIR/eval/<FILE stem>.json; plots beside it)")
+    ev.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
     return p
 
 
@@ -78,6 +109,10 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     top = {f.name for f in fields(RunConfig)} - {"out"}
     if argv[:2] == ["data", "prepare"]:
         top.discard("out")
+    elif argv[:1] == ["finetune"]:
+        from kiln.config import ClassifyConfig
+
+        top = {f.name for f in fields(ClassifyConfig)}
     elif argv[:1] == ["pretrain"]:
         top.add("out")
     rest, overrides, i = [], [], 0
@@ -99,7 +134,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:1] in (["pretrain"], ["data"]):
+    if argv[:1] in (["pretrain"], ["data"], ["finetune"]):
         argv, extra = split_overrides(argv)
         args = parser.parse_args(argv)
     else:
@@ -175,6 +210,27 @@ def _dispatch(args, extra: list[str]) -> int | None:
 
         export_hf(args.run_dir, args.out_dir)
         print(f"exported {args.run_dir} -> {args.out_dir}")
+        return 0
+    if args.verb == "finetune":
+        if args.finetune_verb != "classify":
+            raise KilnError("usage: kiln finetune classify [CONFIG.yaml] --data.train FILE --init DIR [--section.key VALUE ...]")
+        from kiln.train.classify import classify_from_cli
+        from kiln.train.trainer import Interrupted
+
+        try:
+            classify_from_cli(args.config, extra)
+        except Interrupted:
+            return 130
+        return 0
+    if args.verb == "predict":
+        from kiln.train.classify import predict_file
+
+        predict_file(args.run_dir, args.file, args.out, args.checkpoint)
+        return 0
+    if args.verb == "eval":
+        from kiln.train.classify import evaluate_file
+
+        evaluate_file(args.run_dir, args.file, args.out, args.checkpoint)
         return 0
     raise KilnError(f"unknown verb {args.verb!r}")
 

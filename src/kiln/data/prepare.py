@@ -225,7 +225,7 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 
 
 class _Progress:
-    def __init__(self, log, total: int, writers: dict, every: float = 5.0):
+    def __init__(self, log, total: int, writers: dict, every: float = 10.0):
         self.log, self.total, self.writers, self.every = log, max(total, 1), writers, every
         self.t0 = self.last = time.time()
 

