@@ -160,6 +160,10 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         log(f"distributed: {info.world_size} ranks, backend {info.backend}, {cfg.train.parallel}"
             f"{', activation checkpointing' if cfg.train.activation_checkpointing else ''}")
     log(batch_line)
+    if info.enabled and precision == "bf16" and getattr(train_cfg, "bf16_weights", False):
+        # the trainer's bf16 twin is a copy of the plain model; DDP/FSDP wrap the model itself
+        train_cfg = dataclasses.replace(train_cfg, bf16_weights=False)
+        log(f"bf16 with {cfg.train.parallel}: autocast (train.bf16_weights applies to single-process runs)")
 
     model = Transformer(cfg.model).to(device)
     n_params = model.num_parameters()
