@@ -139,6 +139,71 @@ class ClassifyConfig:
                                metadata={"help": "written by kiln: the backbone's shape (read from init)"})
 
 
+@dataclass
+class Seq2SeqDataConfig:
+    train: str = _f("", "pair file: .tsv, .csv or .jsonl with a source and a target column")
+    val: str = _f("", "validation pair file; empty = split off from train (seeded; identical sources stay together)")
+    test: str = _f("", "test pair file; empty = split off from train")
+    val_fraction: float = _f(0.05, "share of the unique sources held out for validation when data.val is empty")
+    test_fraction: float = _f(0.05, "share of the unique sources held out for test when data.test is empty")
+    val_size: int = _f(0, "number of unique sources held out for validation (overrides val_fraction); 0 = fraction")
+    test_size: int = _f(0, "number of unique sources held out for test (overrides test_fraction); 0 = fraction")
+    max_source_length: int = _f(128, "source tokens per example; longer ones are cut and counted")
+    max_target_length: int = _f(128, "target tokens per example (eos included); longer ones are cut and counted")
+    dedup: bool = _f(True, "drop exact duplicate (source, target) pairs")
+    limit: int = _f(0, "use only the first N pairs of data.train (quick runs); 0 = all")
+
+
+@dataclass
+class Seq2SeqTaskConfig:
+    task: str = _f("translate", "translate (BLEU, chrF) | summarize (ROUGE-1/2/L): the metrics of evaluation",
+                   choices=("translate", "summarize"))
+    source_field: str = _f("source", "column holding the source text")
+    target_field: str = _f("target", "column holding the target text")
+    tokenizer: str = _f("shared", "shared (one BPE for both sides) | separate (one BPE per side) | path to a "
+                        "tokenizer.json", )
+    vocab_size: int = _f(8000, "BPE vocabulary size (per side when separate)")
+    label_smoothing: float = _f(0.1, "label smoothing of the teacher-forced cross-entropy")
+    num_beams: int = _f(4, "beams for evaluation and translate; 1 = greedy")
+    length_penalty: float = _f(1.0, "beam score = sum log-probs / length ** length_penalty (Hugging Face's)")
+    early_stopping: str = _f("true", "true | false | never: when beam search stops (Hugging Face's semantics)",
+                             choices=("true", "false", "never"))
+    max_new_tokens: int = _f(0, "longest output; 0 = data.max_target_length")
+    eval_examples: int = _f(200, "fixed validation subset decoded at each evaluation (BLEU/chrF or ROUGE)")
+    eval_num_beams: int = _f(0, "beams while training (each evaluation); 0 = num_beams")
+    test_examples: int = _f(0, "test pairs decoded at the end; 0 = the whole test split")
+    samples: int = _f(3, "sample outputs logged at each evaluation")
+    metric: str = _f("auto", "validation metric choosing the best checkpoint: auto (bleu / rougeL) | val_loss | "
+                     "a metric name")
+    time_budget: float = _f(0.0, "stop training after this many minutes (evaluations included; the lr schedule "
+                            "is stretched to fit); 0 = train.max_steps")
+
+
+def _seq2seq_model_defaults() -> ModelConfig:
+    return ModelConfig(arch="encoder-decoder", n_layer=3, n_head=4, d_model=256, d_ff=1024, context_length=256,
+                       position="sinusoidal", activation="relu", dropout=0.1, embed_scale=True)
+
+
+def _seq2seq_train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=2000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=200, weight_decay=0.01,
+                       beta2=0.98, eval_every=250, save_every=0, keep_last=1, sample_tokens=0)
+
+
+@dataclass
+class Seq2SeqConfig:
+    """`kiln finetune seq2seq`: source/target pairs -> an encoder-decoder trained with teacher forcing."""
+
+    name: str = _f("seq2seq", "run name; the run folder is runs/<name>-<timestamp> unless --out names it")
+    out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
+    seed: int = _f(1337, "random seed for the splits, init, data order and dropout")
+    model_preset: str = _f("", "start from a named encoder-decoder preset (see `kiln models`); model.* keys "
+                           "override it")
+    data: Seq2SeqDataConfig = field(default_factory=Seq2SeqDataConfig)
+    seq2seq: Seq2SeqTaskConfig = field(default_factory=Seq2SeqTaskConfig)
+    model: ModelConfig = field(default_factory=_seq2seq_model_defaults)
+    train: TrainConfig = field(default_factory=_seq2seq_train_defaults)
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
@@ -267,7 +332,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         values = _merge(values, ov)
     cfg = cls()
-    preset_name = values.get("model_preset") if cls is RunConfig else None
+    preset_name = values.get("model_preset") if any(f.name == "model_preset" for f in fields(cls)) else None
     if preset_name:
         from kiln.model.config import preset
 

@@ -57,7 +57,7 @@ def classification_metrics(y_true, probs, labels: list[str], positive: int | Non
 def metrics_table(m: dict) -> str:
     """Per-class and averaged precision/recall/F1 as a fixed-width text table, then the scalar metrics."""
     names = list(m["per_class"])
-    w = max(12, *(len(n) for n in names))
+    w = max(17, *(len(n) for n in names))
     lines = [f"{'':<{w}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>8}"]
     for name, row in m["per_class"].items():
         lines.append(f"{name:<{w}}  {row['precision']:>9.4f}  {row['recall']:>9.4f}  {row['f1']:>9.4f}  "
