@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the named model presets with parameter counts")
 
+    viz = sub.add_parser("viz", help="plots of a run")
+    viz_sub = viz.add_subparsers(dest="viz_verb", metavar="WHAT")
+    va = viz_sub.add_parser("attention", help="PNG grid of attention maps (layers x heads) for a text")
+    va.add_argument("run_dir")
+    va.add_argument("--text", required=True)
+    va.add_argument("--out", default=None, help="PNG path (default RUN_DIR/plots/attention.png)")
+
     imp = sub.add_parser("import", help="import a checkpoint from another format")
     imp.add_argument("format", choices=["hf"])
     imp.add_argument("src")
@@ -198,6 +205,13 @@ def _dispatch(args, extra: list[str]) -> int | None:
             with torch.device("meta"):
                 n = Transformer(cfg).num_parameters()
             print(f"{name:<18} {cfg.arch:<16} {cfg.n_layer:>6} {cfg.d_model:>7} {cfg.n_head:>5} {n / 1e6:>9.1f}M")
+        return 0
+    if args.verb == "viz":
+        if args.viz_verb != "attention":
+            raise KilnError("usage: kiln viz attention RUN_DIR --text TEXT")
+        from kiln.report.attention import viz_attention
+
+        print(viz_attention(args.run_dir, args.text, args.out))
         return 0
     if args.verb == "import":
         from kiln.interop.hf import import_hf

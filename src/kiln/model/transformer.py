@@ -86,6 +86,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.rope = cfg.position == "rope" and not cross
+        self.captured: list | None = None  # set to a list to record attention maps (kiln viz attention)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -111,8 +112,10 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.append(k, v)
-        if return_weights:
+        if return_weights or self.captured is not None:
             y, weights = _attention_with_weights(q, k, v, mask, is_causal, self.n_head // self.n_kv_head)
+            if self.captured is not None:
+                self.captured.append(weights.detach())
         else:
             weights = None
             y = F.scaled_dot_product_attention(
