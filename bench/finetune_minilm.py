@@ -3,8 +3,9 @@
     .venv/bin/python bench/finetune_minilm.py                      # full: 2 epochs each (~25+ min on 2 cores)
     .venv/bin/python bench/finetune_minilm.py --steps 50 --hf-steps 20   # smoke test (~2 min)
 
-(a) kiln: `kiln finetune classify` (import the HF checkpoint, mean pooling + linear head, AdamW, linear
-    decay with 6% warmup, batch 32, max length 64, 2 epochs, best-of-epochs checkpoint by val accuracy).
+(a) kiln: `kiln finetune classify` with configs/classify-rotten.yaml (import the HF checkpoint, mean pooling +
+    linear head, AdamW lr 8e-5, linear decay with 6% warmup, batch 32, max length 64, 2 epochs, the
+    best-of-epochs checkpoint by val accuracy); --lr etc. override the recipe.
 (b) transformers: AutoModelForSequenceClassification (pooler + linear head) on the *same* splits, token ids,
     batches, objective and kiln Trainer (same optimizer and schedule), so examples/s compare the models only.
 Reports test accuracy, macro F1, training examples/s (evaluation time excluded) and minutes per side, and
@@ -44,10 +45,10 @@ class HFClassifier(torch.nn.Module):
 
 
 def make_config(args, out: Path):
-    from kiln.config import ClassifyConfig
+    from kiln.config import ClassifyConfig, load_config
 
-    cfg = ClassifyConfig(name="bench-minilm", out=str(out), seed=args.seed, init=str(args.model), pooling="mean",
-                         epochs=args.epochs, metric="val_accuracy")
+    cfg = load_config(ROOT / "configs" / "classify-rotten.yaml", cls=ClassifyConfig)  # the documented recipe
+    cfg.name, cfg.out, cfg.seed, cfg.init, cfg.epochs = "bench-minilm", str(out), args.seed, str(args.model), args.epochs
     cfg.data.train, cfg.data.max_length = str(args.data), args.max_length
     t = cfg.train
     t.batch_size, t.lr, t.max_steps, t.threads, t.tensorboard = args.batch_size, args.lr, args.steps, args.threads, False
@@ -98,15 +99,20 @@ def run_hf(args, out: Path, steps: int) -> dict:
     tc.warmup_steps = int(cfg.warmup_fraction * tc.max_steps)
     tc.eval_every = min(per_epoch, tc.max_steps)
     tc.save_every = tc.max_steps
-    precision, _ = choose_precision(tc.precision, "cpu")
+    from kiln.train.pretrain import resolve_device
+
+    device = resolve_device(tc.device)
+    model.to(device)
+    precision, reason = choose_precision(tc.precision, device)
+    print(reason, flush=True)
     val = enc["val"]
     trainer = ClassifyTrainer(model, ClassificationObjective(), tc, out / "hf", EpochBatches(enc["train"], tc.batch_size,
-                              cfg.seed, 0).batch, evaluate=lambda m: val_metrics(predict_probs(m, val, 64, 0), val.labels, 2),
-                              precision=precision, log=print, metric="val_accuracy")
+                              cfg.seed, 0).batch, evaluate=lambda m: val_metrics(predict_probs(m, val, 64, 0, device), val.labels, 2),
+                              device=device, precision=precision, log=print, metric="val_accuracy")
     result = trainer.fit()
     train_seconds = result["elapsed"] - trainer.eval_seconds
     load_weights(model, find_checkpoint(out / "hf", "best") / "model.safetensors")
-    probs = predict_probs(model, enc["test"], 64, 0, "cpu", precision)
+    probs = predict_probs(model, enc["test"], 64, 0, device, precision if device != "cpu" else "fp32")  # as kiln
     m = classification_metrics(enc["test"].labels, probs, labels)
     return {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"], "steps": result["step"],
             "examples_per_second": result["tokens"] / train_seconds, "train_minutes": train_seconds / 60,

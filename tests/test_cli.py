@@ -133,3 +133,20 @@ def test_generate_cli_greedy_is_deterministic(corpus, tmp_path, capsys):
     assert capsys.readouterr().out == first and first.startswith("ROMEO:") and len(first) >= 26
     assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1",
                  "--top-k", "5", "--top-p", "0.9"]) == 0
+
+
+def test_viz_attention_writes_a_grid_of_layers_by_heads(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([str(a) for a in pretrain_args(corpus, run, "--train.max_steps", "2")]) == 0
+    assert main(["viz", "attention", str(run), "--text", "ROMEO: what light"]) == 0
+    png = run / "plots" / "attention.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from kiln.api import load
+    from kiln.report.attention import attention_maps
+    import torch
+
+    model, tok, cfg = load(run)
+    maps = attention_maps(model, torch.tensor([tok.encode("ROMEO").ids]))
+    assert len(maps) == cfg.model.n_layer and maps[0].shape == (cfg.model.n_head, 5, 5)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(cfg.model.n_head, 5), atol=1e-5)  # rows are distributions
+    assert float(maps[0][0].triu(1).abs().max()) == 0.0  # causal: no weight on future keys

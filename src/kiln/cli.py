@@ -94,6 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
                            description="kiln finetune classify [CONFIG.yaml] --data.train FILE --init RUN_OR_HF_DIR "
                                        "[--section.key VALUE ...]")
     fc.add_argument("config", nargs="?", help="recipe YAML (e.g. configs/classify-rotten.yaml)")
+    from kiln.config import Seq2SeqConfig
+
+    s2s_rows = config_help(Seq2SeqConfig)
+    s2s_width = max(len(r[0]) for r in s2s_rows)
+    fs = ft_sub.add_parser("seq2seq", help="train an encoder-decoder on source/target pairs (translate, summarize)",
+                           formatter_class=fmt, epilog="\n".join(
+                               ["config keys (set in the YAML file or override as --section.key VALUE):"] +
+                               [f"  {flag:<{s2s_width}}  {help} [default {default}]" for flag, default, help in s2s_rows]),
+                           description="kiln finetune seq2seq [CONFIG.yaml] --data.train FILE --seq2seq.source_field en "
+                                       "--seq2seq.target_field es [--section.key VALUE ...]")
+    fs.add_argument("config", nargs="?", help="recipe YAML (e.g. configs/translate-en-es.yaml)")
+    tr = sub.add_parser("translate", help="outputs of a seq2seq run for texts or a file")
+    tr.add_argument("run_dir", help="a `kiln finetune seq2seq` run folder")
+    tr.add_argument("--text", action="append", help="a source text (repeatable)")
+    tr.add_argument("--file", help=".txt (one source per line) or .tsv/.csv/.jsonl with the run's source column "
+                                   "(BLEU/chrF or ROUGE are printed when it has the target column too)")
+    tr.add_argument("--out", help="write a TSV (source, reference, output) instead of printing")
+    tr.add_argument("--num-beams", type=int, default=None, help="1 = greedy (default: the run's seq2seq.num_beams)")
+    tr.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
     pr = sub.add_parser("predict", help="class predictions with probabilities for a file (CSV out)")
     pr.add_argument("run_dir", help="a `kiln finetune classify` run folder")
     pr.add_argument("file", help=".csv/.tsv/.jsonl with the run's text column (a label column is optional)")
@@ -116,6 +135,10 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     top = {f.name for f in fields(RunConfig)} - {"out"}
     if argv[:2] == ["data", "prepare"]:
         top.discard("out")
+    elif argv[:2] == ["finetune", "seq2seq"]:
+        from kiln.config import Seq2SeqConfig
+
+        top = {f.name for f in fields(Seq2SeqConfig)}
     elif argv[:1] == ["finetune"]:
         from kiln.config import ClassifyConfig
 
@@ -225,9 +248,24 @@ def _dispatch(args, extra: list[str]) -> int | None:
         export_hf(args.run_dir, args.out_dir)
         print(f"exported {args.run_dir} -> {args.out_dir}")
         return 0
+    if args.verb == "finetune" and args.finetune_verb == "seq2seq":
+        from kiln.train.seq2seq import seq2seq_from_cli
+        from kiln.train.trainer import Interrupted
+
+        try:
+            seq2seq_from_cli(args.config, extra)
+        except Interrupted:
+            return 130
+        return 0
+    if args.verb == "translate":
+        from kiln.train.seq2seq import translate_from_cli
+
+        translate_from_cli(args.run_dir, args.text, args.file, args.num_beams, args.checkpoint, args.out)
+        return 0
     if args.verb == "finetune":
         if args.finetune_verb != "classify":
-            raise KilnError("usage: kiln finetune classify [CONFIG.yaml] --data.train FILE --init DIR [--section.key VALUE ...]")
+            raise KilnError("usage: kiln finetune TASK [CONFIG.yaml] --data.train FILE [--section.key VALUE ...]; "
+                            "TASK is classify or seq2seq (kiln finetune TASK --help)")
         from kiln.train.classify import classify_from_cli
         from kiln.train.trainer import Interrupted
 

@@ -437,7 +437,7 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
     pad_id = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
     model = Classifier(backbone, len(labels), cfg.pooling, cfg.head_dropout).to(device)
     model.train()
-    log(f"model: {cfg.model.arch} backbone ({init_info['kind']}: {cfg.init}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    log(f"model: {cfg.model.arch} backbone ({init_info['kind']}: {cfg.init}), {_count(sum(p.numel() for p in model.parameters()))} parameters, "
         f"pooling {model.pooling}, {len(labels)} classes; {tcfg.max_steps} steps ({tcfg.max_steps / steps_per_epoch:.2f} "
         f"epochs of {steps_per_epoch}), batch {tc.batch_size} x {tc.grad_accum}, lr {tc.lr:g}, warmup {tcfg.warmup_steps}")
     if weights:
@@ -489,7 +489,8 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
     for name in ("val", "test"):
         if not len(enc[name]):
             continue
-        probs = predict_probs(model, enc[name], eval_bs, pad_id, device, precision)
+        # bf16 autocast on a CPU is slower than fp32 for inference (per-op casts): evaluate CPU runs in fp32
+        probs = predict_probs(model, enc[name], eval_bs, pad_id, device, precision if device != "cpu" else "fp32")
         results[name] = evaluate_and_report(probs, enc[name].labels, labels, run_dir / "eval", name, positive,
                                             extra={"checkpoint": str(ckpt), "truncated": enc[name].truncated})
         if name == "test":
@@ -502,6 +503,10 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
                                   if m in v} for k, v in results.items() if k != "train"}}, indent=2) + "\n")
     log(f"done: run folder {run_dir}")
     return run_dir
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
 def evaluate_and_report(probs, y, labels, out_dir: Path, prefix: str, positive: int | None = None,
