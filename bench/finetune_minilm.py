@@ -110,7 +110,7 @@ def run_hf(args, out: Path, steps: int) -> dict:
                               cfg.seed, 0).batch, evaluate=lambda m: val_metrics(predict_probs(m, val, 64, 0, device), val.labels, 2),
                               device=device, precision=precision, log=print, metric="val_accuracy")
     result = trainer.fit()
-    train_seconds = result["elapsed"] - trainer.eval_seconds
+    train_seconds = trainer.train_seconds
     load_weights(model, find_checkpoint(out / "hf", "best") / "model.safetensors")
     probs = predict_probs(model, enc["test"], 64, 0, device, precision if device != "cpu" else "fp32")  # as kiln
     m = classification_metrics(enc["test"].labels, probs, labels)

@@ -141,7 +141,8 @@ def test_predict_and_eval(trained, capsys, tmp_path):
     assert [r["prediction"] for r in rows] == ["pos", "neg", "neg"]
 
     unlabeled = write_csv(tmp_path / "texts.csv", [("great story",)], header=("text",))
-    assert main(["predict", str(run), str(unlabeled)]) == 0
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert main(["predict", str(run), str(unlabeled), "--checkpoint", str(latest)]) == 0
     assert (run / "predictions" / "texts.csv").is_file()
 
     assert main(["eval", str(run), str(new), "--out", str(tmp_path / "ev" / "new.json")]) == 0

@@ -51,3 +51,14 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
     assert main(["pretrain", "--train.bogus", "1"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'train.bogus'" in err and "Traceback" not in err
+
+
+def test_default_recipe_file_matches_the_bare_defaults():
+    from pathlib import Path
+
+    from kiln.config import to_dict
+
+    recipe = to_dict(load_config(Path(__file__).parents[1] / "configs" / "shakespeare-char.yaml"))
+    bare = to_dict(load_config(None))
+    recipe.pop("name"), bare.pop("name")
+    assert recipe == bare  # `kiln pretrain` and `make demo` run the same recipe

@@ -170,6 +170,11 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         raise KilnError(f"checkpoint not found: {path} does not exist")
     if (path / "model.safetensors").is_file():
         return path
+    if which not in ("latest", "best"):  # a checkpoint folder, or a step_* name inside this run
+        chosen = Path(which) if Path(which).is_dir() else path / CHECKPOINTS / which
+        if not (chosen / "model.safetensors").is_file():
+            raise KilnError(f"checkpoint not found: {chosen} (expected latest, best, or a folder with model.safetensors)")
+        return chosen
     root = path / CHECKPOINTS
     name = _read_pointer(root, which) if root.is_dir() else None
     if name is None and root.is_dir():  # pointer lost: fall back to the newest complete folder

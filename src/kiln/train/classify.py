@@ -236,7 +236,14 @@ class ClassifyTrainer(Trainer):
         self.bad_evals = 0
         self.stopped_early_at: int | None = None
         self.eval_seconds = 0.0
+        self.train_seconds = 0.0  # time inside optimizer steps only (batches, forward, backward, update)
         self._pending_best = False
+
+    def train_step(self):
+        t0 = time.perf_counter()
+        out = super().train_step()
+        self.train_seconds += time.perf_counter() - t0
+        return out
 
     def run_eval(self) -> dict:
         t0 = time.perf_counter()
@@ -469,14 +476,15 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
                               evaluate=evaluate, device=device, precision=precision, log=log,
                               metric=cfg.metric, patience=cfg.patience)
     result = trainer.fit()
-    train_seconds = max(result["elapsed"] - trainer.eval_seconds, 1e-9)
+    train_seconds = max(trainer.train_seconds, 1e-9)
     examples = result["tokens"]
     summary = {"steps": result["step"], "examples_seen": examples, "seconds": result["elapsed"],
-               "train_seconds": train_seconds, "examples_per_second": examples / train_seconds,
+               "train_seconds": train_seconds, "eval_seconds": trainer.eval_seconds,
+               "examples_per_second": examples / train_seconds,
                "best_step": trainer.best_step, "best_" + cfg.metric: trainer.best_metric,
                "stopped_early_at": trainer.stopped_early_at, "precision": precision}
     log(f"trained {result['step']} steps, {examples:,} examples in {result['elapsed']:.1f}s "
-        f"({summary['examples_per_second']:.1f} examples/s); best {cfg.metric} "
+        f"({summary['examples_per_second']:.1f} examples/s, evaluation excluded); best {cfg.metric} "
         f"{trainer.best_metric if trainer.best_metric is not None else float('nan'):.4f} at step {trainer.best_step}")
 
     # final evaluation with the best checkpoint
@@ -538,7 +546,7 @@ def load_classifier(run_dir: str | Path, which: str = "best", device: str = "cpu
         labels = list(meta["labels"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise KilnError(f"{run_dir / LABELS_FILE}: cannot read the label names ({type(e).__name__})") from None
-    ckpt = find_checkpoint(run_dir, which)
+    ckpt = find_checkpoint(which) if which not in ("best", "latest") else find_checkpoint(run_dir, which)
     with torch.device("meta"):
         backbone = Transformer(cfg.model)
     backbone = backbone.to_empty(device=device)

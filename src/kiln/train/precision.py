@@ -63,8 +63,11 @@ def choose_precision(requested: str, device: str) -> tuple[str, str]:
         return ("bf16", f"bf16 on {torch.cuda.get_device_name()} (native bf16)") if ok else \
                ("fp32", f"fp32 on {torch.cuda.get_device_name()} (no native bf16)")
     flags = cpu_bf16_flags()
-    fp32 = matmul_speed(torch.float32)
-    bf16 = matmul_speed(torch.bfloat16) if (flags or requested == "bf16") else 0.0
+    fp32, bf16 = 0.0, 0.0
+    for _ in range(3):  # alternate and keep the best of each, so a busy neighbour cannot flip the choice
+        fp32 = max(fp32, matmul_speed(torch.float32, n=384, seconds=0.03))
+        if flags or requested == "bf16":
+            bf16 = max(bf16, matmul_speed(torch.bfloat16, n=384, seconds=0.03))
     measured = f"matmul fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s" if bf16 else f"matmul fp32 {fp32:.0f} GFLOP/s"
     where = f"{cpu_model()} [{', '.join(flags) or 'no native bf16 flags'}]"
     if requested == "bf16":

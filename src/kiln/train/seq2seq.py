@@ -763,10 +763,10 @@ def translate(run_dir, texts: list[str], num_beams: int | None = None, which: st
 
 def translate_from_cli(run_dir: str, text: list[str] | None, file: str | None, num_beams: int | None,
                        which: str, out: str | None, log=print) -> None:
+    loaded = load_seq2seq(run_dir, which)
     if not text and not file:
         raise KilnError("give --text \"...\" (repeatable) or --file FILE (.txt: one source per line; "
                         ".tsv/.csv/.jsonl: the run's source column)")
-    loaded = load_seq2seq(run_dir, which)
     model_meta = loaded[3]
     pairs: list[Pair] = [Pair(t, "", 0) for t in (text or [])]
     if file:
