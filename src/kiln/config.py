@@ -180,7 +180,8 @@ class Seq2SeqTaskConfig:
     length_penalty: float = _f(1.0, "beam score = sum log-probs / length ** length_penalty (Hugging Face's)")
     early_stopping: str = _f("true", "true | false | never: when beam search stops (Hugging Face's semantics)",
                              choices=("true", "false", "never"))
-    max_new_tokens: int = _f(0, "longest output; 0 = data.max_target_length")
+    max_new_tokens: int = _f(0, "longest output; 0 = data.max_target_length (translate also caps a batch at "
+                             "2 x its longest source + 10 tokens)")
     eval_examples: int = _f(200, "fixed validation subset decoded at each evaluation (BLEU/chrF or ROUGE)")
     eval_num_beams: int = _f(0, "beams while training (each evaluation); 0 = num_beams")
     test_examples: int = _f(0, "test pairs decoded at the end; 0 = the whole test split")

@@ -40,7 +40,7 @@ class MetricsLog:
         tmp.replace(self.path)
 
     def log(self, step: int, **values) -> None:
-        row = {"step": step, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items()}}
+        row = {"step": step, **{k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in values.items()}}
         new_cols = [k for k in row if k not in self._columns()]
         self.rows.append(row)
         if new_cols or not self.path.is_file():
