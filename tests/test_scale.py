@@ -297,3 +297,24 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert list(model.state_dict()) == list(Transformer(cfg).state_dict())  # names unchanged
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
     assert math.isfinite(float(grads[1].norm()))
+
+
+def test_batched_muon_matches_torch_muon():
+    """kiln's Muon batches same-shape matrices; the updates equal torch.optim.Muon's (bf16 Newton-Schulz)."""
+    from kiln.train.muon import Muon
+
+    torch.manual_seed(0)
+    shapes = [(48, 16), (48, 16), (16, 16), (16, 64), (64, 16)]
+    ours = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = Muon(ours, lr=0.02, weight_decay=0.1)
+    b = torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, ref):
+        start = (p.detach() - q.detach()).abs().max()
+        assert start < 2e-3 * q.detach().abs().max(), float(start)

@@ -116,6 +116,12 @@ class Attention(nn.Module):
             y, weights = _attention_with_weights(q, k, v, mask, is_causal, self.n_head // self.n_kv_head)
             if self.captured is not None:
                 self.captured.append(weights.detach())
+        elif q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            # PyTorch's CPU flash kernel is slow in bf16 (measured 2-4x slower than these plain matmuls,
+            # forward + backward, docs/benchmarks.md); fp32 and CUDA keep the fused kernel.
+            weights = None
+            y = _attention_matmul(q, k, v, mask, is_causal, self.n_head // self.n_kv_head,
+                                  self.dropout if self.training else 0.0)
         else:
             weights = None
             y = F.scaled_dot_product_attention(
@@ -124,6 +130,21 @@ class Attention(nn.Module):
         B, _, T, _ = y.shape
         y = self.out_proj(y.transpose(1, 2).reshape(B, T, q_dim))
         return (y, weights) if return_weights else y
+
+
+def _attention_matmul(q, k, v, mask, is_causal, groups, dropout_p: float = 0.0):
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    if is_causal and mask is None:
+        Tq, Tk = scores.shape[-2:]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(-1)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v
 
 
 def _attention_with_weights(q, k, v, mask, is_causal, groups):

@@ -1,6 +1,6 @@
 """Optimizers and the learning-rate schedule.
 
-AdamW decays only 2-D weights (nanoGPT's configure_optimizers). Muon (torch.optim.Muon) orthogonalizes the
+AdamW decays only 2-D weights (nanoGPT's configure_optimizers). Muon (kiln.train.muon) orthogonalizes the
 updates of 2-D hidden weights; embeddings, the output head, norms and biases stay with AdamW, as in the
 Muon paper and modded-nanoGPT. Several optimizers are driven as one through `OptimizerGroup`.
 """
@@ -69,8 +69,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu
     # muon: hidden 2-D matrices with Muon, everything else with AdamW
     hidden = [p for p in decay if id(p) not in embeddings]
     rest_decay = [p for p in decay if id(p) in embeddings]
-    muon = torch.optim.Muon([{"params": hidden, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
-                            weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    groups = [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.lr}]
+    if any(type(p).__name__ == "DTensor" for p in hidden):  # FSDP2 shards: torch's Muon handles DTensors
+        muon = torch.optim.Muon(groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                                adjust_lr_fn="match_rms_adamw")
+    else:  # same algorithm, same-shape matrices orthogonalized in one batched matmul (kiln.train.muon)
+        from kiln.train.muon import Muon
+
+        muon = Muon(groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
     adam = _adamw([{"params": rest_decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
                    {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg, device)
     return OptimizerGroup([muon, adam])
