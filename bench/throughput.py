@@ -43,6 +43,7 @@ def make_trainer(kind: str, precision: str, model_cfg, batch: int, context: int,
     bf16_weights = precision == "bf16-weights"
     prec = "bf16" if precision.startswith("bf16") else "fp32"
     cfg = load_config(None, {"train": {"batch_size": batch, "lr": 1e-3, "warmup_steps": 10, "max_steps": steps,
+                                       "optimizer": "adamw",  # the reference loop: AdamW, as in HF and nanoGPT
                                        "bf16_weights": bf16_weights, "tensorboard": False}})
     model = Transformer(model_cfg) if kind == "kiln" else hf_gpt2(model_cfg)
     data = torch.randint(0, model_cfg.vocab_size, (steps * 2 + 8, batch, context + 1))
