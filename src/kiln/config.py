@@ -83,6 +83,12 @@ class TrainConfig:
 
 
 @dataclass
+class MLMConfig:
+    mask_prob: float = _f(0.15, "share of tokens (or words) selected as targets: 80% [MASK], 10% random, 10% kept")
+    whole_word: bool = _f(False, "select whole words (WordPiece ##, BPE without leading space, or chars between spaces)")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("run", "run name; the run folder is <out>/<name>-<timestamp> unless --out names it")
     out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
@@ -92,6 +98,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=lambda: default_recipe_model())
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: default_recipe_train())
+    mlm: MLMConfig = field(default_factory=MLMConfig)
 
 
 def default_recipe_model() -> ModelConfig:

@@ -149,6 +149,18 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     elif cfg.model.vocab_size < int(manifest["vocab_size"]):
         raise KilnError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                         f"{manifest['vocab_size']}")
+    mlm = None
+    if cfg.objective == "mlm":
+        if cfg.model.arch != "encoder":
+            raise KilnError(f"objective mlm trains an encoder: set model.arch encoder (got {cfg.model.arch!r}), "
+                            f"e.g. configs/bert-mlm.yaml")
+        if cfg.data.mixture:
+            raise KilnError("objective mlm with data.mixture is not supported yet: prepare one dataset")
+        from kiln.train.mlm import from_tokenizer
+
+        mlm = from_tokenizer(run_dir / "tokenizer.json", int(manifest["vocab_size"]), cfg.mlm.mask_prob, cfg.seed)
+        if cfg.model.vocab_size < mlm.vocab_size:  # room for an appended [MASK]
+            cfg.model.vocab_size = mlm.vocab_size
     cfg.model.resolve()
     precision, reason = broadcast(info, choose_precision(cfg.train.precision, device))  # measured: ranks agree on rank 0's
     if info.is_main:
@@ -197,7 +209,18 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         def evaluate(m) -> dict:
             return val_loss(m, val_src)
     model = wrap_model(model, info, cfg.train.parallel, device, cfg.train.activation_checkpointing)
-    trainer = Trainer(model, objective, train_cfg, run_dir, batches.batch, evaluate=evaluate,
+    next_batch = batches.batch
+    if mlm is not None:
+        objective = mlm
+        whole = cfg.mlm.whole_word
+
+        def next_batch(i):  # noqa: F811  masks are a function of (seed, micro-batch index): exact resume
+            return mlm.mask(batches.batch(i), i, whole)
+
+        def evaluate(m) -> dict:  # noqa: F811
+            return mlm.evaluate(m, lambda: (b.to(device) for b in eval_windows(val_src, T, B, cfg.train.eval_batches)),
+                                whole)
+    trainer = Trainer(model, objective, train_cfg, run_dir, next_batch, evaluate=evaluate,
                       device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main)
     result = trainer.fit(resume_from=run_dir if resume is not None else None)
     log(f"done: step {result['step']}, {result['tokens']:,} tokens in {result['elapsed']:.1f}s; "

@@ -1,0 +1,66 @@
+import csv
+
+import pytest
+import torch
+
+from conftest import TINY
+from kiln.config import load_config
+from kiln.data.shards import read_manifest
+from kiln.errors import KilnError
+from kiln.train.mlm import IGNORE, MaskedLM
+from kiln.train.pretrain import run_pretrain
+
+
+def test_masking_rates_determinism_and_special_tokens():
+    mlm = MaskedLM(vocab_size=101, mask_id=100, special_ids=[0])
+    windows = torch.randint(1, 100, (64, 129))
+    windows[:, 0] = 0  # a special token is never a target
+    a, b = mlm.mask(windows, 7), mlm.mask(windows, 7)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert not torch.equal(a["labels"], mlm.mask(windows, 8)["labels"])  # dynamic: a new mask per index
+    picked = a["labels"] != IGNORE
+    assert abs(picked.float().mean().item() - 0.15) < 0.01
+    assert not picked[:, 0].any()
+    source = windows[:, :-1]
+    assert torch.equal(a["labels"][picked], source[picked])
+    masked = (a["input_ids"] == 100)[picked].float().mean().item()
+    kept = (a["input_ids"] == source)[picked].float().mean().item()
+    assert abs(masked - 0.8) < 0.03 and abs(kept - 0.1) < 0.03  # ~10% random (some equal the source by chance)
+    assert a["input_ids"].max() <= 100 and not (a["input_ids"][~picked] == 100).any()
+
+
+def test_whole_word_masking_takes_every_piece_of_a_word():
+    continuation = torch.zeros(50, dtype=torch.bool)
+    continuation[30:] = True  # ids >= 30 are "##" pieces
+    mlm = MaskedLM(vocab_size=51, mask_id=50, continuation=continuation, mask_prob=0.3)
+    words = torch.tensor([[5, 31, 32, 6, 7, 33, 8, 34, 35, 36, 9, 0]] * 40)
+    out = mlm.mask(words, 3, whole_word=True)
+    picked = out["labels"] != IGNORE
+    starts = mlm.word_starts(words[:, :-1])
+    word = starts.long().cumsum(1) - 1
+    for row in range(40):
+        for w in word[row].unique():
+            span = picked[row][word[row] == w]
+            assert span.all() or not span.any()  # a word is masked whole or not at all
+    assert picked.any()
+
+
+def test_mlm_pretraining_learns_and_reports_accuracy(corpus, tmp_path):
+    cfg = load_config(None, ["--data.source", str(corpus), "--out", str(tmp_path / "run"), *TINY,
+                             "--objective", "mlm", "--model.arch", "encoder", "--model.pre_norm", "false",
+                             "--model.final_norm", "false", "--model.embedding_norm", "true",
+                             "--train.max_steps", "40", "--train.batch_size", "8", "--train.optimizer", "adamw",
+                             "--train.eval_every", "20", "--mlm.whole_word", "true"])
+    run = run_pretrain(cfg, quiet=True)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    evals = [r for r in rows if r.get("mlm_accuracy")]
+    assert len(evals) == 2 and float(evals[-1]["val_loss"]) < float(evals[0]["val_loss"]) < 4.3
+    chars = read_manifest(run / "data")["vocab_size"]
+    assert float(evals[-1]["mlm_accuracy"]) > 0.1  # well above chance (1/chars) after 40 steps
+    assert load_config(run / "config.yaml").model.vocab_size == chars + 1  # the characters + an appended [MASK]
+
+
+def test_mlm_needs_an_encoder(corpus, tmp_path):
+    cfg = load_config(None, ["--data.source", str(corpus), "--out", str(tmp_path / "run"), *TINY, "--objective", "mlm"])
+    with pytest.raises(KilnError, match="objective mlm trains an encoder"):
+        run_pretrain(cfg, quiet=True)
