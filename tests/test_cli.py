@@ -150,3 +150,16 @@ def test_viz_attention_writes_a_grid_of_layers_by_heads(corpus, tmp_path, capsys
     assert len(maps) == cfg.model.n_layer and maps[0].shape == (cfg.model.n_head, 5, 5)
     assert torch.allclose(maps[0].sum(-1), torch.ones(cfg.model.n_head, 5), atol=1e-5)  # rows are distributions
     assert float(maps[0][0].triu(1).abs().max()) == 0.0  # causal: no weight on future keys
+
+
+def test_generate_stops_before_a_stop_string(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([str(a) for a in pretrain_args(corpus, run, "--train.max_steps", "5")]) == 0
+    from kiln import sample
+
+    full = sample(run, "ROMEO:", max_new_tokens=40, greedy=True)
+    generated = full[len("ROMEO:"):]
+    stop = generated[5:7]  # a string the greedy continuation is known to contain
+    cut = sample(run, "ROMEO:", max_new_tokens=40, greedy=True, stop=[stop])
+    assert cut == "ROMEO:" + generated[: generated.index(stop)]
+    assert stop not in cut[len("ROMEO:"):]

@@ -57,7 +57,9 @@ def _rebuild_buffers(model: Transformer, cfg: RunConfig) -> None:
 
 def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, seed: int | None = None, greedy: bool = False,
-           which: str = "latest") -> str:
+           which: str = "latest", stop: list[str] | None = None) -> str:
+    """Text continuing `prompt`. Generation ends at max_new_tokens or at the first of the `stop` strings
+    (the returned text ends right before it)."""
     model, tokenizer, cfg = load(run_dir, which)
     if tokenizer is None:
         raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
@@ -65,9 +67,16 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
     if not ids:
         raise KilnError("the prompt encodes to no tokens")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    stop = [s for s in (stop or []) if s]
+
+    def hit_stop(new_ids: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([any(s in tokenizer.decode(row.tolist()) for s in stop) for row in new_ids])
+
     out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         greedy=greedy, generator=gen)
-    return tokenizer.decode(out[0].tolist())
+                         greedy=greedy, generator=gen, stop=hit_stop if stop else None)
+    text = tokenizer.decode(out[0, len(ids):].tolist())
+    cut = min((text.index(s) for s in stop if s in text), default=len(text))
+    return tokenizer.decode(ids) + text[:cut]
 
 
 def pretrain(config: str | Path | RunConfig | None = None, overrides: list[str] | dict | None = None,

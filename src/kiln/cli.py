@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--checkpoint", default="latest", help="latest, best, or a checkpoint folder")
+    g.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
 
     sub.add_parser("models", help="list the named model presets with parameter counts")
 
@@ -215,7 +216,7 @@ def _dispatch(args, extra: list[str]) -> int | None:
         from kiln.api import sample
 
         print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                     args.seed, greedy=args.temperature == 0, which=args.checkpoint))
+                     args.seed, greedy=args.temperature == 0, which=args.checkpoint, stop=args.stop))
         return 0
     if args.verb == "models":
         from kiln.model.config import PRESETS, preset

@@ -93,6 +93,9 @@ PRESETS: dict[str, dict] = {
     "transformer-base": dict(arch="encoder-decoder", vocab_size=37000, n_layer=6, n_head=8, d_model=512, d_ff=2048,
                              context_length=512, position="sinusoidal", pre_norm=False, final_norm=False,
                              activation="relu", dropout=0.1, embed_scale=True),
+    "bart-base": dict(arch="encoder-decoder", vocab_size=50265, n_layer=6, n_head=12, d_model=768, d_ff=3072,
+                      context_length=1024, position="learned", pre_norm=False, final_norm=False, embedding_norm=True,
+                      activation="gelu", dropout=0.1, pad_token_id=1),
 }
 
 

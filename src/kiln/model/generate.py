@@ -22,10 +22,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.inference_mode()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, greedy: bool = False, eos_token_id: int | None = None, use_cache: bool = True,
-             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             stop=None) -> torch.Tensor:
     """Extend `idx` [B, T] by up to `max_new_tokens`. Left-pad batched prompts and pass `attention_mask`.
 
     temperature 0 or greedy=True picks the argmax. Returns [B, T + new] (rows that hit eos are padded with eos).
+    `stop(new_ids [B, n]) -> bool tensor [B]` marks rows as finished (stop strings, see kiln.api.sample).
     """
     was_training = model.training
     model.eval()
@@ -63,6 +65,10 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
             next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
             finished |= next_token == eos_token_id
         out = torch.cat([out, next_token[:, None]], dim=1)
+        if stop is not None:
+            done = stop(out[:, T:])
+            if bool(done.all()):
+                break
         if mask is not None:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=mask.device)], dim=1)
             position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
