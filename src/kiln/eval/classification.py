@@ -87,15 +87,9 @@ def metrics_table(m: dict) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from kiln.report.plots import save_figure
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_confusion(cm, labels: list[str], path: Path, title: str = "") -> Path:

@@ -132,7 +132,8 @@ class Attention(nn.Module):
         return (y, weights) if return_weights else y
 
 
-def _attention_matmul(q, k, v, mask, is_causal, groups, dropout_p: float = 0.0):
+def _attention_matmul(q, k, v, mask, is_causal, groups, dropout_p: float = 0.0, return_weights: bool = False):
+    """Softmax attention as plain matmuls: bf16 on CPU (faster than the fused kernel there) and attention maps."""
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
@@ -144,21 +145,11 @@ def _attention_matmul(q, k, v, mask, is_causal, groups, dropout_p: float = 0.0):
     weights = scores.softmax(-1)
     if dropout_p:
         weights = F.dropout(weights, dropout_p)
-    return weights @ v
+    return (weights @ v, weights) if return_weights else weights @ v
 
 
 def _attention_with_weights(q, k, v, mask, is_causal, groups):
-    """Explicit softmax attention, only for attention maps (kiln viz attention)."""
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if is_causal and mask is None:
-        Tq, Tk = scores.shape[-2:]
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    weights = scores.softmax(-1)
-    return weights @ v, weights
+    return _attention_matmul(q, k, v, mask, is_causal, groups, return_weights=True)
 
 
 class FeedForward(nn.Module):

@@ -10,6 +10,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure atomically (temp file + rename): a viewer never sees half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def loss_curve(metrics, path: Path, title: str = "") -> Path:
     """Train and validation loss against steps; written atomically so a viewer never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,9 +35,4 @@ def loss_curve(metrics, path: Path, title: str = "") -> Path:
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -480,12 +480,9 @@ def metric_curve(history: list[tuple[int, dict]], keys: tuple[str, ...], path: P
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from kiln.report.plots import save_figure
+
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
