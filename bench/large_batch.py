@@ -56,6 +56,7 @@ def run(work: Path, data: Path, batch_tokens: int, optimizer: str, tokens: float
         rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
     curve = [(int(r["step"]), int(r["step"]) * batch_tokens, float(r["val_loss"])) for r in rows]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # a later run with the same batch must not append to these metrics
     return {"optimizer": optimizer, "batch_tokens": batch_tokens, "steps": steps, "curve": curve}
 
 
