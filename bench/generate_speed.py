@@ -67,23 +67,35 @@ def main() -> None:
         print("machine:", machine())
     except Exception:  # noqa: BLE001  (the bench helpers are optional)
         print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"GPT-2 small shape (124M), fp32, prompt {args.prompt}, {args.new} new tokens, greedy")
+    from kiln.train.precision import choose_precision
 
+    auto = choose_precision("auto", "cpu")[0]
+    dtypes = ["fp32", "bf16"] if auto == "bf16" else ["fp32"]
+    print(f"GPT-2 small shape (124M), prompt {args.prompt}, {args.new} new tokens, greedy; kiln's "
+          f"precision auto on this machine: {auto}")
     g = torch.Generator().manual_seed(1)
+    prompts = {B: torch.randint(0, 50257, (B, args.prompt), generator=g) for B in args.batches}
+    speed = {}
     with torch.inference_mode():
-        warm = torch.randint(0, 50257, (1, 8), generator=g)
-        kiln.generate(warm, 4, greedy=True)
-        hf.generate(warm, max_new_tokens=4, do_sample=False)
-        for B in args.batches:
-            idx = torch.randint(0, 50257, (B, args.prompt), generator=g)
-            mask = torch.ones_like(idx)
-            t_kiln, out_kiln = timed(lambda: kiln.generate(idx, args.new, greedy=True), args.repeats)
-            t_hf, out_hf = timed(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=args.new,
-                                                     min_new_tokens=args.new, do_sample=False), args.repeats)
-            same = torch.equal(out_kiln, out_hf)
-            tk, th = B * args.new / t_kiln, B * args.new / t_hf
-            print(f"batch {B}: kiln {tk:8.1f} tok/s ({t_kiln:6.2f} s)   HF {th:8.1f} tok/s ({t_hf:6.2f} s)   "
-                  f"kiln/HF {tk / th:4.2f}x   same tokens: {same}", flush=True)
+        for name in dtypes:
+            dtype = torch.bfloat16 if name == "bf16" else torch.float32
+            kiln, hf = kiln.to(dtype), hf.to(dtype)
+            warm = torch.randint(0, 50257, (1, 8), generator=g)
+            kiln.generate(warm, 4, greedy=True)
+            hf.generate(warm, max_new_tokens=4, do_sample=False)
+            for B, idx in prompts.items():
+                mask = torch.ones_like(idx)
+                t_kiln, out_kiln = timed(lambda: kiln.generate(idx, args.new, greedy=True), args.repeats)
+                t_hf, out_hf = timed(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=args.new,
+                                                         min_new_tokens=args.new, do_sample=False), args.repeats)
+                same = torch.equal(out_kiln, out_hf)
+                tk, th = B * args.new / t_kiln, B * args.new / t_hf
+                speed[(name, B)] = (tk, th)
+                print(f"{name} batch {B}: kiln {tk:8.1f} tok/s ({t_kiln:6.2f} s)   HF {th:8.1f} tok/s ({t_hf:6.2f} s)   "
+                      f"kiln/HF {tk / th:4.2f}x   same tokens: {same}", flush=True)
+    for B in args.batches:  # what a user gets by default: kiln picks its precision, HF loads fp32
+        tk, th = speed[(auto, B)][0], speed[("fp32", B)][1]
+        print(f"default settings, batch {B}: kiln ({auto}) {tk:.1f} tok/s vs HF (fp32) {th:.1f} tok/s = {tk / th:.2f}x")
 
 
 if __name__ == "__main__":

@@ -57,10 +57,15 @@ def _rebuild_buffers(model: Transformer, cfg: RunConfig) -> None:
 
 def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, seed: int | None = None, greedy: bool = False,
-           which: str = "latest", stop: list[str] | None = None) -> str:
+           which: str = "latest", stop: list[str] | None = None, precision: str = "auto") -> str:
     """Text continuing `prompt`. Generation ends at max_new_tokens or at the first of the `stop` strings
     (the returned text ends right before it)."""
     model, tokenizer, cfg = load(run_dir, which)
+    from kiln.train.precision import choose_precision
+
+    if choose_precision(precision, "cpu")[0] == "bf16":  # decoding is memory-bound: half the bytes per token
+        for p in model.parameters():  # parameters only: position tables (RoPE, sinusoids) stay fp32
+            p.data = p.data.to(torch.bfloat16)
     if tokenizer is None:
         raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
     ids = tokenizer.encode(prompt).ids

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--checkpoint", default="latest", help="latest, best, or a checkpoint folder")
     g.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 where the CPU computes it natively (decoding ~1.8x faster), else fp32")
 
     sub.add_parser("models", help="list the named model presets with parameter counts")
 
@@ -216,7 +218,8 @@ def _dispatch(args, extra: list[str]) -> int | None:
         from kiln.api import sample
 
         print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                     args.seed, greedy=args.temperature == 0, which=args.checkpoint, stop=args.stop))
+                     args.seed, greedy=args.temperature == 0, which=args.checkpoint, stop=args.stop,
+                     precision=args.precision))
         return 0
     if args.verb == "models":
         from kiln.model.config import PRESETS, preset
