@@ -91,3 +91,16 @@ def test_presets_build_on_meta_device():
         assert model.num_parameters() > 0
     with torch.device("meta"):
         assert 123e6 < Transformer(preset("gpt2")).num_parameters() < 125e6
+
+
+def test_generation_runs_past_the_context_window_like_nanogpt():
+    torch.manual_seed(0)
+    model = tiny(context_length=16)
+    prompt = torch.randint(0, 50, (2, 5))
+    cached = model.generate(prompt, 40, greedy=True)
+    assert cached.shape == (2, 45)
+    assert torch.equal(cached, model.generate(prompt, 40, greedy=True, use_cache=False))
+    # each token past the window depends only on the previous 16
+    with torch.no_grad():
+        last = model(cached[:, -17:-1].clone())[:, -1].argmax(-1)
+    assert torch.equal(last, cached[:, -1])

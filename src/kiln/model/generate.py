@@ -33,28 +33,29 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     model.eval()
     cfg = model.config
     B, T = idx.shape
-    total = T + max_new_tokens
-    if total > cfg.context_length and (use_cache or cfg.position == "learned"):
-        # a cache cannot slide; learned positions stop at context_length: keep the last context_length tokens
-        if T >= cfg.context_length:
-            idx = idx[:, -(cfg.context_length - max_new_tokens):] if max_new_tokens < cfg.context_length else idx[:, -1:]
-            attention_mask = attention_mask[:, -idx.shape[1]:] if attention_mask is not None else None
-            T = idx.shape[1]
-        max_new_tokens = min(max_new_tokens, cfg.context_length - T)
+    ctx = cfg.context_length
+    if T > ctx:  # keep the most recent context_length tokens of a long prompt
+        idx = idx[:, -ctx:]
+        attention_mask = attention_mask[:, -ctx:] if attention_mask is not None else None
+        T = ctx
     greedy = greedy or temperature == 0
     mask = attention_mask.bool() if attention_mask is not None else None
     position_ids = None
     if mask is not None:
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    caches = model.new_caches(B, T + max_new_tokens) if use_cache else None
+    caches = model.new_caches(B, min(T + max_new_tokens, ctx)) if use_cache else None
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     out = idx
     step_input, step_mask, step_pos = idx, mask, position_ids
     for _ in range(max_new_tokens):
+        if use_cache and out.shape[1] > ctx:
+            use_cache = False  # past the context window: recompute over the last context_length tokens (nanoGPT)
         if use_cache:
             logits = model(step_input, attention_mask=step_mask, position_ids=step_pos, caches=caches)
         else:
-            logits = model(out, attention_mask=mask, position_ids=position_ids)
+            window_mask = mask[:, -ctx:] if mask is not None else None
+            window_pos = (window_mask.long().cumsum(-1) - 1).clamp(min=0) if window_mask is not None else None
+            logits = model(out[:, -ctx:], attention_mask=window_mask, position_ids=window_pos)
         logits = logits[:, -1, :].float()
         if greedy:
             next_token = logits.argmax(-1)
