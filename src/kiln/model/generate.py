@@ -23,12 +23,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, greedy: bool = False, eos_token_id: int | None = None, use_cache: bool = True,
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             stop=None) -> torch.Tensor:
+             stop=None, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | str = False) -> torch.Tensor:
     """Extend `idx` [B, T] by up to `max_new_tokens`. Left-pad batched prompts and pass `attention_mask`.
 
     temperature 0 or greedy=True picks the argmax. Returns [B, T + new] (rows that hit eos are padded with eos).
     `stop(new_ids [B, n]) -> bool tensor [B]` marks rows as finished (stop strings, see kiln.api.sample).
+    num_beams > 1: beam search as Hugging Face's generate(num_beams=..., length_penalty=..., early_stopping=...)
+    (kiln.model.beam.beam_search_causal); the best hypothesis of each prompt, padded with eos after its eos.
+    Sampling settings and `stop` do not apply to it.
     """
+    if num_beams > 1:
+        if stop is not None:
+            raise ValueError("stop is not supported with num_beams > 1")
+        from kiln.model.beam import beam_search_causal
+
+        return beam_search_causal(model, idx, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                  eos_id=eos_token_id, length_penalty=length_penalty,
+                                  early_stopping=early_stopping, use_cache=use_cache).sequences
     was_training = model.training
     model.eval()
     cfg = model.config

@@ -7,8 +7,9 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, start: int = 0, log_every: int = 50, desc: str = "train", log=print):
-        self.total, self.step, self.log_every, self.log = total, start, log_every, log
+    def __init__(self, total: int, start: int = 0, log_every: int = 50, desc: str = "train", log=print,
+                 unit: str = "tok"):
+        self.total, self.step, self.log_every, self.log, self.unit = total, start, log_every, log, unit
         self.tty = sys.stderr.isatty()
         self.t0, self.start = time.perf_counter(), start
         self.bar = None
@@ -18,7 +19,7 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=True)
 
     def update(self, step: int, **stats) -> None:
-        text = "  ".join(_fmt(k, v) for k, v in stats.items())
+        text = "  ".join(_fmt(k, v, self.unit) for k, v in stats.items())
         if self.bar is not None:
             self.bar.update(step - self.step)
             self.bar.set_postfix_str(text, refresh=False)
@@ -40,11 +41,11 @@ class Progress:
             self.bar.close()
 
 
-def _fmt(key: str, value) -> str:
+def _fmt(key: str, value, unit: str = "tok") -> str:
     if key == "lr":
         return f"lr {value:.2e}"
     if key == "tokens_per_second":
-        return f"{value:,.0f} tok/s"
+        return f"{value:,.0f} {unit}/s"
     return f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
 
 

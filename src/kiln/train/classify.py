@@ -228,6 +228,8 @@ def val_metrics(probs: np.ndarray, labels, n_classes: int) -> dict:
 class ClassifyTrainer(Trainer):
     """The shared Trainer, with the `best` checkpoint chosen by a validation metric and early stopping."""
 
+    throughput_unit = "ex"
+
     def __init__(self, *a, metric: str = "val_loss", patience: int = 0, **kw):
         super().__init__(*a, **kw)
         self.metric, self.patience = metric, patience

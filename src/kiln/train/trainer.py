@@ -54,6 +54,7 @@ def to_device(batch, device: str):
 
 
 class Trainer:
+    throughput_unit = "tok"  # what the progress bar counts per second: tokens, or "ex" (examples) for classifiers
     def __init__(self, model: torch.nn.Module, objective: Objective, cfg: TrainConfig, run_dir: Path,
                  next_batch: Callable[[int], object], evaluate: Callable[[torch.nn.Module], dict] | None = None,
                  device: str = "cpu", precision: str = "fp32", log=print, tokens_per_target: int = 1,
@@ -170,7 +171,8 @@ class Trainer:
         metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resume_from else None,
                              tensorboard=cfg.tensorboard and self.is_main) if self.is_main else None
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        progress = Progress(cfg.max_steps, self.state.step, cfg.log_every, log=self.log) if self.is_main else None
+        progress = Progress(cfg.max_steps, self.state.step, cfg.log_every, log=self.log,
+                            unit=self.throughput_unit) if self.is_main else None
         self.compute_model.train()
         last_eval: dict = {}
         window_t, window_tokens = time.perf_counter(), self.state.tokens
