@@ -119,6 +119,41 @@ def run_hf(args, out: Path, steps: int) -> dict:
             "minutes": (time.perf_counter() - t0) / 60}
 
 
+def run_hf_plain(args, steps: int) -> dict:
+    """A plain Hugging Face loop, as its docs teach it: fp32 model, model(**batch, labels=...).loss,
+    AdamW, linear schedule. Same batches as kiln. Only speed is measured (examples/s over `steps`)."""
+    import transformers
+
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.model.config import ModelConfig
+    from kiln.train.classify import EpochBatches, _inputs, encode_examples, load_splits, prepare_tokenizer
+
+    transformers.logging.set_verbosity_error()
+    cfg = make_config(args, Path("/tmp/unused"))
+    torch.manual_seed(cfg.seed)
+    splits, labels, _ = load_splits(cfg, lambda s: None)
+    tok = prepare_tokenizer(load_tokenizer(Path(args.model) / "tokenizer.json"), args.max_length)
+    index = {n: i for i, n in enumerate(labels)}
+    train = encode_examples(tok, splits["train"], index, ModelConfig(vocab_size=30522, type_vocab_size=2), "train")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(labels))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, steps // 10, steps)
+    batches = EpochBatches(train, args.batch_size, cfg.seed, 0)
+    seen, start = 0, None
+    for i in range(steps + 5):
+        if i == 5:  # the first steps allocate; time the rest
+            seen, start = 0, time.perf_counter()
+        b = batches.batch(i)
+        loss = model(**_inputs(b), labels=b["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        seen += len(b["labels"])
+    return {"examples_per_second": seen / (time.perf_counter() - start), "steps": steps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
@@ -127,6 +162,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="cap the kiln run at N optimizer steps (smoke test); 0 = epochs")
     ap.add_argument("--hf-steps", type=int, default=0, help="steps of the transformers run; 0 = as many as kiln's")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--plain-hf-steps", type=int, default=0,
+                    help="also time a plain fp32 transformers loop for N steps (speed only)")
     ap.add_argument("--lr", type=float, default=8e-5)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
@@ -148,6 +185,11 @@ def main() -> None:
     results["kiln"] = run_kiln(args, out)
     if not args.skip_hf:
         results["hf"] = run_hf(args, out, args.hf_steps or (args.steps or 0))
+    if args.plain_hf_steps:
+        results["hf_plain"] = run_hf_plain(args, args.plain_hf_steps)
+        r = results["hf_plain"]
+        print(f"plain transformers loop (fp32): {r['examples_per_second']:.1f} examples/s over {r['steps']} steps; "
+              f"kiln / plain: {results['kiln']['examples_per_second'] / r['examples_per_second']:.2f}x", flush=True)
     print(f"\n{'':<14}{'test acc':>9}{'macro F1':>9}{'steps':>7}{'ex/s':>8}{'train min':>10}{'total min':>10}")
     for name in ("kiln", "hf"):
         r = results.get(name)

@@ -57,9 +57,11 @@ def _rebuild_buffers(model: Transformer, cfg: RunConfig) -> None:
 
 def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, seed: int | None = None, greedy: bool = False,
-           which: str = "latest", stop: list[str] | None = None, precision: str = "auto") -> str:
+           which: str = "latest", stop: list[str] | None = None, precision: str = "auto",
+           num_beams: int = 1) -> str:
     """Text continuing `prompt`. Generation ends at max_new_tokens or at the first of the `stop` strings
-    (the returned text ends right before it)."""
+    (the returned text ends right before it). num_beams > 1: beam search (sampling settings ignored; stop
+    strings cut the best beam's text afterwards)."""
     model, tokenizer, cfg = load(run_dir, which)
     from kiln.train.precision import choose_precision
 
@@ -77,8 +79,11 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
     def hit_stop(new_ids: torch.Tensor) -> torch.Tensor:
         return torch.tensor([any(s in tokenizer.decode(row.tolist()) for s in stop) for row in new_ids])
 
+    if num_beams < 1:
+        raise KilnError(f"num_beams must be >= 1, got {num_beams}")
     out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         greedy=greedy, generator=gen, stop=hit_stop if stop else None)
+                         greedy=greedy, generator=gen, stop=hit_stop if stop and num_beams == 1 else None,
+                         num_beams=num_beams)
     text = tokenizer.decode(out[0, len(ids):].tolist())
     cut = min((text.index(s) for s in stop if s in text), default=len(text))
     return tokenizer.decode(ids) + text[:cut]

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--checkpoint", default="latest", help="latest, best, or a checkpoint folder")
     g.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1 = sample/greedy)")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 where the CPU computes it natively (decoding ~1.8x faster), else fp32")
 
@@ -219,7 +220,7 @@ def _dispatch(args, extra: list[str]) -> int | None:
 
         print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                      args.seed, greedy=args.temperature == 0, which=args.checkpoint, stop=args.stop,
-                     precision=args.precision))
+                     precision=args.precision, num_beams=args.num_beams))
         return 0
     if args.verb == "models":
         from kiln.model.config import PRESETS, preset
