@@ -24,3 +24,16 @@ def corpus(tmp_path) -> Path:
     f = tmp_path / "corpus.txt"
     f.write_text(SHAKESPEARE.read_text()[:30_000])
     return f
+
+
+def assert_user_error(capsys, argv, *needles) -> str:
+    """Run the CLI in-process and check the contract for a user mistake: exit 2, one line, no traceback."""
+    from kiln.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("kiln: error:") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_user_error as user_error
 from kiln.cli import main
 from kiln.config import RunConfig, dump_yaml
 from kiln.data import tasks
@@ -74,16 +75,6 @@ def finetune(capsys, *argv) -> tuple[int, str, str]:
     code = main(["finetune", "classify", *map(str, argv), *FAST])
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def user_error(capsys, argv, *needles) -> str:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("kiln: error:") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 @pytest.fixture(scope="module")

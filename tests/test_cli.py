@@ -9,23 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, assert_user_error
 from kiln.cli import main
 
 
 def kiln(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kiln", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
-
-
-def assert_user_error(capsys, argv, *needles):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("kiln: error:") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def pretrain_args(source, out, *extra):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_user_error
 from kiln.cli import main
 from kiln.errors import KilnError
 from kiln.model.beam import beam_search, greedy, strip
@@ -208,16 +209,6 @@ def write_tsv(path: Path, rows, header=("ref", "en", "es")):
         w.writerow(header)
         w.writerows(rows)
     return path
-
-
-def assert_user_error(capsys, argv, *needles):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("kiln: error:") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def s2s_args(train, out, *extra):
