@@ -318,3 +318,35 @@ def test_batched_muon_matches_torch_muon():
     for p, q in zip(ours, ref):
         start = (p.detach() - q.detach()).abs().max()
         assert start < 2e-3 * q.detach().abs().max(), float(start)
+
+
+def test_batch_ramp_grows_the_batch_and_keeps_every_sample_once():
+    from kiln.train.ramp import BatchRamp
+
+    ramp = BatchRamp(target_accum=8, tokens_per_micro=256, ramp_tokens=20_000, lr_power=0.5)
+    accums = [ramp.accum(s) for s in range(30)]
+    assert accums[0] == 1 and accums[-1] == 8 and accums == sorted(accums)
+    assert len(set(accums)) > 3  # it really ramps, not a jump
+    # micro-batches are numbered contiguously: no sample is skipped or seen twice
+    assert all(ramp.first_micro(s + 1) == ramp.first_micro(s) + accums[s] for s in range(29))
+    # the target is reached once the ramp's tokens are seen, not before
+    reached = next(s for s, a in enumerate(accums) if a == 8)
+    assert ramp.first_micro(reached) * 256 >= 20_000 * 7 / 8
+    assert ramp.lr_factor(0) == pytest.approx((1 / 8) ** 0.5) and ramp.lr_factor(29) == 1.0
+    # a fresh ramp (a resumed run) computes the same schedule
+    again = BatchRamp(8, 256, 20_000, 0.5)
+    assert again.first_micro(17) == ramp.first_micro(17)
+
+
+def test_batch_ramp_in_a_real_run(corpus, tmp_path):
+    run = run_pretrain(load_config(None, ["--data.source", str(corpus), "--out", str(tmp_path / "run"), *TINY,
+                                          "--train.max_steps", "12", "--train.batch_tokens", "512",
+                                          "--train.batch_ramp_tokens", "2000", "--train.lr_scaling", "sqrt",
+                                          "--train.reference_batch_tokens", "512", "--train.optimizer", "adamw"]),
+                       quiet=True)
+    log = (run / "log.txt").read_text()
+    assert "batch ramp: 1 -> 4 micro-batches per step over 2,000 tokens" in log
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    tokens = [int(r["tokens"]) for r in rows if r.get("loss")]
+    steps_tokens = [b - a for a, b in zip([0] + tokens, tokens)]
+    assert steps_tokens[0] == 128 and steps_tokens[-1] == 512  # 1 micro-batch of 4 x 32, then 4

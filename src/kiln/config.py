@@ -49,6 +49,8 @@ class TrainConfig:
     lr_scaling: str = _f("none", "none | linear | sqrt: scale lr (and min_lr, muon_lr) by (global batch tokens / "
                          "reference_batch_tokens)^(1 | 0.5)", choices=("none", "linear", "sqrt"))
     reference_batch_tokens: int = _f(0, "global batch in tokens that train.lr was tuned for (train.lr_scaling)")
+    batch_ramp_tokens: int = _f(0, "grow the global batch from one micro-batch per rank to the target over this "
+                                "many tokens, lr following train.lr_scaling; 0 = off")
     optimizer: str = _f("adamw", "adamw | muon | lamb", choices=("adamw", "muon", "lamb"))
     lr: float = _f(1e-3, "peak learning rate (AdamW part)")
     muon_lr: float = _f(0.02, "learning rate of Muon for 2-D hidden weights (optimizer: muon)")

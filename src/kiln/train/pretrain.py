@@ -222,6 +222,16 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
                                 whole)
     trainer = Trainer(model, objective, train_cfg, run_dir, next_batch, evaluate=evaluate,
                       device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main)
+    if train_cfg.batch_ramp_tokens:
+        from kiln.train.ramp import BatchRamp
+
+        if train_cfg.grad_accum < 2:
+            raise KilnError("train.batch_ramp_tokens needs a global batch of several micro-batches: set "
+                            "train.batch_tokens (or train.grad_accum) above one micro-batch per rank")
+        power = {"linear": 1.0, "sqrt": 0.5}.get(train_cfg.lr_scaling, 0.0)
+        trainer.ramp = BatchRamp(train_cfg.grad_accum, B * T * info.world_size, train_cfg.batch_ramp_tokens, power)
+        log(f"batch ramp: 1 -> {train_cfg.grad_accum} micro-batches per step over {train_cfg.batch_ramp_tokens:,} "
+            f"tokens, lr x (batch / target)^{power:g}")
     result = trainer.fit(resume_from=run_dir if resume is not None else None)
     log(f"done: step {result['step']}, {result['tokens']:,} tokens in {result['elapsed']:.1f}s; "
         f"val loss {result.get('val_loss', float('nan')):.4f}; run folder {run_dir}")

@@ -63,6 +63,7 @@ class Trainer:
         self.next_batch, self.evaluate, self.device, self.precision = next_batch, evaluate, device, precision
         self.log, self.on_eval, self.world_size, self.is_main = log, on_eval, world_size, is_main
         self.tokens_per_target = tokens_per_target
+        self.ramp = None  # a kiln.train.ramp.BatchRamp when the global batch grows during training
         self.optimizer = build_optimizer(unwrap(model), cfg, "cpu" if device == "cpu" else device)
         self.state = TrainState()
         # bf16 weights: forward/backward run in a bf16 copy; the fp32 model is the master copy that the
@@ -121,8 +122,13 @@ class Trainer:
     def train_step(self) -> tuple[float, float | None]:
         cfg, step = self.cfg, self.state.step
         lr = lr_at(step, cfg)
+        accum, first = cfg.grad_accum, step * cfg.grad_accum
+        if self.ramp is not None:
+            accum, first = self.ramp.accum(step), self.ramp.first_micro(step)
+            lr *= self.ramp.lr_factor(step)
+        self.current_lr = lr
         set_lr(self.optimizer, lr)
-        batches = [to_device(self.next_batch(step * cfg.grad_accum + m), self.device) for m in range(cfg.grad_accum)]
+        batches = [to_device(self.next_batch(first + m), self.device) for m in range(accum)]
         total = torch.tensor(float(sum(self.objective.targets(b) for b in batches)), device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(total)
@@ -190,9 +196,9 @@ class Trainer:
                 now = time.perf_counter()
                 tps = (self.state.tokens - window_tokens) / max(now - window_t, 1e-9)
                 if progress is not None:
-                    progress.update(step, loss=loss, lr=lr_at(step - 1, cfg), tokens_per_second=tps)
+                    progress.update(step, loss=loss, lr=self.current_lr, tokens_per_second=tps)
                 if metrics is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    metrics.log(step, tokens=self.state.tokens, loss=loss, lr=lr_at(step - 1, cfg),
+                    metrics.log(step, tokens=self.state.tokens, loss=loss, lr=self.current_lr,
                                 grad_norm=grad_norm if grad_norm is not None else "",
                                 tokens_per_second=tps, elapsed=self.state.elapsed)
                     window_t, window_tokens = now, self.state.tokens
