@@ -248,3 +248,21 @@ def test_missing_weight_and_shape_mismatch(tmp_path):
     msg = _error(import_hf, tmp_path / "hf", tmp_path / "run")
     assert "unexpected weight 'transformer.h.0.attn.extra.weight'" in msg
     assert not (tmp_path / "run").exists()  # nothing written on error
+
+
+def test_cli_import_then_export_round_trip(tmp_path, capsys):
+    """`kiln import hf` and `kiln export hf` as a user runs them; a bad folder is a one-line error, exit 2."""
+    from conftest import assert_user_error
+    from kiln.cli import main
+
+    hf_model = make_hf("gpt2", tmp_path / "hf")
+    assert main(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    assert main(["export", "hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        assert (again(ids).logits - hf_model(ids).logits).abs().max() <= 1e-4
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    capsys.readouterr()  # drop transformers' progress output
+    assert_user_error(capsys, ["import", "hf", tmp_path / "t5", tmp_path / "run2"], "t5")
