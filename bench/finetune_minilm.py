@@ -53,6 +53,8 @@ def make_config(args, out: Path):
     t = cfg.train
     t.batch_size, t.lr, t.max_steps, t.threads, t.tensorboard = args.batch_size, args.lr, args.steps, args.threads, False
     t.precision, t.log_every = args.precision, 20
+    if args.pooling:
+        cfg.pooling = args.pooling
     return cfg
 
 
@@ -162,6 +164,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="cap the kiln run at N optimizer steps (smoke test); 0 = epochs")
     ap.add_argument("--hf-steps", type=int, default=0, help="steps of the transformers run; 0 = as many as kiln's")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--pooling", default="", help="override the recipe's pooling (mean | cls | pooler)")
     ap.add_argument("--plain-hf-steps", type=int, default=0,
                     help="also time a plain fp32 transformers loop for N steps (speed only)")
     ap.add_argument("--lr", type=float, default=8e-5)
