@@ -35,7 +35,7 @@ from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
 from kiln.train.precision import autocast, choose_precision
 from kiln.train.pretrain import RunLog, resolve_device
-from kiln.train.trainer import Trainer
+from kiln.train.trainer import BestByMetric, Trainer
 
 CONFIG_FILE, LABELS_FILE = "classify.yaml", "labels.json"
 
@@ -225,7 +225,7 @@ def val_metrics(probs: np.ndarray, labels, n_classes: int) -> dict:
     return {"val_loss": loss, "val_accuracy": float((pred == y).mean()), "val_macro_f1": float(f1.mean())}
 
 
-class ClassifyTrainer(Trainer):
+class ClassifyTrainer(BestByMetric, Trainer):
     """The shared Trainer, with the `best` checkpoint chosen by a validation metric and early stopping."""
 
     throughput_unit = "ex"
@@ -233,13 +233,10 @@ class ClassifyTrainer(Trainer):
     def __init__(self, *a, metric: str = "val_loss", patience: int = 0, **kw):
         super().__init__(*a, **kw)
         self.metric, self.patience = metric, patience
-        self.best_metric: float | None = None
-        self.best_step: int | None = None
         self.bad_evals = 0
         self.stopped_early_at: int | None = None
         self.eval_seconds = 0.0
         self.train_seconds = 0.0  # time inside optimizer steps only (batches, forward, backward, update)
-        self._pending_best = False
 
     def train_step(self):
         t0 = time.perf_counter()
@@ -251,13 +248,10 @@ class ClassifyTrainer(Trainer):
         t0 = time.perf_counter()
         m = super().run_eval()
         self.eval_seconds += time.perf_counter() - t0
-        value = m.get(self.metric)
-        if value is None:
-            return m
-        lower = self.metric.endswith("loss")
-        if self.best_metric is None or (value < self.best_metric if lower else value > self.best_metric):
-            self.best_metric, self.best_step, self.bad_evals, self._pending_best = value, self.state.step, 0, True
-        else:
+        improved = self.update_best(m)
+        if improved:
+            self.bad_evals = 0
+        elif improved is False:
             self.bad_evals += 1
             if self.patience and self.bad_evals >= self.patience and self.state.step < self.cfg.max_steps:
                 self.log(f"early stopping at step {self.state.step}: {self.metric} has not improved for "
@@ -265,10 +259,6 @@ class ClassifyTrainer(Trainer):
                 self.stopped_early_at = self.state.step
                 self.cfg.max_steps = self.state.step  # the loop ends after this step's checkpoint
         return m
-
-    def save(self, is_best: bool = False, val_loss: float | None = None):
-        best, self._pending_best = self._pending_best, False
-        return super().save(is_best=best, val_loss=val_loss)
 
 
 # ----------------------------------------------------------------------------------------------- backbone

@@ -45,7 +45,7 @@ from kiln.model.transformer import Transformer
 from kiln.train.checkpoint import unwrap
 from kiln.train.precision import choose_precision
 from kiln.train.pretrain import RunLog, resolve_device
-from kiln.train.trainer import Trainer
+from kiln.train.trainer import BestByMetric, Trainer
 
 CONFIG_FILE, META_FILE = "seq2seq.yaml", "seq2seq.json"
 IGNORE = -100
@@ -416,16 +416,13 @@ def mean_loss(model, enc: Encoded, codec: PairCodec, batch_size: int, device: st
 # ----------------------------------------------------------------------------------------------- trainer
 
 
-class Seq2SeqTrainer(Trainer):
+class Seq2SeqTrainer(BestByMetric, Trainer):
     """The shared Trainer, with `best` chosen by a validation metric and an optional wall-clock budget that
     stretches the lr schedule to fit."""
 
     def __init__(self, *a, metric: str = "val_loss", budget_s: float = 0.0, **kw):
         super().__init__(*a, **kw)
         self.metric, self.budget_s = metric, budget_s
-        self.best_metric: float | None = None
-        self.best_step: int | None = None
-        self._pending_best = False
         self._t0: float | None = None
         self._s0 = 0
         self.eval_seconds = 0.0
@@ -448,16 +445,8 @@ class Seq2SeqTrainer(Trainer):
         t0 = time.perf_counter()
         m = super().run_eval()
         self.eval_seconds += time.perf_counter() - t0
-        value = m.get(self.metric)
-        if value is not None:
-            lower = self.metric.endswith("loss")
-            if self.best_metric is None or (value < self.best_metric if lower else value > self.best_metric):
-                self.best_metric, self.best_step, self._pending_best = value, self.state.step, True
+        self.update_best(m)
         return m
-
-    def save(self, is_best: bool = False, val_loss: float | None = None):
-        best, self._pending_best = self._pending_best, False
-        return super().save(is_best=best, val_loss=val_loss)
 
 
 def metric_curve(history: list[tuple[int, dict]], keys: tuple[str, ...], path: Path, title: str = "") -> Path:

@@ -245,6 +245,31 @@ class Trainer:
                 "best_val_loss": self.state.best_val, "reached_target_at": self.reached_target_at, **last_eval}
 
 
+class BestByMetric:
+    """Mixin for Trainer subclasses: `best` is the checkpoint with the best value of `self.metric` (lower is
+    better for *loss metrics, higher otherwise) instead of the lowest val_loss."""
+
+    metric = "val_loss"
+    best_metric: float | None = None
+    best_step: int | None = None
+    _pending_best = False
+
+    def update_best(self, metrics: dict) -> bool | None:
+        """True if this eval is the best so far, False if not, None when the metric is absent."""
+        value = metrics.get(self.metric)
+        if value is None:
+            return None
+        lower = self.metric.endswith("loss")
+        if self.best_metric is None or (value < self.best_metric if lower else value > self.best_metric):
+            self.best_metric, self.best_step, self._pending_best = value, self.state.step, True
+            return True
+        return False
+
+    def save(self, is_best: bool = False, val_loss: float | None = None):
+        best, self._pending_best = self._pending_best, False
+        return super().save(is_best=best, val_loss=val_loss)
+
+
 def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
