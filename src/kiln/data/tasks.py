@@ -20,12 +20,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.data.text import clean_text
+from kiln.data.text import clean_text, json_object
 from kiln.errors import KilnError, did_you_mean
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".txt": "tsv"}
@@ -113,12 +112,7 @@ def _jsonl_rows(path: Path, text: str):
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KilnError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise KilnError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        row = json_object(path, lineno, line)
         header += [k for k in row if k not in header]
         rows.append((lineno, row))
     return rows, header

@@ -53,6 +53,17 @@ def _check_head(path: Path, head: bytes) -> None:
         raise KilnError(f"{path}: looks like a binary file (NUL bytes in the first 8 KB), expected UTF-8 text")
 
 
+def json_object(path: Path, lineno: int, line: str, expected: str = "a JSON object") -> dict:
+    """One JSONL row as a dict, or a one-line KilnError naming the file and line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise KilnError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise KilnError(f"{path}:{lineno}: expected {expected}, got {type(row).__name__}")
+    return row
+
+
 class Corpus:
     """One input source. `single_file` sources (plain text) stream as chunks with `chunks()`;
     the others stream as documents with `documents()`. `bytes_read` grows as the input is read."""
@@ -185,13 +196,7 @@ class Corpus:
         for lineno, line in self._lines(path):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise KilnError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise KilnError(f"{path}:{lineno}: expected a JSON object with a {key!r} field, "
-                                f"got {type(row).__name__}")
+            row = json_object(path, lineno, line, f"a JSON object with a {key!r} field")
             if key not in row:
                 raise KilnError(f"{path}:{lineno}: no field {key!r}{did_you_mean(key, row)}; "
                                 f"fields: {', '.join(map(str, row)) or '(none)'} (set data.text_field)")

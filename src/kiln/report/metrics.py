@@ -10,11 +10,14 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.csv"
         self.rows: list[dict] = []
+        self.columns: list[str] = []  # union of the rows' keys, in first-seen order (the CSV header)
         if self.path.is_file():
             with open(self.path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f)]
             if resume_step is not None:  # drop rows written after the checkpoint we resume from
                 self.rows = [r for r in self.rows if int(r["step"]) <= resume_step]
+            for r in self.rows:
+                self.columns += [k for k in r if k not in self.columns]
             self._rewrite()
         self.writer = None
         if tensorboard:
@@ -25,29 +28,24 @@ class MetricsLog:
             except Exception:  # tensorboard not installed: CSV only
                 self.writer = None
 
-    def _columns(self) -> list[str]:
-        cols: list[str] = []
-        for r in self.rows:
-            cols += [k for k in r if k not in cols]
-        return cols
-
     def _rewrite(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self._columns())
+            w = csv.DictWriter(f, fieldnames=self.columns)
             w.writeheader()
             w.writerows(self.rows)
         tmp.replace(self.path)
 
     def log(self, step: int, **values) -> None:
         row = {"step": step, **{k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in values.items()}}
-        new_cols = [k for k in row if k not in self._columns()]
+        new_cols = [k for k in row if k not in self.columns]  # a new key rewrites the file with a wider header
+        self.columns += new_cols
         self.rows.append(row)
         if new_cols or not self.path.is_file():
             self._rewrite()
         else:
             with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self._columns()).writerow(row)
+                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):

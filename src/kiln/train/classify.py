@@ -566,8 +566,14 @@ def _encode_file(run_dir, file, which, require_label):
     return model, cfg, labels, rows, report, enc
 
 
-def _batch_size(cfg) -> int:
-    return max(2 * cfg.train.batch_size, 16)
+def _predict_file(run_dir: Path, file: Path, which: str, require_label: bool, log):
+    """(config, label names, rows, data report, encoded rows, class probabilities) of a run on a file."""
+    model, cfg, labels, rows, report, enc = _encode_file(run_dir, file, which, require_label=require_label)
+    for line in report.lines():
+        log(line)
+    pad = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
+    probs = predict_probs(model, enc, max(2 * cfg.train.batch_size, 16), pad)
+    return cfg, labels, rows, report, enc, probs
 
 
 def predict_file(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best",
@@ -576,11 +582,7 @@ def predict_file(run_dir: str | Path, file: str | Path, out: str | Path | None =
     import csv
 
     run_dir, file = Path(run_dir), Path(file)
-    model, cfg, labels, rows, report, enc = _encode_file(run_dir, file, which, require_label=False)
-    for line in report.lines():
-        log(line)
-    pad = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
-    probs = predict_probs(model, enc, _batch_size(cfg), pad)
+    cfg, labels, rows, report, enc, probs = _predict_file(run_dir, file, which, False, log)
     out = Path(out) if out else run_dir / "predictions" / f"{file.stem}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     pair = bool(cfg.data.text_pair_field)
@@ -604,11 +606,7 @@ def evaluate_file(run_dir: str | Path, file: str | Path, out: str | Path | None 
     from kiln.eval.classification import metrics_table
 
     run_dir, file = Path(run_dir), Path(file)
-    model, cfg, labels, rows, report, enc = _encode_file(run_dir, file, which, require_label=True)
-    for line in report.lines():
-        log(line)
-    pad = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
-    probs = predict_probs(model, enc, _batch_size(cfg), pad)
+    cfg, labels, rows, report, enc, probs = _predict_file(run_dir, file, which, True, log)
     out = Path(out) if out else run_dir / "eval" / f"{file.stem}.json"
     positive = labels.index(cfg.positive_label) if cfg.positive_label in labels else None
     m = evaluate_and_report(probs, enc.labels, labels, out.parent, out.stem, positive,

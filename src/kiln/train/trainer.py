@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -135,7 +136,7 @@ class Trainer:
         loss_sum = 0.0
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
-            ctx = self.compiled.no_sync() if (not sync and hasattr(self.compiled, "no_sync")) else _null()
+            ctx = self.compiled.no_sync() if (not sync and hasattr(self.compiled, "no_sync")) else nullcontext()
             with ctx:
                 with autocast("fp32" if self.bf16_weights else self.precision, self.device):
                     loss = self.objective.loss(self.compiled, batch)
@@ -289,11 +290,3 @@ def _grads_to_master(compute: torch.nn.Module, master: torch.nn.Module) -> None:
 @torch.no_grad()
 def _master_to_copy(master: torch.nn.Module, compute: torch.nn.Module) -> None:
     torch._foreach_copy_(list(compute.parameters()), list(master.parameters()))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
