@@ -52,7 +52,7 @@ def make_config(args, out: Path):
     cfg.data.train, cfg.data.max_length = str(args.data), args.max_length
     t = cfg.train
     t.batch_size, t.lr, t.max_steps, t.threads, t.tensorboard = args.batch_size, args.lr, args.steps, args.threads, False
-    t.precision, t.log_every = args.precision, 20
+    t.precision, t.log_every, t.layer_lr_decay = args.precision, 20, args.layer_lr_decay
     if args.pooling:
         cfg.pooling = args.pooling
     return cfg
@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--plain-hf-steps", type=int, default=0,
                     help="also time a plain fp32 transformers loop for N steps (speed only)")
     ap.add_argument("--lr", type=float, default=8e-5)
+    ap.add_argument("--layer-lr-decay", type=float, default=1.0, help="train.layer_lr_decay (1 = off)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))

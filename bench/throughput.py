@@ -66,7 +66,7 @@ def main() -> None:
     bf16_native = bool(cpu_bf16_flags()) or torch.cuda.is_available()
     fp32_ceiling = matmul_speed(torch.float32, n=1024, seconds=0.5)
     bf16_ceiling = matmul_speed(torch.bfloat16, n=1024, seconds=0.5)
-    variants = [v.split(":") for v in args.variants.split(",")] if args.variants else (
+    variants = [tuple(v.split(":")) for v in args.variants.split(",")] if args.variants else (
         [("hf", "fp32"), ("kiln", "fp32")] +
         ([("hf", "bf16"), ("kiln", "bf16"), ("kiln", "bf16-weights")] if bf16_native else []))
     print(f"# {machine()}")

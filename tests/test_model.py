@@ -104,3 +104,47 @@ def test_generation_runs_past_the_context_window_like_nanogpt():
     with torch.no_grad():
         last = model(cached[:, -17:-1].clone())[:, -1].argmax(-1)
     assert torch.equal(last, cached[:, -1])
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_head_cross_entropy_matches_plain_loss_and_grads(with_bias):
+    import torch.nn.functional as F
+
+    from kiln.model.losses import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(50, generator=g, dtype=torch.float64).requires_grad_() if with_bias else None
+    t = torch.randint(0, 50, (37,), generator=g)
+    t[::5] = -100  # ignored rows
+    ref = F.cross_entropy(F.linear(h, w, b), t, reduction="sum", ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref * 0.3, [h, w] + ([b] if with_bias else []))
+    got = linear_cross_entropy(h, w, t, b, chunk=8)  # several chunks, the last one partial
+    got_grads = torch.autograd.grad(got * 0.3, [h, w] + ([b] if with_bias else []))
+    assert got.dtype == torch.float64  # fp32 at least: float64 inputs keep float64
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    for a, r in zip(got_grads, ref_grads):
+        assert a.dtype == r.dtype and torch.allclose(a, r, atol=1e-12, rtol=1e-9)
+
+
+def test_model_labels_give_the_summed_loss_and_same_gradients_in_fp32_and_bf16():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = tiny()
+    x, y = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    probe = [next(m.decoder.blocks[0].parameters()), m.lm_head.weight]
+    plain = F.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction="sum")
+    g_plain = torch.autograd.grad(plain, probe)
+    fused = m(x, labels=y)
+    g_fused = torch.autograd.grad(fused, probe)
+    assert float(fused) == pytest.approx(float(plain), rel=1e-5)
+    for a, b in zip(g_fused, g_plain):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, fp32 softmax: close to fp32
+        fused_bf16 = m(x, labels=y)
+    assert fused_bf16.dtype == torch.float32
+    assert float(fused_bf16) == pytest.approx(float(plain), rel=2e-2)
+    fused_bf16.backward()
+    assert m.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(m.lm_head.weight.grad).all()

@@ -113,3 +113,24 @@ def test_golden_loss_curve(corpus, tmp_path):
     golden = [float(x) for x in (Path(__file__).parent / "assets" / "golden_losses.txt").read_text().split()]
     got = [losses(run)[s] for s in range(1, 9)]
     assert got == pytest.approx(golden, abs=2e-3), got
+
+
+def test_layer_lr_decay_scales_lr_by_depth_and_rejects_bad_values():
+    from kiln.config import TrainConfig
+    from kiln.model.config import ModelConfig
+    from kiln.train.optim import build_optimizer, set_lr
+
+    model = Transformer(ModelConfig(vocab_size=40, n_layer=3, n_head=2, d_model=16, context_length=8,
+                                    tie_embeddings=False))
+    opt = build_optimizer(model, TrainConfig(layer_lr_decay=0.5, weight_decay=0.1))
+    set_lr(opt, 1.0)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    blocks = model.decoder.blocks
+    assert lr_of[id(model.lm_head.weight)] == (1.0, 0.1)            # head: full lr
+    assert lr_of[id(next(p for p in blocks[2].parameters() if p.dim() == 2))][0] == 0.5  # last block
+    assert lr_of[id(next(p for p in blocks[0].parameters() if p.dim() == 2))][0] == 0.125
+    assert lr_of[id(model.decoder.embed.tokens.weight)] == (0.0625, 0.1)  # embeddings: below block 0
+    assert lr_of[id(next(p for p in blocks[0].parameters() if p.dim() == 1))][1] == 0.0  # no decay on 1-D
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    with pytest.raises(KilnError, match="layer_lr_decay"):
+        build_optimizer(model, TrainConfig(layer_lr_decay=1.5))

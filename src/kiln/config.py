@@ -55,6 +55,8 @@ class TrainConfig:
     lr: float = _f(1e-3, "peak learning rate (AdamW part)")
     muon_lr: float = _f(0.02, "learning rate of Muon for 2-D hidden weights (optimizer: muon)")
     min_lr: float = _f(1e-4, "final learning rate of the decay")
+    layer_lr_decay: float = _f(1.0, "layer-wise lr decay (fine-tuning, AdamW/LAMB): block i of n gets lr * decay^(n - i), "
+                               "the embeddings decay^(n + 1), heads and final norms the full lr; 1 = off")
     warmup_steps: int = _f(100, "linear warmup steps")
     decay: str = _f("cosine", "cosine | linear | constant", choices=("cosine", "linear", "constant"))
     weight_decay: float = _f(0.1, "decoupled weight decay, on 2-D weights only")

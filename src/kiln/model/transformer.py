@@ -282,6 +282,8 @@ def build_mask(attention_mask, T: int, offset: int, causal: bool, device) -> tor
 
 
 class Transformer(nn.Module):
+    fused_loss = True  # forward(..., labels=) returns the summed cross-entropy (kiln.train.objectives uses it)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -341,13 +343,20 @@ class Transformer(nn.Module):
                             cross_caches)
 
     def forward(self, idx, attention_mask=None, position_ids=None, token_type_ids=None, caches=None,
-                src=None, src_mask=None, memory=None, cross_caches=None):
-        """Logits [B, T, vocab]. For an encoder-decoder pass `src` (or a precomputed `memory`)."""
+                src=None, src_mask=None, memory=None, cross_caches=None, labels=None):
+        """Logits [B, T, vocab]. For an encoder-decoder pass `src` (or a precomputed `memory`).
+
+        With `labels` [B, T] (-100 = ignored) it returns instead the summed cross-entropy as an fp32 scalar,
+        computed by the head fused with the loss (kiln.model.losses): no [B, T, vocab] logits are kept."""
         if self.is_seq2seq and memory is None and src is not None:
             memory = self.encode(src, src_mask)
         h = self.hidden(idx, attention_mask, position_ids, token_type_ids, caches, memory, src_mask, cross_caches)
         if self.head_transform is not None:
             h = self.head_transform(h)
+        if labels is not None:
+            from kiln.model.losses import linear_cross_entropy
+
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(), self.lm_head.bias)
         return self.lm_head(h)
 
     def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:

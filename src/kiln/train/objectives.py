@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kiln.train.checkpoint import unwrap
+
 
 class CausalLM:
     """Next-token prediction on [B, T+1] windows: inputs batch[:, :-1], targets batch[:, 1:]."""
@@ -15,6 +17,8 @@ class CausalLM:
         return batch.shape[0] * (batch.shape[1] - 1)
 
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        if getattr(unwrap(model), "fused_loss", False):  # kiln's Transformer: head and loss fused, fp32 softmax
+            return model(batch[:, :-1], labels=batch[:, 1:])
         logits = model(batch[:, :-1])
         # per-token losses in the logits' dtype (the kernel accumulates in fp32), summed in fp32. Upcasting
         # bf16 logits first costs 13% of a GPT-2-small step on CPU; on the default recipe the val loss after

@@ -8,10 +8,12 @@ Muon paper and modded-nanoGPT. Several optimizers are driven as one through `Opt
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 from kiln.config import TrainConfig
+from kiln.errors import KilnError
 
 
 class OptimizerGroup:
@@ -48,8 +50,41 @@ def _adamw(groups, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
+def layer_depths(names: list[str]) -> dict[str, int]:
+    """Depth of each parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest on top.
+
+    Blocks are found by name (`...blocks.<i>.`); an encoder-decoder's two stacks are numbered alike."""
+    blocks = [int(m.group(1)) for n in names if (m := re.search(r"\bblocks\.(\d+)\.", n))]
+    top = (max(blocks) + 2) if blocks else 1
+    depth = {}
+    for n in names:
+        m = re.search(r"\bblocks\.(\d+)\.", n)
+        depth[n] = int(m.group(1)) + 1 if m else (0 if ".embed." in f".{n}" else top)
+    return depth
+
+
+def _decay_groups(named, cfg: TrainConfig) -> list[dict]:
+    """AdamW/LAMB param groups: weight decay on 2-D weights only; with layer_lr_decay, one group per depth."""
+    if cfg.layer_lr_decay == 1.0:
+        return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    depth = layer_depths([n for n, _ in named])
+    top = max(depth.values(), default=0)
+    groups: dict[tuple[int, bool], dict] = {}
+    for n, p in named:
+        key = (depth[n], p.dim() >= 2)
+        g = groups.setdefault(key, {"params": [], "weight_decay": cfg.weight_decay if key[1] else 0.0,
+                                    "lr_scale": cfg.layer_lr_decay ** (top - key[0])})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu") -> OptimizerGroup:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not 0.0 < cfg.layer_lr_decay <= 1.0:
+        raise KilnError(f"train.layer_lr_decay must be in (0, 1], got {cfg.layer_lr_decay}")
+    if cfg.layer_lr_decay != 1.0 and cfg.optimizer == "muon":
+        raise KilnError("train.layer_lr_decay works with optimizer adamw or lamb, not muon")
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     head = getattr(model, "lm_head", None)
     if head is not None:
@@ -57,15 +92,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu
     decay = [p for n, p in named if p.dim() >= 2]
     no_decay = [p for n, p in named if p.dim() < 2]
     if cfg.optimizer == "adamw":
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-        return OptimizerGroup([_adamw(groups, cfg, device)])
+        return OptimizerGroup([_adamw(_decay_groups(named, cfg), cfg, device)])
     if cfg.optimizer == "lamb":
         from kiln.train.lamb import Lamb
 
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-        return OptimizerGroup([Lamb(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))])
+        return OptimizerGroup([Lamb(_decay_groups(named, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))])
     # muon: hidden 2-D matrices with Muon, everything else with AdamW
     hidden = [p for p in decay if id(p) not in embeddings]
     rest_decay = [p for p in decay if id(p) in embeddings]

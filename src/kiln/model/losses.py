@@ -1,0 +1,66 @@
+"""Cross-entropy fused with the output projection (the LM head), for training.
+
+The plain path materialises logits [N, vocab], then log-softmax reads and writes them again in the forward and
+twice more in the backward. For GPT-2 (vocab 50,257) at 1,024 tokens that is ~100 MB of bf16 per pass, and on
+a CPU those memory passes cost as much as the head's matmul itself. Here the forward computes the logits once,
+turns them *in place* into the gradient of the summed loss (softmax - one-hot) a row chunk at a time while the
+chunk is still in cache, and the backward is two matmuls on that buffer. The softmax is computed in fp32
+whatever the matmul dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, chunk: int):
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        hc, wc = h.to(dtype), weight.to(dtype)
+        bc = None if bias is None else bias.to(dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            logits = hc @ wc.t() if bc is None else torch.addmm(bc, hc, wc.t())  # [N, V]: becomes the gradient
+            need_grad = any(ctx.needs_input_grad[:3])
+            total = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32), device=h.device)
+            valid_all = targets != ignore_index
+            for s in range(0, logits.shape[0], chunk):
+                block, tgt, valid = logits[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
+                tsafe = tgt.clamp_min(0)
+                f = block.to(torch.promote_types(block.dtype, torch.float32))  # fp32 at least
+                lse = torch.logsumexp(f, dim=-1)
+                picked = f.gather(1, tsafe[:, None]).squeeze(1)
+                total += torch.where(valid, lse - picked, 0.0).sum()
+                if need_grad:
+                    f.sub_(lse[:, None]).exp_()
+                    f.scatter_add_(1, tsafe[:, None], torch.full_like(picked[:, None], -1.0))
+                    f.mul_(valid[:, None])
+                    block.copy_(f)
+        if need_grad:
+            ctx.save_for_backward(hc, wc, logits)
+            ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hc, wc, dlogits = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        scale = grad_out.to(dlogits.dtype)
+        with torch.autocast(hc.device.type, enabled=False):
+            dlogits.mul_(scale)
+            gh = (dlogits @ wc).to(h_dtype) if ctx.needs_input_grad[0] else None
+            gw = (dlogits.t() @ hc).to(w_dtype) if ctx.needs_input_grad[1] else None
+            gb = dlogits.sum(0, dtype=torch.promote_types(dlogits.dtype, torch.float32)).to(b_dtype) if ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100,
+                         chunk: int = 64) -> torch.Tensor:
+    """sum over rows of cross_entropy(h @ weight.T + bias, targets), ignoring `ignore_index`; fp32 scalar.
+
+    h [N, D], weight [V, D], targets [N]. Equal (up to rounding) to
+    F.cross_entropy(F.linear(h, weight, bias).float(), targets, reduction="sum", ignore_index=ignore_index).
+    """
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, chunk)
