@@ -148,3 +148,28 @@ def test_model_labels_give_the_summed_loss_and_same_gradients_in_fp32_and_bf16()
     assert float(fused_bf16) == pytest.approx(float(plain), rel=2e-2)
     fused_bf16.backward()
     assert m.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(m.lm_head.weight.grad).all()
+
+
+def test_packed_linears_match_plain_linears_and_follow_weight_updates():
+    from kiln.model.packed import available, packed_linears
+
+    if not available("cpu"):
+        pytest.skip("this torch build has no oneDNN")  # CPU wheels for x86 and arm64 have it
+    torch.manual_seed(0)
+    m = tiny().eval()
+    x = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        plain = m(x)
+        with packed_linears(m):
+            assert "forward" in m.lm_head.__dict__  # patched inside the block
+            packed = m(x)
+            with packed_linears(m):  # nested (generate -> beam search): the outer block keeps its patch
+                pass
+            assert "forward" in m.lm_head.__dict__
+        assert "forward" not in m.lm_head.__dict__  # restored after it
+        assert torch.allclose(packed, plain, atol=1e-5, rtol=1e-5)
+        m.decoder.blocks[0].mlp.down_proj.weight.mul_(2.0)
+        changed = m(x)
+        with packed_linears(m):
+            assert torch.allclose(m(x), changed, atol=1e-5, rtol=1e-5)  # repacked after the in-place update
+    assert not torch.allclose(changed, plain)

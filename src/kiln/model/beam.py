@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kiln.model.packed import decoding
 from kiln.model.transformer import KVCache
 
 NEG = -1.0e9  # the "impossible" score of Hugging Face's implementation
@@ -91,6 +92,7 @@ def _encode(model, src, src_mask):
     return model.encode(src, src_mask), src_mask
 
 
+@decoding
 @torch.inference_mode()
 def greedy(model, src: torch.Tensor, src_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
            bos_id: int = 0, eos_id: int | None = 0, pad_id: int | None = None, use_cache: bool = True,
@@ -249,6 +251,7 @@ def _beam_core(step, prompt: torch.Tensor, num_beams: int, max_new_tokens: int, 
     return BeamOutput(seqs, done_scores[:, :R].reshape(-1))
 
 
+@decoding
 @torch.inference_mode()
 def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor | None = None, num_beams: int = 4,
                 max_new_tokens: int = 64, bos_id: int = 0, eos_id: int | None = 0, pad_id: int | None = None,
@@ -275,6 +278,7 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor | None = None, 
     return out
 
 
+@decoding
 @torch.inference_mode()
 def beam_search_causal(model, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, num_beams: int = 4,
                        max_new_tokens: int = 64, eos_id: int | None = None, pad_id: int | None = None,

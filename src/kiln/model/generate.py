@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kiln.model.packed import decoding
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Mask logits outside the top-k and the top-p nucleus with -inf. logits: [B, V]."""
@@ -19,6 +21,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+@decoding
 @torch.inference_mode()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, greedy: bool = False, eos_token_id: int | None = None, use_cache: bool = True,
