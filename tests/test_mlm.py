@@ -43,6 +43,11 @@ def test_whole_word_masking_takes_every_piece_of_a_word():
             span = picked[row][word[row] == w]
             assert span.all() or not span.any()  # a word is masked whole or not at all
     assert picked.any()
+    # a window that opens inside a word (on a ## piece): that piece counts as the start of a word
+    inside = torch.tensor([[31, 32, 6, 33, 7, 0]] * 40)
+    out = mlm.mask(inside, 4, whole_word=True)
+    picked = out["labels"] != IGNORE
+    assert picked.any() and (picked[:, 0] == picked[:, 1]).all()  # "31 32" is masked whole or not at all
 
 
 def test_mlm_pretraining_learns_and_reports_accuracy(corpus, tmp_path):

@@ -46,7 +46,9 @@ class MaskedLM:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         r = torch.rand(ids.shape, generator=g)
         if whole_word:
-            word = self.word_starts(ids).long().cumsum(1) - 1
+            starts = self.word_starts(ids)
+            starts[:, 0] = True  # a window can open inside a word (a ## piece): its first piece starts a word
+            word = starts.long().cumsum(1) - 1
             selected = r.gather(1, word) < self.mask_prob
         else:
             selected = r < self.mask_prob
