@@ -173,3 +173,20 @@ def test_packed_linears_match_plain_linears_and_follow_weight_updates():
         with packed_linears(m):
             assert torch.allclose(m(x), changed, atol=1e-5, rtol=1e-5)  # repacked after the in-place update
     assert not torch.allclose(changed, plain)
+
+
+def test_masked_lm_labels_run_the_head_on_targets_only_with_the_same_loss():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = tiny(arch="encoder", mlm_head=True, tie_embeddings=True)
+    x = torch.randint(0, 50, (2, 10))
+    y = torch.full_like(x, -100)
+    y[0, 3], y[1, 7], y[1, 8] = 4, 9, 11
+    keep = y != -100
+    plain = F.cross_entropy(m(x)[keep], y[keep], reduction="sum")
+    fused = m(x, labels=y)
+    assert float(fused.detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
+    (g_plain,) = torch.autograd.grad(plain, [m.head_transform.dense.weight])
+    (g_fused,) = torch.autograd.grad(fused, [m.head_transform.dense.weight])
+    assert torch.allclose(g_fused, g_plain, atol=1e-5, rtol=1e-4)

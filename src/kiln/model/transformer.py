@@ -351,12 +351,18 @@ class Transformer(nn.Module):
         if self.is_seq2seq and memory is None and src is not None:
             memory = self.encode(src, src_mask)
         h = self.hidden(idx, attention_mask, position_ids, token_type_ids, caches, memory, src_mask, cross_caches)
-        if self.head_transform is not None:
-            h = self.head_transform(h)
         if labels is not None:
             from kiln.model.losses import linear_cross_entropy
 
-            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(), self.lm_head.bias)
+            h, labels = h.flatten(0, 1), labels.flatten()
+            keep = labels != -100
+            if not bool(keep.all()):  # masked LM: the head runs on the ~15% target positions only
+                h, labels = h[keep], labels[keep]
+            if self.head_transform is not None:
+                h = self.head_transform(h)
+            return linear_cross_entropy(h, self.lm_head.weight, labels, self.lm_head.bias)
+        if self.head_transform is not None:
+            h = self.head_transform(h)
         return self.lm_head(h)
 
     def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:

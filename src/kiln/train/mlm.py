@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import KilnError
+from kiln.train.checkpoint import unwrap
 
 IGNORE = -100
 
@@ -66,6 +67,8 @@ class MaskedLM:
         return int((batch["labels"] != IGNORE).sum())
 
     def loss(self, model, batch: dict) -> torch.Tensor:
+        if getattr(unwrap(model), "fused_loss", False):  # kiln's Transformer: head on the targets only, fused
+            return model(batch["input_ids"], labels=batch["labels"])
         logits = model(batch["input_ids"])
         labels = batch["labels"]
         picked = labels != IGNORE
