@@ -264,8 +264,11 @@ def test_global_batch_not_divisible_by_ranks_is_one_line_exit_2(prepared, tmp_pa
     args = [*TINY, "--data.prepared", str(prepared / "a"), "--train.batch_tokens", "384"]  # 384 / (4 x 32 x 2)
     r = torchrun(2, *args, "--out", str(tmp_path / "run"), timeout=60)
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr
-    assert r.stderr.count("kiln: error: train.batch_tokens 384 is not a multiple of batch_size x context_length x "
-                          "world_size = 4 x 32 x 2 = 256") == 2
+    msg = "kiln: error: train.batch_tokens 384 is not a multiple of batch_size x context_length x world_size = " \
+          "4 x 32 x 2 = 256"
+    assert [line for line in r.stderr.splitlines() if line.startswith("kiln: error:")] == [msg, msg]  # one per rank
+    root_cause = r.stderr[r.stderr.index("Root Cause"):]
+    assert f"traceback : {msg} (exit code 2)" in root_cause  # torchrun's report names kiln's error, not <N/A>
     assert not (tmp_path / "run").exists()
     # what each rank does, seen from one: the error line and exit 2, before joining the process group
     monkeypatch.setenv("WORLD_SIZE", "2")

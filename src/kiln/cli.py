@@ -165,6 +165,24 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def _torchrun_error_file(message: str) -> None:
+    """Under torchrun, hand the one-line error to its failure report (the file torch's @record would write),
+    so the report's "Root Cause" shows kiln's message instead of "error_file: <N/A>"."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": f"kiln: error: {message}",
+                                   "extraInfo": {"py_callstack": f"kiln: error: {message} (exit code 2)",
+                                                 "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -188,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"kiln: error: {e}", file=sys.stderr)
+        _torchrun_error_file(str(e))
         return 2
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
