@@ -31,6 +31,10 @@ def load(run_dir: str | Path, which: str = "latest", device: str = "cpu"):
         model = Transformer(cfg.model)
     model = model.to_empty(device=device)  # no random init of weights we are about to overwrite
     _rebuild_buffers(model, cfg)
+    if _checkpoint_meta(ckpt).get("quantization"):  # a `kiln quantize` run: int8 modules, then its weights
+        from kiln.compress.quantize import quantize_model
+
+        quantize_model(model, calibrate=False)
     load_weights(model, ckpt / "model.safetensors")
     model.eval()
     tok_file = (ckpt.parent.parent / "tokenizer.json")
@@ -40,6 +44,15 @@ def load(run_dir: str | Path, which: str = "latest", device: str = "cpu"):
 
         tokenizer = Tokenizer.from_file(str(tok_file))
     return model, tokenizer, cfg
+
+
+def _checkpoint_meta(ckpt: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _rebuild_buffers(model: Transformer, cfg: RunConfig) -> None:
@@ -67,7 +80,8 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
 
     if choose_precision(precision, "cpu")[0] == "bf16":  # decoding is memory-bound: half the bytes per token
         for p in model.parameters():  # parameters only: position tables (RoPE, sinusoids) stay fp32
-            p.data = p.data.to(torch.bfloat16)
+            if p.is_floating_point():  # int8 weights of a quantized run stay int8
+                p.data = p.data.to(torch.bfloat16)
     if tokenizer is None:
         raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
     ids = tokenizer.encode(prompt).ids

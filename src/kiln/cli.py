@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--text", required=True)
     va.add_argument("--out", default=None, help="PNG path (default RUN_DIR/plots/attention.png)")
 
+    q = sub.add_parser("quantize", help="int8 weight-only quantization of a run into a new run folder, with the "
+                       "size / val loss / decoding speed trade-off", formatter_class=fmt)
+    q.add_argument("run_dir")
+    q.add_argument("--out", required=True, help="new run folder for the quantized model")
+    q.add_argument("--checkpoint", default="latest", help="latest, best, or a checkpoint folder")
     imp = sub.add_parser("import", help="import a checkpoint from another format")
     imp.add_argument("format", choices=["hf"])
     imp.add_argument("src")
@@ -240,6 +245,11 @@ def _dispatch(args, extra: list[str]) -> int | None:
         print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                      args.seed, greedy=args.temperature == 0, which=args.checkpoint, stop=args.stop,
                      precision=args.precision, num_beams=args.num_beams))
+        return 0
+    if args.verb == "quantize":
+        from kiln.compress.quantize import quantize_run
+
+        quantize_run(args.run_dir, args.out, which=args.checkpoint)
         return 0
     if args.verb == "models":
         from kiln.model.config import PRESETS, preset

@@ -360,13 +360,15 @@ class Transformer(nn.Module):
                 h, labels = h[keep], labels[keep]
             if self.head_transform is not None:
                 h = self.head_transform(h)
+            if type(self.lm_head) is not nn.Linear:  # e.g. a quantized head (kiln.compress): plain logits
+                return F.cross_entropy(self.lm_head(h).float(), labels, reduction="sum")
             return linear_cross_entropy(h, self.lm_head.weight, labels, self.lm_head.bias)
         if self.head_transform is not None:
             h = self.head_transform(h)
         return self.lm_head(h)
 
     def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
-        p = self.lm_head.weight
+        p = next(p for p in self.parameters() if p.is_floating_point())  # the compute dtype and device
         return [KVCache(batch, self.config.n_kv_head, max_len, self.config.head_dim, dtype or p.dtype,
                         device or p.device) for _ in self.decoder.blocks]
 

@@ -1,0 +1,1 @@
+"""Compression: int8 weight-only quantization (quantize.py)."""

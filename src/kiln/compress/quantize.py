@@ -1,0 +1,174 @@
+"""Weight-only int8 quantization: every linear layer (and a token embedding tied to the output head).
+
+Each output row of a weight matrix gets one fp32 scale (symmetric, per channel: w ≈ scale * q, q in
+[-127, 127]); activations stay in fp32 or bf16. On CPU the matmul is `torch._weight_int8pack_mm`, which reads
+the int8 weights directly: decoding, bound by how many weight bytes it streams per token, reads 4× fewer
+bytes than fp32. A token embedding tied to the head shares the head's int8 matrix and scales (the scale of a
+head row is the scale of that token's embedding row), so tying survives quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHOD = "int8-weight-only"
+
+
+def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (scale * q).T + bias with q int8 [out, in] and scale [out]; x in fp32 or bf16."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_int8 = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.scale = _frozen(torch.ones(out_features, device=device))
+        self.bias = _frozen(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> Int8Linear:
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device)
+        q, scale = _quantize_rows(lin.weight)
+        m.weight_int8.data, m.scale.data = q, scale
+        if lin.bias is not None:
+            m.bias.data = lin.bias.detach().float().clone()
+        return m
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x2.shape[0] > 0:
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale.to(x.dtype))
+        else:  # other devices / dtypes: dequantize (correct, not faster)
+            y = F.linear(x2, self.dequantized(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding stored as int8 rows with one scale per row (the tied head's matrix and scales)."""
+
+    def __init__(self, head: Int8Linear):
+        super().__init__()
+        self.weight_int8, self.scale = head.weight_int8, head.scale  # the same Parameters: tied
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.weight_int8[idx].to(self.scale.dtype) * self.scale[idx, None]
+
+
+def quantize_model(model: nn.Module, calibrate: bool = True) -> nn.Module:
+    """Replace, in place, every nn.Linear by an Int8Linear, and a token embedding tied to a head by an
+    Int8Embedding sharing its int8 matrix. calibrate=False builds empty int8 modules for a quantized state dict
+    to be loaded into. Returns the model."""
+    swaps: dict[nn.Module, nn.Module] = {}
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    for lin in linears:
+        swaps[lin] = Int8Linear.from_linear(lin) if calibrate else \
+            Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device)
+    for emb in [m for m in model.modules() if type(m) is nn.Embedding]:
+        tied = next((lin for lin in linears if lin.weight is emb.weight), None)
+        if tied is not None:
+            swaps[emb] = Int8Embedding(swaps[tied])
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child in swaps:
+                setattr(parent, name, swaps[child])
+    model.quantization = METHOD
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def _file_mb(path) -> float:
+    return path.stat().st_size / 1e6
+
+
+def quantize_run(run_dir, out_dir, which: str = "latest", eval_batches: int = 20, decode_tokens: int = 64,
+                 log=print) -> dict:
+    """Quantize a kiln run into a new run folder `out_dir` and report the trade-off: size of the weights file,
+    validation loss (decoder runs with their token shards) and greedy decoding speed, before and after."""
+    import json
+    import shutil
+    import time
+    from pathlib import Path
+
+    from kiln.api import load
+    from kiln.errors import KilnError
+    from kiln.train.checkpoint import find_checkpoint, save_checkpoint
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if (out_dir / "checkpoints").exists():
+        raise KilnError(f"{out_dir} already holds checkpoints; choose another --out")
+    ckpt = find_checkpoint(run_dir, which)
+    if json.loads((ckpt / "meta.json").read_text()).get("quantization"):
+        raise KilnError(f"{ckpt} is already quantized")
+    model, _, cfg = load(run_dir, which)
+    qmodel, _, _ = load(run_dir, which)
+    quantize_model(qmodel)
+    report: dict = {"method": METHOD, "source": str(ckpt), "out": str(out_dir)}
+    meta = json.loads((ckpt / "meta.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "tokenizer.json"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out_dir / name)
+    saved = save_checkpoint(out_dir, qmodel, int(meta.get("step", 0)),
+                            meta={"quantization": METHOD, "source": str(ckpt)})
+    report["size_mb"] = {"before": round(_file_mb(ckpt / "model.safetensors"), 2),
+                         "after": round(_file_mb(saved / "model.safetensors"), 2)}
+    data = Path(cfg.data.prepared) if cfg.data.prepared else run_dir / "data"
+    if cfg.model.arch == "decoder" and cfg.objective == "clm" and (data / "manifest.json").is_file():
+        from kiln.data.shards import TokenShards
+        from kiln.train.batches import eval_windows
+        from kiln.train.objectives import CausalLM, evaluate_lm
+
+        val = TokenShards(data, "val")
+        T, B = cfg.model.context_length, cfg.train.batch_size
+        with torch.no_grad():
+            losses = {k: evaluate_lm(m, CausalLM(), lambda: eval_windows(val, T, B, eval_batches))["val_loss"]
+                      for k, m in (("before", model), ("after", qmodel))}
+        report["val_loss"] = {k: round(v, 4) for k, v in losses.items()}
+        prompt = torch.from_numpy(val.read(0, 8).astype("int64"))[None]
+    else:
+        report["val_loss"] = None  # encoders / seq2seq: evaluate with their task command on the quantized run
+        prompt = torch.zeros(1, 8, dtype=torch.long)
+    if cfg.model.arch == "decoder":
+        speed = {}
+        for k, m in (("before", model), ("after", qmodel)):
+            m.generate(prompt, 4, greedy=True)  # warm-up (and weight packing for the float model)
+            t0 = time.perf_counter()
+            m.generate(prompt, decode_tokens, greedy=True)
+            speed[k] = round(decode_tokens / (time.perf_counter() - t0), 1)
+        report["decode_tokens_per_s"] = speed
+    (out_dir / "compress.json").write_text(json.dumps(report, indent=2))
+    s = report["size_mb"]
+    log(f"quantized {ckpt} -> {out_dir} ({METHOD})")
+    log(f"  weights file   {s['before']:9.2f} MB -> {s['after']:9.2f} MB  ({s['before'] / s['after']:.2f}x smaller)")
+    if report["val_loss"]:
+        v = report["val_loss"]
+        log(f"  val loss       {v['before']:9.4f}    -> {v['after']:9.4f}     ({v['after'] - v['before']:+.4f})")
+    if "decode_tokens_per_s" in report:
+        d = report["decode_tokens_per_s"]
+        log(f"  greedy decode  {d['before']:9.1f}/s   -> {d['after']:9.1f}/s    ({d['after'] / d['before']:.2f}x, fp32 "
+            f"activations, batch 1, {decode_tokens} tokens)")
+    return report
