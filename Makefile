@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,8 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/race_shakespeare.py
-	HF_HUB_OFFLINE=1 $(PY) bench/throughput_124m.py
+	HF_HUB_OFFLINE=1 $(PY) bench/throughput.py
+	HF_HUB_OFFLINE=1 $(PY) bench/generate_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
