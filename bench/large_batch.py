@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--base-batch", type=int, default=16384)
     ap.add_argument("--batches", default="16384,65536,262144")
     ap.add_argument("--optimizers", default="adamw,lamb")
+    ap.add_argument("--runs", default="", help="explicit optimizer:batch pairs instead of optimizers x batches")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lamb-lr", type=float, default=2e-3)
     ap.add_argument("--micro-batch", type=int, default=128)
@@ -79,12 +80,14 @@ def main() -> None:
     data = work / "data"
     prepare(load_config(None).data, data, log=lambda s: None)
     results = []
-    for optimizer in args.optimizers.split(","):
-        for batch in [int(b) for b in args.batches.split(",")]:
-            budget = args.tokens if (batch == args.base_batch and optimizer == "adamw") else 1.1 * args.tokens
-            results.append(run(work, data, batch, optimizer, budget, args))
-            r = results[-1]
-            print(f"{optimizer} batch {batch}: final val {r['curve'][-1][2]:.4f} after {r['steps']} steps", flush=True)
+    pairs = [(o, int(b)) for o in args.optimizers.split(",") for b in args.batches.split(",")]
+    if args.runs:  # explicit optimizer:batch pairs, e.g. adamw:16384,lamb:262144
+        pairs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+    for optimizer, batch in pairs:
+        budget = args.tokens if (batch == args.base_batch and optimizer == "adamw") else 1.1 * args.tokens
+        results.append(run(work, data, batch, optimizer, budget, args))
+        r = results[-1]
+        print(f"{optimizer} batch {batch}: final val {r['curve'][-1][2]:.4f} after {r['steps']} steps", flush=True)
     base = next(r for r in results if r["optimizer"] == "adamw" and r["batch_tokens"] == args.base_batch)
     target = base["curve"][-1][2]
     print(f"\nbaseline: AdamW, batch {args.base_batch} tokens, {base['steps']} steps, {args.tokens:.3g} tokens: "

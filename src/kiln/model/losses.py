@@ -57,10 +57,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
-                         chunk: int = 64) -> torch.Tensor:
+                         chunk: int = 0) -> torch.Tensor:
     """sum over rows of cross_entropy(h @ weight.T + bias, targets), ignoring `ignore_index`; fp32 scalar.
 
     h [N, D], weight [V, D], targets [N]. Equal (up to rounding) to
     F.cross_entropy(F.linear(h, weight, bias).float(), targets, reduction="sum", ignore_index=ignore_index).
     """
+    if chunk <= 0:  # rows per softmax chunk: ~4M logits (16 MB in fp32, cache-sized); one chunk for small vocabs
+        chunk = max(1, (1 << 22) // weight.shape[0])
     return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, chunk)
