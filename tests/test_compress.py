@@ -49,3 +49,47 @@ def test_quantize_cli_writes_a_loadable_smaller_run_and_reports_the_trade_off(co
     # bad input: an occupied output folder, quantizing twice
     assert_user_error(capsys, ["quantize", run, "--out", out], "already holds checkpoints")
     assert_user_error(capsys, ["quantize", out, "--out", tmp_path / "qq"], "already quantized")
+
+
+def test_distill_objective_is_cross_entropy_plus_a_kl_that_vanishes_for_an_identical_teacher():
+    import copy
+
+    import torch.nn.functional as F
+
+    from kiln.train.objectives import DistillLM
+
+    torch.manual_seed(0)
+    student = Transformer(ModelConfig(vocab_size=40, n_layer=1, n_head=2, d_model=16, context_length=12))
+    batch = torch.randint(0, 40, (3, 13))
+    ce = F.cross_entropy(student(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+    same = DistillLM(copy.deepcopy(student), alpha=0.3, temperature=2.0).loss(student, batch)
+    assert float(same) == pytest.approx(0.7 * float(ce), rel=1e-5)  # KL(p || p) = 0
+    other = Transformer(ModelConfig(vocab_size=40, n_layer=1, n_head=2, d_model=16, context_length=12))
+    kd = DistillLM(other, alpha=1.0, temperature=2.0).loss(student, batch)
+    assert float(kd) > 0.0
+    kd.backward()
+    assert student.lm_head.weight.grad is not None and other.lm_head.weight.grad is None  # teacher frozen
+
+
+def test_distill_cli_trains_a_smaller_student_on_the_teacher_shards(corpus, tmp_path, capsys):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    assert main(["pretrain", "--data.source", str(corpus), "--out", str(teacher), *TINY,
+                 "--train.max_steps", "20"]) == 0
+    assert main(["distill", str(teacher), "--out", str(student), "--model.d_model", "16", "--model.n_layer", "1",
+                 "--train.max_steps", "10"]) == 0
+    log = (student / "log.txt").read_text()
+    assert f"distill: training on the teacher's token shards {teacher / 'data'}" in log
+    assert "distill: teacher" in log and "-> student" in log
+    from kiln import load
+
+    model, tok, cfg = load(student)
+    assert cfg.distill.teacher == str(teacher) and cfg.model.d_model == 16 and tok is not None
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in load(teacher)[0].parameters())
+    capsys.readouterr()
+    assert_user_error(capsys, ["distill", tmp_path / "nope", "--out", tmp_path / "s2"], "not a kiln run folder")
+    other = tmp_path / "other.txt"
+    other.write_text("abcdefgh " * 3000)  # another vocabulary
+    assert main(["data", "prepare", "--data.source", str(other), "--out", str(tmp_path / "other")]) == 0
+    capsys.readouterr()
+    assert_user_error(capsys, ["distill", teacher, "--out", tmp_path / "s3", "--data.prepared", tmp_path / "other"],
+                      "distill.teacher", "tokenizer.json differs")

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--text", required=True)
     va.add_argument("--out", default=None, help="PNG path (default RUN_DIR/plots/attention.png)")
 
+    ds = sub.add_parser("distill", help="train a smaller student on a teacher run's data and next-token "
+                        "distributions (the teacher's recipe; override the student's shape)", formatter_class=fmt,
+                        epilog="example: kiln distill runs/demo-... --model.n_layer 2 --model.d_model 64\n"
+                               "distill.* keys: alpha (weight of the KL term), temperature, checkpoint")
+    ds.add_argument("teacher", help="the teacher's run folder")
     q = sub.add_parser("quantize", help="int8 weight-only quantization of a run into a new run folder, with the "
                        "size / val loss / decoding speed trade-off", formatter_class=fmt)
     q.add_argument("run_dir")
@@ -152,7 +157,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
         from kiln.config import ClassifyConfig
 
         top = {f.name for f in fields(ClassifyConfig)}
-    elif argv[:1] == ["pretrain"]:
+    elif argv[:1] in (["pretrain"], ["distill"]):
         top.add("out")
     rest, overrides, i = [], [], 0
     while i < len(argv):
@@ -191,7 +196,7 @@ def _torchrun_error_file(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:1] in (["pretrain"], ["data"], ["finetune"]):
+    if argv[:1] in (["pretrain"], ["data"], ["finetune"], ["distill"]):
         argv, extra = split_overrides(argv)
         args = parser.parse_args(argv)
     else:
@@ -245,6 +250,15 @@ def _dispatch(args, extra: list[str]) -> int | None:
         print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                      args.seed, greedy=args.temperature == 0, which=args.checkpoint, stop=args.stop,
                      precision=args.precision, num_beams=args.num_beams))
+        return 0
+    if args.verb == "distill":
+        from kiln.train.pretrain import distill_from_cli
+        from kiln.train.trainer import Interrupted
+
+        try:
+            distill_from_cli(args.teacher, extra)
+        except Interrupted:
+            return 130
         return 0
     if args.verb == "quantize":
         from kiln.compress.quantize import quantize_run

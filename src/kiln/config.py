@@ -93,6 +93,16 @@ class MLMConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = _f("", "teacher run folder: train this model (the student) to match its next-token "
+                      "distributions; empty = no distillation")
+    checkpoint: str = _f("best", "teacher checkpoint: best | latest | a folder")
+    alpha: float = _f(0.5, "weight of the distillation term (KL to the teacher at `temperature`, times T^2); "
+                      "1 - alpha weighs the usual cross-entropy on the data")
+    temperature: float = _f(2.0, "softmax temperature of both distributions in the distillation term")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("run", "run name; the run folder is <out>/<name>-<timestamp> unless --out names it")
     out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
@@ -103,6 +113,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: default_recipe_train())
     mlm: MLMConfig = field(default_factory=MLMConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def default_recipe_model() -> ModelConfig:

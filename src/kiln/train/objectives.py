@@ -27,6 +27,27 @@ class CausalLM:
         return per_token.float().sum()
 
 
+class DistillLM(CausalLM):
+    """Knowledge distillation (Hinton et al. 2015) of a causal LM: per target token,
+    alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, summed. The teacher is frozen."""
+
+    def __init__(self, teacher: torch.nn.Module, alpha: float = 0.5, temperature: float = 2.0):
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+
+    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = model(x).float().flatten(0, 1)
+        with torch.no_grad():
+            t_logits = self.teacher(x).float().flatten(0, 1)
+        ce = F.cross_entropy(logits, y.flatten(), reduction="sum")
+        if self.alpha == 0.0:
+            return ce
+        T = self.temperature
+        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                      reduction="sum") * (T * T)
+        return self.alpha * kd + (1.0 - self.alpha) * ce
+
+
 def evaluate_lm(model, objective, batches) -> dict:
     """Mean loss and perplexity over fixed validation batches, reduced on the fly (no logits kept)."""
     total, count = 0.0, 0

@@ -140,6 +140,7 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
+    teacher_dir = _distill_data(cfg, log) if cfg.distill.teacher else None
     if cfg.data.mixture:
         train_srcs, val_srcs, datasets, manifest = main_first(info, lambda: load_mixture(cfg, run_dir, log))
     else:  # rank 0 prepares the data (if needed) while the others wait
@@ -208,10 +209,13 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
 
         def evaluate(m) -> dict:
             return val_loss(m, val_src)
+    train_objective = objective  # evaluation stays plain cross-entropy on the val split
+    if teacher_dir is not None:
+        train_objective = _teacher_objective(cfg, teacher_dir, run_dir, device, precision, n_params, log)
     model = wrap_model(model, info, cfg.train.parallel, device, cfg.train.activation_checkpointing)
     next_batch = batches.batch
     if mlm is not None:
-        objective = mlm
+        train_objective = mlm
         whole = cfg.mlm.whole_word
 
         def next_batch(i):  # noqa: F811  masks are a function of (seed, micro-batch index): exact resume
@@ -220,7 +224,7 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         def evaluate(m) -> dict:  # noqa: F811
             return mlm.evaluate(m, lambda: (b.to(device) for b in eval_windows(val_src, T, B, cfg.train.eval_batches)),
                                 whole)
-    trainer = Trainer(model, objective, train_cfg, run_dir, next_batch, evaluate=evaluate,
+    trainer = Trainer(model, train_objective, train_cfg, run_dir, next_batch, evaluate=evaluate,
                       device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main)
     if train_cfg.batch_ramp_tokens:
         from kiln.train.ramp import BatchRamp
@@ -251,6 +255,51 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     return run_dir
 
 
+def _distill_data(cfg: RunConfig, log) -> Path:
+    """Check the teacher run; train on its token shards unless data.prepared names others."""
+    teacher = Path(cfg.distill.teacher).expanduser()
+    if not (teacher / "config.yaml").is_file():
+        raise KilnError(f"distill.teacher {teacher} is not a kiln run folder (no config.yaml)")
+    if cfg.objective != "clm" or cfg.model.arch != "decoder" or cfg.data.mixture:
+        raise KilnError("distill.teacher works with causal-LM pretraining of a decoder on one dataset "
+                        f"(got objective {cfg.objective}, model.arch {cfg.model.arch}"
+                        f"{', a mixture' if cfg.data.mixture else ''})")
+    if not cfg.data.prepared:
+        tcfg = load_config(teacher / "config.yaml")
+        data = Path(tcfg.data.prepared) if tcfg.data.prepared else teacher / "data"
+        if not (data / "manifest.json").is_file():
+            raise KilnError(f"distill.teacher {teacher}: its token shards ({data}) are gone; set data.prepared")
+        cfg.data.prepared = str(data)
+        log(f"distill: training on the teacher's token shards {data}")
+    return teacher
+
+
+def _teacher_objective(cfg: RunConfig, teacher: Path, run_dir: Path, device: str, precision: str, n_student: int,
+                       log):
+    from kiln.api import load
+    from kiln.train.objectives import DistillLM
+
+    model, _, tcfg = load(teacher, cfg.distill.checkpoint, device=device)
+    if tcfg.model.arch != "decoder" or tcfg.model.vocab_size != cfg.model.vocab_size:
+        raise KilnError(f"distill.teacher {teacher}: a {tcfg.model.arch} with vocabulary {tcfg.model.vocab_size}; "
+                        f"the student is a decoder with vocabulary {cfg.model.vocab_size} (they must match)")
+    t_tok, s_tok = teacher / "tokenizer.json", run_dir / "tokenizer.json"
+    if t_tok.is_file() and s_tok.is_file() and t_tok.read_bytes() != s_tok.read_bytes():
+        raise KilnError(f"distill.teacher {teacher}: its tokenizer.json differs from this run's data; "
+                        f"train on the teacher's shards (leave data.prepared empty)")
+    if not 0.0 <= cfg.distill.alpha <= 1.0 or cfg.distill.temperature <= 0:
+        raise KilnError(f"distill.alpha must be in [0, 1] and distill.temperature > 0 "
+                        f"(got {cfg.distill.alpha}, {cfg.distill.temperature})")
+    model.requires_grad_(False)
+    if precision == "bf16":  # the teacher only runs forward: bf16 weights, half the bytes
+        model.to(torch.bfloat16)
+    n_teacher = sum(p.numel() for p in model.parameters())
+    log(f"distill: teacher {teacher} ({n_teacher / 1e6:.2f}M parameters) -> student {n_student / 1e6:.2f}M "
+        f"({n_teacher / max(n_student, 1):.1f}x smaller); alpha {cfg.distill.alpha}, temperature "
+        f"{cfg.distill.temperature}")
+    return DistillLM(model, cfg.distill.alpha, cfg.distill.temperature)
+
+
 def sampling_model(model: torch.nn.Module, cfg: RunConfig, device: str) -> torch.nn.Module | None:
     """A plain module to generate from: the unwrapped model, or under FSDP a fresh one loaded with the
     gathered weights (on rank 0; the gathering is a collective, so call this on every rank)."""
@@ -278,3 +327,20 @@ def pretrain_from_cli(config: str | None, overrides: list[str], resume: str | No
         return run_pretrain(cfg, resume=resume)
     finally:
         shutdown()
+
+
+def distill_from_cli(teacher: str, overrides: list[str]) -> Path:
+    """`kiln distill TEACHER_RUN [--section.key VALUE ...]`: the teacher's own recipe (data, schedule) for a
+    student whose shape the overrides set, trained against the teacher's distributions."""
+    teacher_dir = Path(teacher)
+    if not (teacher_dir / "config.yaml").is_file():
+        raise KilnError(f"{teacher_dir} is not a kiln run folder (no config.yaml)")
+    base = load_config(teacher_dir / "config.yaml")
+    cfg = load_config(teacher_dir / "config.yaml", ["--out", "", "--name", f"{base.name}-student",
+                                                     "--distill.teacher", str(teacher_dir), *overrides])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return run_pretrain(cfg)
+    finally:
+        shutdown()
+
