@@ -37,11 +37,11 @@ class DistillLM(CausalLM):
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
         x, y = batch[:, :-1], batch[:, 1:]
         logits = model(x).float().flatten(0, 1)
+        ce = F.cross_entropy(logits, y.flatten(), reduction="sum")
+        if self.alpha == 0.0:  # the same student without its teacher (the baseline of a distillation study)
+            return ce
         with torch.no_grad():
             t_logits = self.teacher(x).float().flatten(0, 1)
-        ce = F.cross_entropy(logits, y.flatten(), reduction="sum")
-        if self.alpha == 0.0:
-            return ce
         T = self.temperature
         kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
                       reduction="sum") * (T * T)
