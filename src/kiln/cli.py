@@ -223,16 +223,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _training(run, *args) -> int:
+    """Run a training command; exit code 130 when it stopped on Ctrl-C/SIGTERM after saving a checkpoint."""
+    from kiln.train.trainer import Interrupted
+
+    try:
+        run(*args)
+    except Interrupted:
+        return 130
+    return 0
+
+
 def _dispatch(args, extra: list[str]) -> int | None:
     if args.verb == "pretrain":
         from kiln.train.pretrain import pretrain_from_cli
-        from kiln.train.trainer import Interrupted
-
-        try:
-            pretrain_from_cli(args.config, extra, args.resume)
-        except Interrupted:
-            return 130
-        return 0
+        return _training(pretrain_from_cli, args.config, extra, args.resume)
     if args.verb == "data":
         if args.data_verb != "prepare":
             raise KilnError("usage: kiln data prepare [CONFIG.yaml] --out DIR [--data.KEY VALUE ...]")
@@ -253,13 +258,7 @@ def _dispatch(args, extra: list[str]) -> int | None:
         return 0
     if args.verb == "distill":
         from kiln.train.pretrain import distill_from_cli
-        from kiln.train.trainer import Interrupted
-
-        try:
-            distill_from_cli(args.teacher, extra)
-        except Interrupted:
-            return 130
-        return 0
+        return _training(distill_from_cli, args.teacher, extra)
     if args.verb == "quantize":
         from kiln.compress.quantize import quantize_run
 
@@ -298,13 +297,7 @@ def _dispatch(args, extra: list[str]) -> int | None:
         return 0
     if args.verb == "finetune" and args.finetune_verb == "seq2seq":
         from kiln.train.seq2seq import seq2seq_from_cli
-        from kiln.train.trainer import Interrupted
-
-        try:
-            seq2seq_from_cli(args.config, extra)
-        except Interrupted:
-            return 130
-        return 0
+        return _training(seq2seq_from_cli, args.config, extra)
     if args.verb == "translate":
         from kiln.train.seq2seq import translate_from_cli
 
@@ -315,13 +308,7 @@ def _dispatch(args, extra: list[str]) -> int | None:
             raise KilnError("usage: kiln finetune TASK [CONFIG.yaml] --data.train FILE [--section.key VALUE ...]; "
                             "TASK is classify or seq2seq (kiln finetune TASK --help)")
         from kiln.train.classify import classify_from_cli
-        from kiln.train.trainer import Interrupted
-
-        try:
-            classify_from_cli(args.config, extra)
-        except Interrupted:
-            return 130
-        return 0
+        return _training(classify_from_cli, args.config, extra)
     if args.verb == "predict":
         from kiln.train.classify import predict_file
 
