@@ -49,6 +49,7 @@ def test_quantize_cli_writes_a_loadable_smaller_run_and_reports_the_trade_off(co
     # bad input: an occupied output folder, quantizing twice
     assert_user_error(capsys, ["quantize", run, "--out", out], "already holds checkpoints")
     assert_user_error(capsys, ["quantize", out, "--out", tmp_path / "qq"], "already quantized")
+    assert_user_error(capsys, ["export", "hf", out, tmp_path / "hf"], "kiln quantize", "use its source run")
 
 
 def test_distill_objective_is_cross_entropy_plus_a_kl_that_vanishes_for_an_identical_teacher():

@@ -22,8 +22,9 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     return load_config(cfg_file)
 
 
-def load(run_dir: str | Path, which: str = "latest", device: str = "cpu"):
-    """(model, tokenizer or None, config) from a run folder; `which` is latest, best, or a checkpoint path."""
+def load(run_dir: str | Path, which: str = "latest", device: str = "cpu", quantized_ok: bool = True):
+    """(model, tokenizer or None, config) from a run folder; `which` is latest, best, or a checkpoint path.
+    quantized_ok=False: refuse a `kiln quantize` run (for commands that train or export float weights)."""
     run_dir = Path(run_dir)
     ckpt = find_checkpoint(run_dir, which)
     cfg = load_run_config(run_dir if (run_dir / "config.yaml").is_file() else ckpt)
@@ -31,8 +32,13 @@ def load(run_dir: str | Path, which: str = "latest", device: str = "cpu"):
         model = Transformer(cfg.model)
     model = model.to_empty(device=device)  # no random init of weights we are about to overwrite
     _rebuild_buffers(model, cfg)
-    if _checkpoint_meta(ckpt).get("quantization"):  # a `kiln quantize` run: int8 modules, then its weights
+    meta = _checkpoint_meta(ckpt)
+    if meta.get("quantization"):  # a `kiln quantize` run: int8 modules, then its weights
         from kiln.compress.quantize import quantize_model
+
+        if not quantized_ok:
+            raise KilnError(f"{run_dir} holds {meta['quantization']} weights (kiln quantize): use its source run "
+                            f"{meta.get('source', '')} here".rstrip())
 
         quantize_model(model, calibrate=False)
     load_weights(model, ckpt / "model.safetensors")

@@ -178,7 +178,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -
     from kiln.train.checkpoint import find_checkpoint
 
     run_dir, out = Path(run_dir), Path(out_dir)
-    model, _, run = load(run_dir, which)
+    model, _, run = load(run_dir, which, quantized_ok=False)
     root = run_dir if (run_dir / "config.yaml").is_file() else find_checkpoint(run_dir, which).parent.parent
     cfg = run.model
     family = family_for(cfg)

@@ -43,7 +43,8 @@ def _packed(m: nn.Linear) -> torch.Tensor:
 
 def _forward(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = m.weight
-    if x.dtype != w.dtype or x.device.type != "cpu" or torch.is_grad_enabled():
+    if x.dtype != w.dtype or x.device.type != "cpu" or torch.is_grad_enabled() or hasattr(w, "_local_tensor"):
+        # (a DTensor shard under FSDP: the plain path)
         return nn.functional.linear(x, w, m.bias)
     return torch.ops.mkldnn._linear_pointwise(x, _packed(m), m.bias, "none", [], "")
 

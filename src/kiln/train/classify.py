@@ -292,7 +292,7 @@ def load_backbone(cfg: ClassifyConfig, run_dir: Path, log) -> tuple[Transformer,
         info.update(kind="huggingface", imported_to=str(base))
         backbone, tokenizer, run_cfg = load(base)
     else:
-        backbone, tokenizer, run_cfg = load(init, cfg.init_checkpoint)
+        backbone, tokenizer, run_cfg = load(init, cfg.init_checkpoint, quantized_ok=False)
         info.update(kind="kiln", checkpoint=cfg.init_checkpoint)
     if tokenizer is None:
         raise KilnError(f"init {init} has no tokenizer.json; a classifier needs the backbone's tokenizer")
