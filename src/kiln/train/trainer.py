@@ -225,9 +225,11 @@ class Trainer:
                             progress.write(f"reached target val loss {cfg.target_loss} at step {step} "
                                            f"after {self.state.elapsed:.1f}s; stopping")
                         break
-                    window_t = time.perf_counter()  # eval time is not training throughput
                 if not saved and (step % cfg.save_every == 0 or step == cfg.max_steps):
                     self.save()
+                    saved = True
+                if saved:  # evaluation and checkpoint time are not training throughput: restart the window
+                    window_t, window_tokens = time.perf_counter(), self.state.tokens
                 if self._stop_signal is not None:
                     if not saved:
                         self.save()
