@@ -153,3 +153,26 @@ def test_generate_stops_before_a_stop_string(corpus, tmp_path, capsys):
     cut = sample(run, "ROMEO:", max_new_tokens=40, greedy=True, stop=[stop])
     assert cut == "ROMEO:" + generated[: generated.index(stop)]
     assert stop not in cut[len("ROMEO:"):]
+
+
+def test_pretrain_init_starts_from_another_runs_weights_and_tokenizer(corpus, tmp_path, capsys):
+    import csv
+
+    first, again, fresh = tmp_path / "first", tmp_path / "again", tmp_path / "fresh"
+    assert main([str(a) for a in pretrain_args(corpus, first, "--train.max_steps", "40")]) == 0
+    assert main([str(a) for a in pretrain_args(corpus, again, "--train.max_steps", "3", "--init", first,
+                                                "--model.d_model", "48")]) == 0  # the shape comes from init
+    assert main([str(a) for a in pretrain_args(corpus, fresh, "--train.max_steps", "3")]) == 0
+
+    def first_loss(run):
+        return float(next(r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("loss"))["loss"])
+
+    assert first_loss(again) < first_loss(fresh) - 0.5  # trained weights, not a random init
+    assert "init: weights from" in (again / "log.txt").read_text()
+    assert (again / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    from kiln import load
+
+    assert load(again)[2].model.d_model == load(first)[2].model.d_model == 32
+    capsys.readouterr()
+    assert_user_error(capsys, pretrain_args(corpus, tmp_path / "x", "--init", tmp_path / "nope"),
+                      "not a kiln run folder", "kiln import hf")

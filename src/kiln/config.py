@@ -109,6 +109,9 @@ class RunConfig:
     seed: int = _f(1337, "random seed for init, data order and dropout")
     objective: str = _f("clm", "clm (causal LM) | mlm (masked LM)", choices=("clm", "mlm"))
     model_preset: str = _f("", "start from a named model preset (see `kiln models`); model.* keys override it")
+    init: str = _f("", "start from the weights of this kiln run (e.g. made by `kiln import hf`): its model shape "
+                   "and tokenizer are used, train.* and data.* apply as usual; empty = random init")
+    init_checkpoint: str = _f("latest", "checkpoint of `init`: latest | best | a folder")
     model: ModelConfig = field(default_factory=lambda: default_recipe_model())
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: default_recipe_train())

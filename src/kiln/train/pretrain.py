@@ -17,6 +17,7 @@ from kiln.model.transformer import Transformer
 from kiln.train.batches import TokenBatches, eval_windows
 from kiln.train.distributed import broadcast, env_world, init_distributed, main_first, resolve_backend, shutdown, \
     wrap_model
+from kiln.train.checkpoint import load_weights
 from kiln.train.objectives import CausalLM, evaluate_lm
 from kiln.train.precision import choose_precision
 from kiln.train.trainer import Trainer
@@ -140,6 +141,7 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
+    init_ckpt = _init_from(cfg, log) if cfg.init and resume is None else None
     teacher_dir = _distill_data(cfg, log) if cfg.distill.teacher else None
     if cfg.data.mixture:
         train_srcs, val_srcs, datasets, manifest = main_first(info, lambda: load_mixture(cfg, run_dir, log))
@@ -179,6 +181,10 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         log(f"bf16 with {cfg.train.parallel}: autocast (train.bf16_weights applies to single-process runs)")
 
     model = Transformer(cfg.model).to(device)
+    if init_ckpt is not None:
+        _check_same_tokenizer(Path(cfg.init), run_dir, "init")
+        load_weights(model, init_ckpt / "model.safetensors")
+        log(f"init: weights from {init_ckpt}")
     n_params = model.num_parameters()
     T, B = cfg.model.context_length, cfg.train.batch_size
     objective = CausalLM()
@@ -255,6 +261,35 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     return run_dir
 
 
+def _init_from(cfg: RunConfig, log) -> Path:
+    """`init`: take the run's model shape and (unless the data names its own) its tokenizer; return its checkpoint."""
+    from kiln.api import load_run_config
+    from kiln.train.checkpoint import find_checkpoint
+
+    init = Path(cfg.init).expanduser()
+    if not (init / "config.yaml").is_file():
+        raise KilnError(f"init {init} is not a kiln run folder (no config.yaml); import a Hugging Face model "
+                        f"first with `kiln import hf SRC {init}`")
+    ckpt = find_checkpoint(init, cfg.init_checkpoint)
+    icfg = load_run_config(init)
+    cfg.model = icfg.model
+    if cfg.objective == "clm" and cfg.model.arch != "decoder":
+        raise KilnError(f"init {init} is an {cfg.model.arch} model; causal-LM training needs a decoder "
+                        f"(objective mlm trains an encoder)")
+    if not cfg.data.prepared and cfg.data.tokenizer == "char" and (init / "tokenizer.json").is_file():
+        cfg.data.tokenizer = str(init / "tokenizer.json")
+    log(f"init: model shape from {init} ({cfg.model.arch}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
+        f"vocab {cfg.model.vocab_size}); tokenizer {cfg.data.tokenizer if not cfg.data.prepared else 'of data.prepared'}")
+    return ckpt
+
+
+def _check_same_tokenizer(source: Path, run_dir: Path, key: str) -> None:
+    theirs, ours = source / "tokenizer.json", run_dir / "tokenizer.json"
+    if theirs.is_file() and ours.is_file() and theirs.read_bytes() != ours.read_bytes():
+        raise KilnError(f"{key} {source}: its tokenizer.json differs from this run's data; prepare the data with "
+                        f"--data.tokenizer {theirs}")
+
+
 def _distill_data(cfg: RunConfig, log) -> Path:
     """Check the teacher run; train on its token shards unless data.prepared names others."""
     teacher = Path(cfg.distill.teacher).expanduser()
@@ -283,10 +318,7 @@ def _teacher_objective(cfg: RunConfig, teacher: Path, run_dir: Path, device: str
     if tcfg.model.arch != "decoder" or tcfg.model.vocab_size != cfg.model.vocab_size:
         raise KilnError(f"distill.teacher {teacher}: a {tcfg.model.arch} with vocabulary {tcfg.model.vocab_size}; "
                         f"the student is a decoder with vocabulary {cfg.model.vocab_size} (they must match)")
-    t_tok, s_tok = teacher / "tokenizer.json", run_dir / "tokenizer.json"
-    if t_tok.is_file() and s_tok.is_file() and t_tok.read_bytes() != s_tok.read_bytes():
-        raise KilnError(f"distill.teacher {teacher}: its tokenizer.json differs from this run's data; "
-                        f"train on the teacher's shards (leave data.prepared empty)")
+    _check_same_tokenizer(teacher, run_dir, "distill.teacher")
     if not 0.0 <= cfg.distill.alpha <= 1.0 or cfg.distill.temperature <= 0:
         raise KilnError(f"distill.alpha must be in [0, 1] and distill.temperature > 0 "
                         f"(got {cfg.distill.alpha}, {cfg.distill.temperature})")
