@@ -94,3 +94,37 @@ def test_distill_cli_trains_a_smaller_student_on_the_teacher_shards(corpus, tmp_
     capsys.readouterr()
     assert_user_error(capsys, ["distill", teacher, "--out", tmp_path / "s3", "--data.prepared", tmp_path / "other"],
                       "distill.teacher", "tokenizer.json differs")
+
+
+def test_prune_keeps_the_most_important_neurons_and_distill_recovers_from_the_pruned_run(corpus, tmp_path, capsys):
+    from kiln.compress.prune import prune_ffn
+
+    torch.manual_seed(0)
+    for act in ("gelu", "swiglu"):
+        model = Transformer(ModelConfig(vocab_size=30, n_layer=2, n_head=2, d_model=16, d_ff=64, activation=act,
+                                        context_length=8)).eval()
+        ff = model.decoder.blocks[0].mlp
+        ff.down_proj.weight.data[:, 5] *= 100.0  # make neuron 5 clearly the most important
+        x = torch.randint(0, 30, (2, 8))
+        assert prune_ffn(model, 1.0) == 64 and torch.equal(model(x), model(x))  # keep all: same function
+        ref = model(x)
+        assert prune_ffn(model, 0.5) == 32 and model.config.d_ff == 32
+        ff = model.decoder.blocks[0].mlp
+        assert ff.down_proj.weight.shape == (16, 32)
+        assert ff.up_proj.weight.shape == ((64 if act == "swiglu" else 32), 16)
+        assert (ff.down_proj.weight.abs().amax(0) > 1.0).sum() == 1  # neuron 5 survived
+        assert model(x).shape == ref.shape
+    run, pruned, student = tmp_path / "run", tmp_path / "pruned", tmp_path / "student"
+    assert main(["pretrain", "--data.source", str(corpus), "--out", str(run), *TINY, "--train.max_steps", "30"]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(run), "--out", str(pruned), "--ffn-keep", "0.5"]) == 0
+    assert "feed-forward 128 -> 64 neurons" in capsys.readouterr().out
+    report = json.loads((pruned / "compress.json").read_text())
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert report["val_loss"]["after"] >= report["val_loss"]["before"] - 0.05
+    assert main(["distill", str(run), "--init", str(pruned), "--out", str(student), "--train.max_steps", "5"]) == 0
+    from kiln import load
+
+    assert load(student)[2].model.d_ff == 64 and "init: weights from" in (student / "log.txt").read_text()
+    capsys.readouterr()
+    assert_user_error(capsys, ["prune", run, "--out", tmp_path / "p2", "--ffn-keep", "1.5"], "--ffn-keep")

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example: kiln distill runs/demo-... --model.n_layer 2 --model.d_model 64\n"
                                "distill.* keys: alpha (weight of the KL term), temperature, checkpoint")
     ds.add_argument("teacher", help="the teacher's run folder")
+    pr_ = sub.add_parser("prune", help="structured pruning of feed-forward neurons into a new, smaller run, with "
+                         "the size / val loss / decoding speed trade-off", formatter_class=fmt,
+                         epilog="recover accuracy with a short distillation: kiln distill RUN_DIR --init OUT")
+    pr_.add_argument("run_dir")
+    pr_.add_argument("--out", required=True, help="new run folder for the pruned model")
+    pr_.add_argument("--ffn-keep", type=float, required=True, help="share of feed-forward neurons kept (0-1]")
+    pr_.add_argument("--checkpoint", default="latest", help="latest, best, or a checkpoint folder")
     q = sub.add_parser("quantize", help="int8 weight-only quantization of a run into a new run folder, with the "
                        "size / val loss / decoding speed trade-off", formatter_class=fmt)
     q.add_argument("run_dir")
@@ -259,6 +266,11 @@ def _dispatch(args, extra: list[str]) -> int | None:
     if args.verb == "distill":
         from kiln.train.pretrain import distill_from_cli
         return _training(distill_from_cli, args.teacher, extra)
+    if args.verb == "prune":
+        from kiln.compress.prune import prune_run
+
+        prune_run(args.run_dir, args.out, args.ffn_keep, which=args.checkpoint)
+        return 0
     if args.verb == "quantize":
         from kiln.compress.quantize import quantize_run
 

@@ -113,75 +113,24 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-def _file_mb(path) -> float:
-    return path.stat().st_size / 1e6
-
-
-def quantize_run(run_dir, out_dir, which: str = "latest", eval_batches: int = 20, decode_tokens: int = 64,
-                 log=print) -> dict:
-    """Quantize a kiln run into a new run folder `out_dir` and report the trade-off: size of the weights file,
-    validation loss (decoder runs with their token shards) and greedy decoding speed, before and after."""
-    import json
+def quantize_run(run_dir, out_dir, which: str = "latest", log=print) -> dict:
+    """Quantize a kiln run into a new run folder `out_dir` and report the trade-off (kiln.compress.report)."""
+    import copy
     import shutil
-    import time
     from pathlib import Path
 
-    from kiln.api import load
+    from kiln.compress.report import compare, new_run_folder, source_checkpoint
     from kiln.errors import KilnError
-    from kiln.train.checkpoint import find_checkpoint, save_checkpoint
+    from kiln.train.checkpoint import save_checkpoint
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if (out_dir / "checkpoints").exists():
-        raise KilnError(f"{out_dir} already holds checkpoints; choose another --out")
-    ckpt = find_checkpoint(run_dir, which)
-    if json.loads((ckpt / "meta.json").read_text()).get("quantization"):
+    ckpt, meta, model, cfg = source_checkpoint(run_dir, out_dir, which)
+    if meta.get("quantization"):
         raise KilnError(f"{ckpt} is already quantized")
-    model, _, cfg = load(run_dir, which)
-    qmodel, _, _ = load(run_dir, which)
-    quantize_model(qmodel)
-    report: dict = {"method": METHOD, "source": str(ckpt), "out": str(out_dir)}
-    meta = json.loads((ckpt / "meta.json").read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
+    qmodel = quantize_model(copy.deepcopy(model))
+    out_dir = new_run_folder(out_dir)
     for name in ("config.yaml", "tokenizer.json"):
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, out_dir / name)
-    saved = save_checkpoint(out_dir, qmodel, int(meta.get("step", 0)),
-                            meta={"quantization": METHOD, "source": str(ckpt)})
-    report["size_mb"] = {"before": round(_file_mb(ckpt / "model.safetensors"), 2),
-                         "after": round(_file_mb(saved / "model.safetensors"), 2)}
-    data = Path(cfg.data.prepared) if cfg.data.prepared else run_dir / "data"
-    if cfg.model.arch == "decoder" and cfg.objective == "clm" and (data / "manifest.json").is_file():
-        from kiln.data.shards import TokenShards
-        from kiln.train.batches import eval_windows
-        from kiln.train.objectives import CausalLM, evaluate_lm
-
-        val = TokenShards(data, "val")
-        T, B = cfg.model.context_length, cfg.train.batch_size
-        with torch.no_grad():
-            losses = {k: evaluate_lm(m, CausalLM(), lambda: eval_windows(val, T, B, eval_batches))["val_loss"]
-                      for k, m in (("before", model), ("after", qmodel))}
-        report["val_loss"] = {k: round(v, 4) for k, v in losses.items()}
-        prompt = torch.from_numpy(val.read(0, 8).astype("int64"))[None]
-    else:
-        report["val_loss"] = None  # encoders / seq2seq: evaluate with their task command on the quantized run
-        prompt = torch.zeros(1, 8, dtype=torch.long)
-    if cfg.model.arch == "decoder":
-        speed = {}
-        for k, m in (("before", model), ("after", qmodel)):
-            m.generate(prompt, 4, greedy=True)  # warm-up (and weight packing for the float model)
-            t0 = time.perf_counter()
-            m.generate(prompt, decode_tokens, greedy=True)
-            speed[k] = round(decode_tokens / (time.perf_counter() - t0), 1)
-        report["decode_tokens_per_s"] = speed
-    (out_dir / "compress.json").write_text(json.dumps(report, indent=2))
-    s = report["size_mb"]
-    log(f"quantized {ckpt} -> {out_dir} ({METHOD})")
-    log(f"  weights file   {s['before']:9.2f} MB -> {s['after']:9.2f} MB  ({s['before'] / s['after']:.2f}x smaller)")
-    if report["val_loss"]:
-        v = report["val_loss"]
-        log(f"  val loss       {v['before']:9.4f}    -> {v['after']:9.4f}     ({v['after'] - v['before']:+.4f})")
-    if "decode_tokens_per_s" in report:
-        d = report["decode_tokens_per_s"]
-        log(f"  greedy decode  {d['before']:9.1f}/s   -> {d['after']:9.1f}/s    ({d['after'] / d['before']:.2f}x, fp32 "
-            f"activations, batch 1, {decode_tokens} tokens)")
-    return report
+        if (Path(run_dir) / name).is_file():
+            shutil.copyfile(Path(run_dir) / name, out_dir / name)
+    saved = save_checkpoint(out_dir, qmodel, int(meta.get("step", 0)), meta={"quantization": METHOD, "source": str(ckpt)})
+    return compare(f"quantized {ckpt} -> {out_dir} ({METHOD})", {"method": METHOD, "source": str(ckpt)}, cfg,
+                   run_dir, model, qmodel, ckpt, saved, out_dir, log)
