@@ -176,3 +176,4 @@ def test_pretrain_init_starts_from_another_runs_weights_and_tokenizer(corpus, tm
     capsys.readouterr()
     assert_user_error(capsys, pretrain_args(corpus, tmp_path / "x", "--init", tmp_path / "nope"),
                       "not a kiln run folder", "kiln import hf")
+    assert not (tmp_path / "x").exists()  # refused before any work: no run folder

@@ -88,6 +88,8 @@ def test_distill_cli_trains_a_smaller_student_on_the_teacher_shards(corpus, tmp_
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in load(teacher)[0].parameters())
     capsys.readouterr()
     assert_user_error(capsys, ["distill", tmp_path / "nope", "--out", tmp_path / "s2"], "not a kiln run folder")
+    assert_user_error(capsys, ["distill", teacher, "--out", tmp_path / "s4", "--distill.alpha", "2"], "distill.alpha")
+    assert not (tmp_path / "s4").exists()
     other = tmp_path / "other.txt"
     other.write_text("abcdefgh " * 3000)  # another vocabulary
     assert main(["data", "prepare", "--data.source", str(other), "--out", str(tmp_path / "other")]) == 0

@@ -123,6 +123,9 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     train_cfg, batch_line = scale_batch_and_lr(cfg, world)
     if world > 1:
         resolve_backend(cfg.train.backend, device)
+    notes: list[str] = []  # what init/distill decided, logged once the run folder exists
+    init_ckpt = _init_from(cfg, notes) if cfg.init and resume is None else None
+    teacher_dir = _distill_data(cfg, notes) if cfg.distill.teacher else None
     info, device = init_distributed(cfg.train.backend, device)
     if resume is not None:
         run_dir = Path(resume)
@@ -141,8 +144,8 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
-    init_ckpt = _init_from(cfg, log) if cfg.init and resume is None else None
-    teacher_dir = _distill_data(cfg, log) if cfg.distill.teacher else None
+    for note in notes:
+        log(note)
     if cfg.data.mixture:
         train_srcs, val_srcs, datasets, manifest = main_first(info, lambda: load_mixture(cfg, run_dir, log))
     else:  # rank 0 prepares the data (if needed) while the others wait
@@ -261,7 +264,7 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     return run_dir
 
 
-def _init_from(cfg: RunConfig, log) -> Path:
+def _init_from(cfg: RunConfig, notes: list[str]) -> Path:
     """`init`: take the run's model shape and (unless the data names its own) its tokenizer; return its checkpoint."""
     from kiln.api import load_run_config
     from kiln.train.checkpoint import find_checkpoint
@@ -278,8 +281,9 @@ def _init_from(cfg: RunConfig, log) -> Path:
                         f"(objective mlm trains an encoder)")
     if not cfg.data.prepared and cfg.data.tokenizer == "char" and (init / "tokenizer.json").is_file():
         cfg.data.tokenizer = str(init / "tokenizer.json")
-    log(f"init: model shape from {init} ({cfg.model.arch}, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, "
-        f"vocab {cfg.model.vocab_size}); tokenizer {cfg.data.tokenizer if not cfg.data.prepared else 'of data.prepared'}")
+    notes.append(f"init: model shape from {init} ({cfg.model.arch}, {cfg.model.n_layer} layers, d_model "
+                 f"{cfg.model.d_model}, vocab {cfg.model.vocab_size}); tokenizer "
+                 f"{cfg.data.tokenizer if not cfg.data.prepared else 'of data.prepared'}")
     return ckpt
 
 
@@ -290,11 +294,14 @@ def _check_same_tokenizer(source: Path, run_dir: Path, key: str) -> None:
                         f"--data.tokenizer {theirs}")
 
 
-def _distill_data(cfg: RunConfig, log) -> Path:
-    """Check the teacher run; train on its token shards unless data.prepared names others."""
+def _distill_data(cfg: RunConfig, notes: list[str]) -> Path:
+    """Check the teacher run and the distill keys; train on its token shards unless data.prepared names others."""
     teacher = Path(cfg.distill.teacher).expanduser()
     if not (teacher / "config.yaml").is_file():
         raise KilnError(f"distill.teacher {teacher} is not a kiln run folder (no config.yaml)")
+    if not 0.0 <= cfg.distill.alpha <= 1.0 or cfg.distill.temperature <= 0:
+        raise KilnError(f"distill.alpha must be in [0, 1] and distill.temperature > 0 "
+                        f"(got {cfg.distill.alpha}, {cfg.distill.temperature})")
     if cfg.objective != "clm" or cfg.model.arch != "decoder" or cfg.data.mixture:
         raise KilnError("distill.teacher works with causal-LM pretraining of a decoder on one dataset "
                         f"(got objective {cfg.objective}, model.arch {cfg.model.arch}"
@@ -305,7 +312,7 @@ def _distill_data(cfg: RunConfig, log) -> Path:
         if not (data / "manifest.json").is_file():
             raise KilnError(f"distill.teacher {teacher}: its token shards ({data}) are gone; set data.prepared")
         cfg.data.prepared = str(data)
-        log(f"distill: training on the teacher's token shards {data}")
+        notes.append(f"distill: training on the teacher's token shards {data}")
     return teacher
 
 
@@ -319,9 +326,6 @@ def _teacher_objective(cfg: RunConfig, teacher: Path, run_dir: Path, device: str
         raise KilnError(f"distill.teacher {teacher}: a {tcfg.model.arch} with vocabulary {tcfg.model.vocab_size}; "
                         f"the student is a decoder with vocabulary {cfg.model.vocab_size} (they must match)")
     _check_same_tokenizer(teacher, run_dir, "distill.teacher")
-    if not 0.0 <= cfg.distill.alpha <= 1.0 or cfg.distill.temperature <= 0:
-        raise KilnError(f"distill.alpha must be in [0, 1] and distill.temperature > 0 "
-                        f"(got {cfg.distill.alpha}, {cfg.distill.temperature})")
     model.requires_grad_(False)
     if precision == "bf16":  # the teacher only runs forward: bf16 weights, half the bytes
         model.to(torch.bfloat16)
