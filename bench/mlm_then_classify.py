@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -28,13 +29,24 @@ from common import machine  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def corpus_folder(shared: Path, out: Path) -> Path:
+def corpus_folder(shared: Path, out: Path, books: list[str], reviews: bool) -> Path:
     folder = out / "corpus"
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("tinyshakespeare.txt", "austen.txt"):
-        (folder / name).write_bytes((shared / name).read_bytes())
-    lines = (shared / "bible_en_es.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    (folder / "bible_en.txt").write_text("\n".join(line.split("\t")[1] for line in lines) + "\n", encoding="utf-8")
+    for name in books:
+        if name == "bible":
+            lines = (shared / "bible_en_es.tsv").read_text(encoding="utf-8").splitlines()[1:]
+            (folder / "bible_en.txt").write_text("\n".join(line.split("\t")[1] for line in lines) + "\n",
+                                                 encoding="utf-8")
+        else:
+            (folder / f"{name}.txt").write_bytes((shared / f"{name}.txt").read_bytes())
+    if reviews:  # the *training split* of the classification task, labels dropped: no val/test text is seen
+        from kiln.config import ClassifyConfig, load_config
+        from kiln.train.classify import load_splits
+
+        cfg = load_config(ROOT / "configs" / "classify-rotten.yaml", ["--data.train", str(shared / "rotten_tomatoes.csv"),
+                                                                       "--seed", "0"], cls=ClassifyConfig)
+        splits, _, _ = load_splits(cfg, lambda s: None)
+        (folder / "reviews_train.txt").write_text("\n".join(e.text for e in splits["train"]) + "\n", encoding="utf-8")
     return folder
 
 
@@ -51,16 +63,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500, help="MLM optimizer steps")
     ap.add_argument("--epochs", type=float, default=4.0, help="fine-tuning epochs")
     ap.add_argument("--lr", type=float, default=2e-4, help="fine-tuning peak lr")
+    ap.add_argument("--books", default="tinyshakespeare,austen,bible", help="comma list of tinyshakespeare, "
+                    "austen, bible")
+    ap.add_argument("--with-reviews", action="store_true", help="add the review task's training split (texts only)")
+    ap.add_argument("--mlm-args", default="", help="further overrides of the MLM run, e.g. '--train.optimizer muon'")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     out = a.out or ROOT / "runs" / f"mlm-then-classify-{time.strftime('%Y%m%d-%H%M%S')}"
-    corpus = corpus_folder(a.shared, out)
+    corpus = corpus_folder(a.shared, out, [b for b in a.books.split(",") if b], a.with_reviews)
     t0 = time.perf_counter()
     kiln("pretrain", "configs/bert-mlm.yaml", "--out", str(out / "mlm"), "--data.source", str(corpus),
          "--data.vocab_size", "8192", "--model.n_layer", "4", "--model.d_model", "256", "--model.n_head", "4",
          "--train.batch_size", "64", "--train.max_steps", str(a.steps), "--train.warmup_steps", "200",
          "--train.eval_every", str(max(a.steps // 5, 1)), "--train.save_every", str(a.steps),
-         "--train.tensorboard", "false")
+         "--train.tensorboard", "false", *shlex.split(a.mlm_args))
     pretrain_min = (time.perf_counter() - t0) / 60
     t1 = time.perf_counter()
     kiln("finetune", "classify", "configs/classify-rotten.yaml", "--init", str(out / "mlm"),
