@@ -80,7 +80,7 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint_and_resume_finishes(corpus
                                                                   "--train.save_every", "3", "--train.eval_every", "1000"))]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = run / "checkpoints" / "latest"
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # an upper bound for a loaded machine, not a timing assertion
     while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step_000009"):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -101,12 +101,12 @@ def test_sigint_saves_then_exits_130(corpus, tmp_path):
     args = [sys.executable, "-m", "kiln", *map(str, pretrain_args(corpus, run, "--train.max_steps", "100000",
                                                                   "--train.save_every", "100000", "--train.eval_every", "100000"))]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # an upper bound for a loaded machine, not a timing assertion
     while time.time() < deadline and not (run / "metrics.csv").is_file():
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
     assert "SIGINT received: saved checkpoint" in out + err
     assert (run / "checkpoints" / "latest").is_file()

@@ -191,7 +191,7 @@ STEPS = [*TINY, "--train.max_steps", "20", "--train.batch_tokens", "256", "--tra
          "--train.optimizer", "adamw"]
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc-per-node", str(nproc), "-m", "kiln", "pretrain", *args]
@@ -262,7 +262,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume_across_world_sizes(single, 
 @pytest.mark.distributed
 def test_global_batch_not_divisible_by_ranks_is_one_line_exit_2(prepared, tmp_path, monkeypatch, capsys):
     args = [*TINY, "--data.prepared", str(prepared / "a"), "--train.batch_tokens", "384"]  # 384 / (4 x 32 x 2)
-    r = torchrun(2, *args, "--out", str(tmp_path / "run"), timeout=60)
+    r = torchrun(2, *args, "--out", str(tmp_path / "run"))
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr
     msg = "kiln: error: train.batch_tokens 384 is not a multiple of batch_size x context_length x world_size = " \
           "4 x 32 x 2 = 256"
