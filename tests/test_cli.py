@@ -15,7 +15,7 @@ from kiln.cli import main
 
 def kiln(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kiln", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
 
 
 def pretrain_args(source, out, *extra):
