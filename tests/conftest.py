@@ -37,3 +37,16 @@ def assert_user_error(capsys, argv, *needles) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two fighting over a shared CPU (modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

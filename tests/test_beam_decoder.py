@@ -16,12 +16,7 @@ NO_PROCESSORS = dict(no_repeat_ngram_size=0, min_length=0, repetition_penalty=1.
                      forced_eos_token_id=None, forced_bos_token_id=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
 
 
 def _config(family):

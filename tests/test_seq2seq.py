@@ -22,13 +22,7 @@ ASSETS = Path(__file__).parent / "assets"
 BIBLE = ASSETS / "bible_en_es_400.tsv"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two fighting over a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
 
 
 def tiny_seq2seq(**kw):
