@@ -41,10 +41,10 @@ def _val_data(cfg, run_dir: Path) -> Path:
 def compare(title: str, report: dict, cfg, run_dir, before, after, ckpt_before: Path, ckpt_after: Path,
             out_dir: Path, log=print, eval_batches: int = 20, decode_tokens: int = 64) -> dict:
     """Measure both models, print the table, write out_dir/compress.json; return the report."""
-    mb = lambda c: round((Path(c) / "model.safetensors").stat().st_size / 1e6, 2)  # noqa: E731
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    report = {**report, "out": str(out_dir), "size_mb": {"before": mb(ckpt_before), "after": mb(ckpt_after)},
-              "parameters": {"before": count(before), "after": count(after)}}
+    report = {**report, "out": str(out_dir),
+              "size_mb": {k: round((Path(c) / "model.safetensors").stat().st_size / 1e6, 2)
+                          for k, c in (("before", ckpt_before), ("after", ckpt_after))},
+              "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in (("before", before), ("after", after))}}
     data = _val_data(cfg, run_dir)
     prompt = torch.zeros(1, 8, dtype=torch.long)
     report["val_loss"] = None  # encoders / seq2seq: evaluate the new run with their task command

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kiln.model.config import ModelConfig
+from kiln.model.losses import linear_cross_entropy
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -352,8 +353,6 @@ class Transformer(nn.Module):
             memory = self.encode(src, src_mask)
         h = self.hidden(idx, attention_mask, position_ids, token_type_ids, caches, memory, src_mask, cross_caches)
         if labels is not None:
-            from kiln.model.losses import linear_cross_entropy
-
             h, labels = h.flatten(0, 1), labels.flatten()
             keep = labels != -100
             if not bool(keep.all()):  # masked LM: the head runs on the ~15% target positions only

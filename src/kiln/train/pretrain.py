@@ -371,9 +371,9 @@ def distill_from_cli(teacher: str, overrides: list[str]) -> Path:
     teacher_dir = Path(teacher)
     if not (teacher_dir / "config.yaml").is_file():
         raise KilnError(f"{teacher_dir} is not a kiln run folder (no config.yaml)")
-    base = load_config(teacher_dir / "config.yaml")
-    cfg = load_config(teacher_dir / "config.yaml", ["--out", "", "--name", f"{base.name}-student",
-                                                     "--distill.teacher", str(teacher_dir), *overrides])
+    cfg = load_config(teacher_dir / "config.yaml", ["--out", "", "--distill.teacher", str(teacher_dir), *overrides])
+    if not any(o == "--name" or o.startswith("--name=") for o in overrides):
+        cfg.name = f"{cfg.name}-student"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return run_pretrain(cfg)
