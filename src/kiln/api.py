@@ -77,14 +77,18 @@ def _rebuild_buffers(model: Transformer, cfg: RunConfig) -> None:
 def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, seed: int | None = None, greedy: bool = False,
            which: str = "latest", stop: list[str] | None = None, precision: str = "auto",
-           num_beams: int = 1) -> str:
+           num_beams: int = 1, device: str = "auto") -> str:
     """Text continuing `prompt`. Generation ends at max_new_tokens or at the first of the `stop` strings
     (the returned text ends right before it). num_beams > 1: beam search (sampling settings ignored; stop
     strings cut the best beam's text afterwards)."""
-    model, tokenizer, cfg = load(run_dir, which)
+    from kiln.train.pretrain import resolve_device
     from kiln.train.precision import choose_precision
 
-    if choose_precision(precision, "cpu")[0] == "bf16":  # decoding is memory-bound: half the bytes per token
+    if device == "auto" and _checkpoint_meta(find_checkpoint(Path(run_dir), which)).get("quantization"):
+        device = "cpu"  # int8 weight-only kernels (kiln quantize) are CPU kernels
+    device = resolve_device(device, what="device")
+    model, tokenizer, cfg = load(run_dir, which, device=device)
+    if choose_precision(precision, device)[0] == "bf16":  # decoding is memory-bound: half the bytes per token
         for p in model.parameters():  # parameters only: position tables (RoPE, sinusoids) stay fp32
             if p.is_floating_point():  # int8 weights of a quantized run stay int8
                 p.data = p.data.to(torch.bfloat16)
@@ -93,15 +97,16 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
     ids = tokenizer.encode(prompt).ids
     if not ids:
         raise KilnError("the prompt encodes to no tokens")
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop = [s for s in (stop or []) if s]
 
     def hit_stop(new_ids: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([any(s in tokenizer.decode(row.tolist()) for s in stop) for row in new_ids])
+        return torch.tensor([any(s in tokenizer.decode(row.tolist()) for s in stop) for row in new_ids],
+                            device=new_ids.device)
 
     if num_beams < 1:
         raise KilnError(f"num_beams must be >= 1, got {num_beams}")
-    out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          greedy=greedy, generator=gen, stop=hit_stop if stop and num_beams == 1 else None,
                          num_beams=num_beams)
     text = tokenizer.decode(out[0, len(ids):].tolist())

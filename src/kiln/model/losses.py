@@ -63,6 +63,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h [N, D], weight [V, D], targets [N]. Equal (up to rounding) to
     F.cross_entropy(F.linear(h, weight, bias).float(), targets, reduction="sum", ignore_index=ignore_index).
     """
-    if chunk <= 0:  # rows per softmax chunk: ~4M logits (16 MB in fp32, cache-sized); one chunk for small vocabs
-        chunk = max(1, (1 << 22) // weight.shape[0])
+    if chunk <= 0:  # rows per softmax chunk: on a CPU ~4M logits (16 MB in fp32, cache-sized); on a GPU ~256M
+        # (1 GB), few enough chunks that kernel launches stay cheap. One chunk for small vocabularies.
+        chunk = max(1, (1 << (22 if h.device.type == 'cpu' else 28)) // weight.shape[0])
     return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, chunk)

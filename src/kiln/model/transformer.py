@@ -344,18 +344,20 @@ class Transformer(nn.Module):
                             cross_caches)
 
     def forward(self, idx, attention_mask=None, position_ids=None, token_type_ids=None, caches=None,
-                src=None, src_mask=None, memory=None, cross_caches=None, labels=None):
+                src=None, src_mask=None, memory=None, cross_caches=None, labels=None, sparse_labels=False):
         """Logits [B, T, vocab]. For an encoder-decoder pass `src` (or a precomputed `memory`).
 
         With `labels` [B, T] (-100 = ignored) it returns instead the summed cross-entropy as an fp32 scalar,
-        computed by the head fused with the loss (kiln.model.losses): no [B, T, vocab] logits are kept."""
+        computed by the head fused with the loss (kiln.model.losses): no [B, T, vocab] logits are kept.
+        `sparse_labels` (masked LM: ~15% of the positions are targets) runs the head on the target rows only;
+        it costs a host-device sync, so dense labels (causal LM) skip it."""
         if self.is_seq2seq and memory is None and src is not None:
             memory = self.encode(src, src_mask)
         h = self.hidden(idx, attention_mask, position_ids, token_type_ids, caches, memory, src_mask, cross_caches)
         if labels is not None:
             h, labels = h.flatten(0, 1), labels.flatten()
-            keep = labels != -100
-            if not bool(keep.all()):  # masked LM: the head runs on the ~15% target positions only
+            if sparse_labels:
+                keep = labels != -100
                 h, labels = h[keep], labels[keep]
             if self.head_transform is not None:
                 h = self.head_transform(h)

@@ -12,6 +12,7 @@ torch.distributed.checkpoint.state_dict, keyed by parameter name), so a run save
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,8 @@ class DistInfo:
     backend: str = ""
 
     @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    def enabled(self) -> bool:  # a process group was joined (torchrun, possibly with a single process)
+        return bool(self.backend)
 
     @property
     def is_main(self) -> bool:
@@ -70,7 +71,9 @@ def init_distributed(backend_name: str, device: str) -> tuple[DistInfo, str]:
     """Join the process group torchrun set up (if any). Returns (info, device), the device being this rank's
     own GPU under CUDA. Call after every cheap check of the config: a KilnError here ends each rank alike."""
     rank, world, local = env_world()
-    if world <= 1:
+    # a plain process runs alone; under torchrun (even with one process) the chosen wrapper is applied, so
+    # DDP/FSDP2 and their collectives can be checked on a single GPU before a job goes to many
+    if world <= 1 and not os.environ.get("TORCHELASTIC_RUN_ID"):
         return DistInfo(), device
     backend = resolve_backend(backend_name, device)
     if device.startswith("cuda"):
@@ -166,7 +169,10 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, parallel: str, device: st
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # kiln's buffers are derived tables (rotary angles), equal on every rank: never re-sent in forward
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=ids, **sync)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

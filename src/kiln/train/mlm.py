@@ -68,7 +68,7 @@ class MaskedLM:
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         if getattr(unwrap(model), "fused_loss", False):  # kiln's Transformer: head on the targets only, fused
-            return model(batch["input_ids"], labels=batch["labels"])
+            return model(batch["input_ids"], labels=batch["labels"], sparse_labels=True)
         logits = model(batch["input_ids"])
         labels = batch["labels"]
         picked = labels != IGNORE

@@ -43,12 +43,17 @@ def matmul_speed(dtype: torch.dtype, n: int = 256, seconds: float = 0.06, device
     """GFLOP/s of an n x n matmul in `dtype`."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
+    sync()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
+        if count % 8 == 0:
+            sync()
+    sync()
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 

@@ -44,11 +44,13 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def resolve_device(name: str) -> str:
+def resolve_device(name: str, what: str = "train.device") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KilnError(f"train.device is {name!r} but no CUDA device is available; use cpu or auto")
+        raise KilnError(f"{what} is {name!r} but no CUDA device is available; use cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise KilnError(f"{what} must be auto, cpu or cuda[:N], got {name!r}")
     return name
 
 
