@@ -96,13 +96,15 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - report and go on with the other variants
             print(f"{k}:{p} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     times: dict = {v: [] for v in trainers}
+    losses: dict = {v: [] for v in trainers}  # printed: a variant whose loss does not fall is not training
     # train_step returns float(loss): each step ends with the device synchronised, so wall time is step time
     for _ in range(args.rounds):
         for v, t in trainers.items():
             for _ in range(args.steps):
                 t0 = time.perf_counter()
-                t.train_step()
+                loss, _ = t.train_step()
                 times[v].append(time.perf_counter() - t0)
+                losses[v].append(loss)
     if not trainers:
         raise SystemExit("no variant ran")
     n_params = sum(p.numel() for p in next(iter(trainers.values())).model.parameters())
@@ -110,7 +112,7 @@ def main() -> None:
     flops = 6 * n_params * tokens + 12 * model_cfg.n_layer * model_cfg.d_model * args.context * tokens
     base = {}
     peak = f" {'MFU@peak':>8}" if args.peak_tflops else ""
-    print(f"{'variant':<24} {'median step ms':>14} {'tokens/s':>10} {'MFU':>6}{peak} {'vs HF same setting':>18}")
+    print(f"{'variant':<24} {'median step ms':>14} {'tokens/s':>10} {'MFU':>6}{peak} {'vs HF same setting':>18}  loss")
     for (kind, prec), ts in times.items():
         step = statistics.median(ts)
         tps = tokens / step
@@ -121,7 +123,9 @@ def main() -> None:
         if kind == "hf":
             base[key] = tps
         ratio = f"{tps / base[key]:.2f}x" if key in base and kind != "hf" else ""
-        print(f"{kind + ':' + prec:<24} {step * 1000:>14.1f} {tps:>10.0f} {mfu:>6.1%}{at_peak} {ratio:>18}")
+        ls = losses[(kind, prec)]
+        print(f"{kind + ':' + prec:<24} {step * 1000:>14.1f} {tps:>10.0f} {mfu:>6.1%}{at_peak} {ratio:>18}  "
+              f"{ls[0]:.3f} -> {ls[-1]:.3f}")
 
 
 if __name__ == "__main__":

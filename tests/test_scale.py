@@ -302,6 +302,23 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert math.isfinite(float(grads[1].norm()))
 
 
+def test_activation_checkpointing_follows_a_copy_of_the_model():
+    """The bf16 twin (a deepcopy) of a checkpointed model computes with its own weights, not the original's."""
+    import copy
+
+    from kiln.train.distributed import checkpoint_activations
+
+    cfg = load_config(None, TINY).model.with_(vocab_size=40)
+    torch.manual_seed(1)
+    model = checkpoint_activations(Transformer(cfg))
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    x = torch.randint(0, 40, (2, 16))
+    twin(x).float().sum().backward()  # the original's fp32 weights would meet bf16 activations and fail
+    assert all(p.grad is not None for p in twin.parameters()) and all(p.grad is None for p in model.parameters())
+
+
 def test_batched_muon_matches_torch_muon():
     """kiln's Muon batches same-shape matrices; the updates equal torch.optim.Muon's (bf16 Newton-Schulz)."""
     from kiln.train.muon import Muon

@@ -134,3 +134,32 @@ def test_layer_lr_decay_scales_lr_by_depth_and_rejects_bad_values():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     with pytest.raises(KilnError, match="layer_lr_decay"):
         build_optimizer(model, TrainConfig(layer_lr_decay=1.5))
+
+
+def test_a_zero_gradient_at_the_first_step_is_an_error_not_a_silent_run(corpus, tmp_path):
+    """A model that cannot learn (every gradient exactly zero, as compiled training once gave on a GPU) stops."""
+    cfg = cfg_for(corpus, tmp_path / "run", "--train.max_steps", "5")
+    original = CausalLM.loss
+    CausalLM.loss = lambda self, model, batch: original(self, model, batch) * 0.0
+    try:
+        with pytest.raises(KilnError, match="gradient is exactly zero at step 1"):
+            run_pretrain(cfg, quiet=True)
+    finally:
+        CausalLM.loss = original
+
+
+def test_compiled_fused_loss_gives_the_eager_gradients(one_thread):
+    """torch.compile of the model with its fused head + loss: same loss and gradients as eager."""
+    cfg = load_config(None, []).model.with_(vocab_size=97, n_layer=1, d_model=32, n_head=2, context_length=16)
+    x = torch.randint(0, 97, (3, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        run = torch.compile(model) if compiled else model
+        loss = run(x[:, :-1], labels=x[:, 1:])
+        loss.backward()
+        results.append((float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (l0, g0), (l1, g1) = results
+    assert abs(l0 - l1) < 1e-3 * abs(l0)
+    assert float(g1.norm()) > 0.0 and torch.allclose(g0, g1, atol=1e-5, rtol=1e-4)

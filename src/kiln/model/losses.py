@@ -11,17 +11,17 @@ whatever the matmul dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index: int, chunk: int):
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, chunk: int, need_grad: bool):
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         hc, wc = h.to(dtype), weight.to(dtype)
         bc = None if bias is None else bias.to(dtype)
         with torch.autocast(h.device.type, enabled=False):
             logits = hc @ wc.t() if bc is None else torch.addmm(bc, hc, wc.t())  # [N, V]: becomes the gradient
-            need_grad = any(ctx.needs_input_grad[:3])
             total = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32), device=h.device)
             valid_all = targets != ignore_index
             for s in range(0, logits.shape[0], chunk):
@@ -44,15 +44,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        # every gradient is computed: ctx.needs_input_grad is not reliable under torch.compile (seen on torch
+        # 2.11 + CUDA: all False, so no gradient reached the model and compiled training did not learn)
         hc, wc, dlogits = ctx.saved_tensors
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         scale = grad_out.to(dlogits.dtype)
         with torch.autocast(hc.device.type, enabled=False):
             dlogits.mul_(scale)
-            gh = (dlogits @ wc).to(h_dtype) if ctx.needs_input_grad[0] else None
-            gw = (dlogits.t() @ hc).to(w_dtype) if ctx.needs_input_grad[1] else None
-            gb = dlogits.sum(0, dtype=torch.promote_types(dlogits.dtype, torch.float32)).to(b_dtype) if ctx.needs_input_grad[2] else None
-        return gh, gw, gb, None, None, None
+            gh = (dlogits @ wc).to(h_dtype)
+            gw = (dlogits.t() @ hc).to(w_dtype)
+            gb = None if b_dtype is None else dlogits.sum(0, dtype=torch.promote_types(dlogits.dtype, torch.float32)).to(b_dtype)
+        return gh, gw, gb, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -66,4 +68,14 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if chunk <= 0:  # rows per softmax chunk: on a CPU ~4M logits (16 MB in fp32, cache-sized); on a GPU ~256M
         # (1 GB), few enough chunks that kernel launches stay cheap. One chunk for small vocabularies.
         chunk = max(1, (1 << (22 if h.device.type == 'cpu' else 28)) // weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, chunk)
+    if torch.compiler.is_compiling():
+        # under torch.compile the plain formulation, which the compiler fuses itself. Traced through this
+        # autograd.Function (in-place gradient in a saved intermediate), torch 2.11 + CUDA gave exactly zero
+        # gradients: compiled training did not learn (bench/gpu_check.sh, docs/benchmarks.md)
+        logits = F.linear(h, weight, bias)
+        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
+                               reduction="sum")
+    # decided here, outside the autograd.Function (see backward)
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, chunk, need_grad)

@@ -11,9 +11,9 @@ torch.distributed.checkpoint.state_dict, keyed by parameter name), so a run save
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,18 +133,18 @@ def checkpoint_activations(model: torch.nn.Module) -> torch.nn.Module:
     The Block's forward is replaced on the instance, so parameter names (and checkpoints) do not change."""
     from torch.utils.checkpoint import checkpoint
 
+    def wrapped(self, *args, **kwargs):
+        forward = type(self).forward.__get__(self)
+        if not torch.is_grad_enabled():  # eval / generation: nothing to save memory on
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
     for block in _blocks(model):
         if getattr(block, "_kiln_checkpointed", False):
             continue
-        forward = block.forward
-
-        @functools.wraps(forward)
-        def wrapped(*args, _forward=forward, **kwargs):
-            if not torch.is_grad_enabled():  # eval / generation: nothing to save memory on
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = wrapped
+        # a method bound to the block: a copy of the model (deepcopy, e.g. the bf16 twin) binds to the copy's
+        # block, never to this one's weights
+        block.forward = types.MethodType(wrapped, block)
         block._kiln_checkpointed = True
     return model
 

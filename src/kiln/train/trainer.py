@@ -184,10 +184,14 @@ class Trainer:
         last_eval: dict = {}
         window_t, window_tokens = time.perf_counter(), self.state.tokens
         session_t0 = time.perf_counter() - self.state.elapsed
+        first_step = self.state.step + 1
         try:
             while self.state.step < cfg.max_steps:
                 loss, grad_norm = self.train_step()
                 step = self.state.step
+                if step == first_step and grad_norm == 0.0:  # not one parameter would move: fail, do not pretend
+                    raise KilnError(f"the gradient is exactly zero at step {step}: the model would not learn"
+                                    + (" (train.compile on: try train.compile false)" if cfg.compile else ""))
                 self.state.elapsed = time.perf_counter() - session_t0
                 if not math.isfinite(loss):
                     latest = self.run_dir / "checkpoints" / "latest"
