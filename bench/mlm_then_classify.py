@@ -29,7 +29,7 @@ from common import machine  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def corpus_folder(shared: Path, out: Path, books: list[str], reviews: bool) -> Path:
+def corpus_folder(shared: Path, out: Path, books: list[str], reviews: bool, copies: int = 1) -> Path:
     folder = out / "corpus"
     folder.mkdir(parents=True, exist_ok=True)
     for name in books:
@@ -46,7 +46,9 @@ def corpus_folder(shared: Path, out: Path, books: list[str], reviews: bool) -> P
         cfg = load_config(ROOT / "configs" / "classify-rotten.yaml", ["--data.train", str(shared / "rotten_tomatoes.csv"),
                                                                        "--seed", "0"], cls=ClassifyConfig)
         splits, _, _ = load_splits(cfg, lambda s: None)
-        (folder / "reviews_train.txt").write_text("\n".join(e.text for e in splits["train"]) + "\n", encoding="utf-8")
+        text = "\n".join(e.text for e in splits["train"]) + "\n"
+        for i in range(copies):  # oversampling: identical copies hash alike, so no piece is both train and val
+            (folder / f"reviews_train_{i}.txt").write_text(text, encoding="utf-8")
     return folder
 
 
@@ -66,11 +68,13 @@ def main() -> None:
     ap.add_argument("--books", default="tinyshakespeare,austen,bible", help="comma list of tinyshakespeare, "
                     "austen, bible")
     ap.add_argument("--with-reviews", action="store_true", help="add the review task's training split (texts only)")
+    ap.add_argument("--reviews-copies", type=int, default=1, help="with --with-reviews: copies of that text "
+                    "(oversamples the in-domain text against the books)")
     ap.add_argument("--mlm-args", default="", help="further overrides of the MLM run, e.g. '--train.optimizer muon'")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     out = a.out or ROOT / "runs" / f"mlm-then-classify-{time.strftime('%Y%m%d-%H%M%S')}"
-    corpus = corpus_folder(a.shared, out, [b for b in a.books.split(",") if b], a.with_reviews)
+    corpus = corpus_folder(a.shared, out, [b for b in a.books.split(",") if b], a.with_reviews, a.reviews_copies)
     t0 = time.perf_counter()
     kiln("pretrain", "configs/bert-mlm.yaml", "--out", str(out / "mlm"), "--data.source", str(corpus),
          "--data.vocab_size", "8192", "--model.n_layer", "4", "--model.d_model", "256", "--model.n_head", "4",

@@ -168,6 +168,37 @@ def test_split_is_leak_free_stratified_and_seeded():
     assert tasks.fingerprint(va) != tasks.fingerprint(other[1])
 
 
+def test_shuffle_split_is_the_plain_seeded_shuffle_cut_in_order():
+    """data.split shuffle: the unique texts in order of first appearance, one random.Random(seed) shuffle, cut
+    80/10/10 in that order (the split of the data README's reference scores), still leak-free."""
+    rows = [tasks.Example(f"text {i % 250}", "a" if i % 250 < 200 else "b", line=i) for i in range(300)]
+    kept, _ = tasks.dedup(rows)
+    tr, va, te, info = tasks.split_examples(kept, 0.1, 0.1, seed=5, log=lambda s: None, method="shuffle")
+    order = list(range(250))
+    random.Random(5).shuffle(order)
+    assert [e.text for e in tr] == [f"text {i}" for i in order[:200]]
+    assert [e.text for e in va] == [f"text {i}" for i in order[200:225]]
+    assert [e.text for e in te] == [f"text {i}" for i in order[225:]]
+    strat = tasks.split_examples(kept, 0.1, 0.1, seed=5, log=lambda s: None)
+    assert tasks.fingerprint(te) != tasks.fingerprint(strat[2])  # a different split from the stratified one
+    with pytest.raises(KilnError, match="data.split must be stratified or shuffle"):
+        tasks.split_examples(kept, 0.1, 0.1, seed=5, method="random")
+
+
+def test_split_seed_fixes_the_split_while_the_run_seed_varies(tmp_path):
+    from kiln.config import ClassifyConfig, load_config
+    from kiln.train.classify import load_splits
+
+    data = tmp_path / "d.csv"
+    data.write_text("label,text\n" + "".join(f"{'pos' if i % 3 else 'neg'},review number {i}\n" for i in range(120)))
+    tests = []
+    for seed, split_seed in ((1, 7), (2, 7), (2, -1)):
+        cfg = load_config(None, {"seed": seed, "data": {"train": str(data), "split": "shuffle",
+                                                        "split_seed": split_seed}}, cls=ClassifyConfig)
+        tests.append(load_splits(cfg, lambda s: None)[2]["splits"]["test"]["fingerprint"])
+    assert tests[0] == tests[1] != tests[2]
+
+
 def test_single_example_class_is_warned_and_kept_in_train():
     rows = [tasks.Example(f"t{i}", "a" if i % 2 else "b") for i in range(40)] + [tasks.Example("lonely", "c")]
     warnings = []
@@ -282,3 +313,4 @@ def test_rotten_recipe_loads():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "classify-rotten.yaml", cls=ClassifyConfig)
     assert cfg.data.max_length == 64 and cfg.train.batch_size == 32 and cfg.epochs == 2 and cfg.pooling == "mean"
+    assert cfg.data.split == "shuffle" and cfg.data.split_seed == 0  # the data README's reference split

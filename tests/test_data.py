@@ -136,6 +136,23 @@ def test_cleaning():
     assert clean_text("\ufeffcafe\u0301") == "caf\u00e9"  # BOM dropped, NFC
 
 
+def test_a_folder_of_books_gives_every_book_a_share_of_val(tmp_path):
+    """Whole books as files: each long one is split piece by piece, so val is ~val_fraction of every book,
+    not one whole book (and the small files are still hashed whole)."""
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for name, letter in (("a", "x"), ("b", "y")):  # two ~1.3 MB books, each of its own characters
+        (folder / f"{name}.txt").write_text("".join(f"{letter * 60} {i}\n" for i in range(20_000)))
+    for i in range(5):
+        (folder / f"note{i}.txt").write_text(f"short note {i}\n")
+    m, out = run(tmp_path, source=str(folder), tokenizer="char", val_fraction=0.2)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    train, val = tok.decode(list(all_tokens(out, "train"))), tok.decode(list(all_tokens(out, "val")))
+    for letter in "xy":
+        share = val.count(letter) / (val.count(letter) + train.count(letter))
+        assert 0.08 < share < 0.35, (letter, share)  # ~20% of each book, in ~64 kB pieces
+
+
 def test_tiny_multi_doc_corpus_still_gets_a_val_split(tmp_path):
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": "only one document here, long enough"}) + "\n")
     m, out = run(tmp_path, source=str(tmp_path / "one.jsonl"), val_fraction=0.2)

@@ -143,6 +143,10 @@ class ClassifyDataConfig:
     val_fraction: float = _f(0.1, "share of the unique texts held out for validation when data.val is empty")
     test_fraction: float = _f(0.1, "share of the unique texts held out for test when data.test is empty")
     dedup: bool = _f(True, "drop exact duplicate (text, label) rows; identical texts always share one split")
+    split: str = _f("stratified", "how val/test are split off train: stratified (per label) | shuffle (one seeded "
+                    "shuffle of the unique texts, cut in order train | val | test)", choices=("stratified", "shuffle"))
+    split_seed: int = _f(-1, "seed of that split; -1 = the run's seed (a fixed split_seed keeps the split while "
+                         "the seed varies)")
 
 
 def _classify_train_defaults() -> TrainConfig:

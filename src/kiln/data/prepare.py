@@ -5,7 +5,9 @@ Pass 2 streams it again, encodes in batches and appends to the shard files.
 Split: a plain text file is cut once, the last `val_fraction` of its bytes (at a line boundary) being
 val; the embedded tiny Shakespeare is cut exactly like nanoGPT (first 90% of characters train).
 Multi-document inputs send each document to val by a seeded hash of its content, so the split is
-reproducible and exact duplicates always land on the same side.
+reproducible and exact duplicates always land on the same side. A document longer than LONG_DOC_CHARS (a
+whole book in a folder of books) is cut at line boundaries into pieces of ~SPLIT_PIECE_CHARS, each hashed on its
+own: every book then gives ~val_fraction of its text to val, instead of one whole book being the val set.
 Everything is written to a temporary folder that replaces `out_dir` only when complete.
 """
 
@@ -28,6 +30,8 @@ from kiln.errors import KilnError
 
 BATCH_CHARS = 1 << 20      # text per encode_batch call (Encoding objects cost ~200 bytes a token)
 PIECE_CHARS = 1 << 18      # longer texts are encoded in pieces of about this size, in parallel
+LONG_DOC_CHARS = 1 << 20   # longer documents are split train/val piece by piece (see the module docstring)
+SPLIT_PIECE_CHARS = 1 << 16  # the size of those pieces: a 4 MB book gives ~64
 _BOUNDARY = re.compile(r"\n(?=\S)")  # cutting here leaves byte-level BPE tokens unchanged
 
 
@@ -186,7 +190,14 @@ def _write_documents(corpus: Corpus, cfg: DataConfig, seed: int, encode, eot, wr
                 continue
             seen.add(digest)
         docs += 1
-        batch.append(("val" if _to_val(digest, seed, cfg.val_fraction) else "train", doc))
+        if len(doc) > LONG_DOC_CHARS:
+            sides: dict[str, list[str]] = {"train": [], "val": []}
+            for piece in _pieces(doc, SPLIT_PIECE_CHARS):
+                d = hashlib.blake2b(piece.encode("utf-8"), digest_size=16).digest()
+                sides["val" if _to_val(d, seed, cfg.val_fraction) else "train"].append(piece)
+            batch.extend((side, "".join(parts)) for side, parts in sides.items() if parts)
+        else:
+            batch.append(("val" if _to_val(digest, seed, cfg.val_fraction) else "train", doc))
         size += len(doc)
         if size >= BATCH_CHARS or len(batch) >= 4096:
             flush()

@@ -231,10 +231,14 @@ def dedup(examples: list[Example]) -> tuple[list[Example], int]:
 
 
 def split_examples(examples: list[Example], val_fraction: float, test_fraction: float, seed: int,
-                   log=print) -> tuple[list[Example], list[Example], list[Example], dict]:
-    """Seeded, stratified, leak-free split: identical texts (text + pair) form one group, groups are shuffled
-    within their label (the label of the group's first row) and cut val/test/train per label.
-    Labels with one group stay in train (warned)."""
+                   log=print, method: str = "stratified") -> tuple[list[Example], list[Example], list[Example], dict]:
+    """Seeded, leak-free split: identical texts (text + pair) form one group, so a text is never in two splits.
+
+    method "stratified": groups are shuffled within their label (the label of the group's first row) and cut
+    val/test/train per label; labels with one group stay in train (warned).
+    method "shuffle": the groups, in order of first appearance, get one `random.Random(seed).shuffle` and are
+    cut in that order into train | val | test at int(n * (1 - val - test)) and int(n * (1 - test)): the common
+    "dedup, shuffle with seed S, 80/10/10" split (the one ../shared/data/README.md's reference scores use)."""
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= f < 1.0:
             raise KilnError(f"data.{name} must be in [0, 1), got {f}")
@@ -249,6 +253,16 @@ def split_examples(examples: list[Example], val_fraction: float, test_fraction: 
     rng = random.Random(seed)
     parts: dict[str, list[tuple]] = {"train": [], "val": [], "test": []}
     singles = []
+    if method not in ("stratified", "shuffle"):
+        raise KilnError(f"data.split must be stratified or shuffle, got {method!r}")
+    if method == "shuffle":
+        keys = list(groups)
+        rng.shuffle(keys)
+        n = len(keys)
+        a, b = int(n * (1.0 - val_fraction - test_fraction)), int(n * (1.0 - test_fraction))
+        a = max(a, 1)
+        parts = {"train": keys[:a], "val": keys[a:max(a, b)], "test": keys[max(a, b):]}
+        by_label = {}  # nothing is cut per label
     for label in sorted(by_label, key=str):
         keys = by_label[label]
         rng.shuffle(keys)
@@ -272,7 +286,8 @@ def split_examples(examples: list[Example], val_fraction: float, test_fraction: 
     conflicting = sum(1 for members in groups.values() if len({m.label for m in members}) > 1)
     out = {}
     for name, keys in parts.items():
-        rng.shuffle(keys)
+        if method == "stratified":  # mix the labels (a shuffle split is in random order already)
+            rng.shuffle(keys)
         out[name] = [e for k in keys for e in groups[k]]
     info = {"groups": len(groups), "conflicting_texts": conflicting, "single_example_labels": singles}
     return out["train"], out["val"], out["test"], info

@@ -347,7 +347,8 @@ def load_splits(cfg: ClassifyConfig, log) -> tuple[dict, list[str], dict]:
         tasks.check_labels(rows, labels, getattr(d, name), d.train)
     vf = 0.0 if "val" in given else d.val_fraction
     tf = 0.0 if "test" in given else d.test_fraction
-    tr, va, te, info = tasks.split_examples(train, vf, tf, cfg.seed, log=log)
+    split_seed = cfg.seed if d.split_seed < 0 else d.split_seed
+    tr, va, te, info = tasks.split_examples(train, vf, tf, split_seed, log=log, method=d.split)
     report.update(groups=info["groups"], conflicting_texts=info["conflicting_texts"],
                   single_example_labels=info["single_example_labels"])
     if info["conflicting_texts"]:
