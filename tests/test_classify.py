@@ -47,7 +47,7 @@ def reviews(n: int, seed: int = 0, long_every: int = 7):
     return rows
 
 
-def make_backbone(path: Path, arch: str = "encoder") -> Path:
+def make_backbone(path: Path, arch: str = "encoder", n_layer: int = 1) -> Path:
     """A tiny kiln run folder (config.yaml, tokenizer.json, checkpoint) to start from."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
@@ -58,7 +58,7 @@ def make_backbone(path: Path, arch: str = "encoder") -> Path:
     if arch == "encoder":
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-        cfg = ModelConfig(arch="encoder", vocab_size=len(vocab), n_layer=1, n_head=2, d_model=16, context_length=32,
+        cfg = ModelConfig(arch="encoder", vocab_size=len(vocab), n_layer=n_layer, n_head=2, d_model=16, context_length=32,
                           pre_norm=False, final_norm=False, embedding_norm=True, type_vocab_size=2, pad_token_id=0)
     else:
         cfg = ModelConfig(arch="decoder", vocab_size=len(vocab), n_layer=1, n_head=2, d_model=16, context_length=32)
@@ -314,3 +314,58 @@ def test_rotten_recipe_loads():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "classify-rotten.yaml", cls=ClassifyConfig)
     assert cfg.data.max_length == 64 and cfg.train.batch_size == 32 and cfg.epochs == 2 and cfg.pooling == "mean"
     assert cfg.data.split == "shuffle" and cfg.data.split_seed == 0  # the data README's reference split
+
+
+def test_distillation_objective_is_the_weighted_kl_and_cross_entropy():
+    from kiln.train.classify import ClassificationObjective
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    batch = {"input_ids": torch.randn(5, 4), "labels": torch.tensor([0, 1, 2, 1, 0])}
+
+    class Wrap(torch.nn.Module):  # the classifier call signature
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+            return self.lin(input_ids)
+
+    s, t = Wrap(student), Wrap(teacher)
+    x, y, T = batch["input_ids"], batch["labels"], 3.0
+    ce = torch.nn.functional.cross_entropy(student(x), y, reduction="sum")
+    p_t, log_p_s = (teacher(x) / T).softmax(-1), (student(x) / T).log_softmax(-1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum() * T * T
+    for alpha in (0.0, 0.3, 1.0):
+        got = ClassificationObjective(None, t, alpha, T).loss(s, batch)
+        assert torch.allclose(got, alpha * kl + (1 - alpha) * ce, atol=1e-5)
+
+
+def test_shallow_student_from_chosen_layers_distilled_from_a_teacher(trained, capsys, tmp_path):
+    root, teacher, data = trained
+    deep = make_backbone(tmp_path / "deep", n_layer=3)  # same tokenizer as the teacher's backbone
+    run = tmp_path / "student"
+    code, out, err = finetune(capsys, "--data.train", data, "--init", deep, "--out", run, "--keep_layers", "0,2",
+                              "--distill.teacher", teacher, "--distill.alpha", "0.7", "--data.max_length", "8",
+                              "--epochs", "5", "--train.batch_size", "8", "--train.lr", "5e-3")
+    assert code == 0, err
+    assert "student: blocks 0,2 of the backbone's 3" in out and "distillation from" in out
+    from kiln.train.classify import load_classifier
+
+    model, _, cfg, _ = load_classifier(run)
+    assert cfg.model.n_layer == 2 and len(model.backbone.decoder.blocks) == 2
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["test"]["accuracy"] >= 0.8  # the synthetic task is easy; the teacher gets it too
+
+
+def test_student_bad_input_is_one_line_and_leaves_no_run_folder(trained, capsys, tmp_path):
+    root, teacher, data = trained
+    deep = make_backbone(tmp_path / "deep", n_layer=2)
+    for extra, message in ((["--keep_layers", "0,5"], "keep_layers 0,5: the backbone has blocks 0..1"),
+                           (["--keep_layers", "a,b"], "keep_layers must be block numbers"),
+                           (["--distill.teacher", deep], "is not a classifier run folder"),
+                           (["--distill.teacher", teacher, "--distill.alpha", "1.5"], "distill.alpha must be in [0, 1]")):
+        out = tmp_path / "never"
+        user_error(capsys, ["finetune", "classify", "--data.train", data, "--init", deep, "--out", out, *extra, *FAST],
+                   message)
+        assert not out.exists()

@@ -94,8 +94,8 @@ class MLMConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: str = _f("", "teacher run folder: train this model (the student) to match its next-token "
-                      "distributions; empty = no distillation")
+    teacher: str = _f("", "teacher run folder: train this model (the student) to match its output distributions "
+                      "(next tokens in pretraining, class probabilities in finetune classify); empty = no distillation")
     checkpoint: str = _f("best", "teacher checkpoint: best | latest | a folder")
     alpha: float = _f(0.5, "weight of the distillation term (KL to the teacher at `temperature`, times T^2); "
                       "1 - alpha weighs the usual cross-entropy on the data")
@@ -174,10 +174,13 @@ class ClassifyConfig:
                      choices=("val_loss", "val_accuracy", "val_macro_f1"))
     patience: int = _f(0, "stop after this many evaluations without improvement of `metric`; 0 = never")
     positive_label: str = _f("", "positive class of a binary task for ROC/PR (default: the second label)")
+    keep_layers: str = _f("", "backbone blocks to keep, e.g. 0,2,4: a shallower student initialised from those "
+                          "layers of init (DistilBERT-style; pair it with distill.teacher); empty = all")
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     train: TrainConfig = field(default_factory=_classify_train_defaults)
     model: ModelConfig = field(default_factory=ModelConfig,
                                metadata={"help": "written by kiln: the backbone's shape (read from init)"})
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass

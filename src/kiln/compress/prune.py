@@ -5,6 +5,9 @@ the ones with the largest importance |w_in| * |w_out|, the norm of the neuron's 
 SwiGLU) times the norm of its output column. Unstructured sparsity would leave the matrices the same size on a
 CPU; removing whole neurons shrinks them. Pruning costs accuracy; recover it with a short distillation from
 the original: `kiln distill ORIGINAL --init PRUNED` (the student starts from the pruned weights and shape).
+
+Whole blocks can go too (`keep_blocks`): `kiln finetune classify --keep_layers 0,2,4 --distill.teacher RUN`
+fine-tunes a shallower student initialised from every other layer, distilled from a fine-tuned teacher.
 """
 
 from __future__ import annotations
@@ -86,3 +89,27 @@ def prune_run(run_dir, out_dir, ffn_keep: float, which: str = "latest", log=prin
     return compare(f"pruned {ckpt} -> {out_dir} (feed-forward {old} -> {new} neurons per block)",
                    {"method": f"ffn-structured keep {ffn_keep}", "source": str(ckpt), "d_ff": [old, new]}, cfg,
                    run_dir, model, pruned, ckpt, saved, out_dir, log)
+
+
+def parse_layers(spec: str) -> list[int]:
+    """'0,2,4' -> [0, 2, 4] (sorted, unique); a one-line error naming keep_layers otherwise."""
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise KilnError(f"keep_layers must be block numbers like 0,2,4, got {spec!r}") from None
+    if not layers or layers[0] < 0:
+        raise KilnError(f"keep_layers must name blocks 0, 1, ... (like 0,2,4), got {spec!r}")
+    return layers
+
+
+def keep_blocks(model: nn.Module, layers: list[int]) -> nn.Module:
+    """Keep only these blocks of a decoder or encoder model, in place (a shallower student initialised from the
+    teacher's layers, as DistilBERT); model.config.n_layer follows. Returns the model."""
+    if model.config.arch == "encoder-decoder":
+        raise KilnError("keep_layers works on decoder or encoder backbones, not encoder-decoder ones")
+    stack, n = model.decoder, model.config.n_layer
+    if layers[-1] >= n:
+        raise KilnError(f"keep_layers {','.join(map(str, layers))}: the backbone has blocks 0..{n - 1}")
+    stack.blocks = nn.ModuleList(stack.blocks[i] for i in layers)
+    model.config.n_layer = len(layers)
+    return model

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kiln.compress.prune import keep_blocks, parse_layers
 from kiln.config import ClassifyConfig, dump_yaml, load_config
 from kiln.data import tasks
 from kiln.errors import KilnError
@@ -200,10 +202,13 @@ def predict_probs(model, enc: Encoded, batch_size: int, pad_id: int, device: str
 
 
 class ClassificationObjective:
-    """Cross-entropy over the batch's labels (a SUM; optionally class-weighted)."""
+    """Cross-entropy over the batch's labels (a SUM; optionally class-weighted). With a teacher (a fine-tuned
+    classifier, frozen): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, per example."""
 
-    def __init__(self, weights: list[float] | None = None):
+    def __init__(self, weights: list[float] | None = None, teacher: nn.Module | None = None, alpha: float = 0.5,
+                 temperature: float = 2.0):
         self.weights = torch.tensor(weights, dtype=torch.float32) if weights else None
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
 
     def targets(self, batch) -> int:
         return int(batch["labels"].shape[0])
@@ -211,7 +216,15 @@ class ClassificationObjective:
     def loss(self, model, batch) -> torch.Tensor:
         logits = model(**_inputs(batch)).float()
         w = self.weights.to(logits.device) if self.weights is not None else None
-        return F.cross_entropy(logits, batch["labels"], weight=w, reduction="sum")
+        ce = F.cross_entropy(logits, batch["labels"], weight=w, reduction="sum")
+        if self.teacher is None or self.alpha == 0.0:
+            return ce
+        with torch.no_grad():
+            t_logits = self.teacher(**_inputs(batch)).float()
+        T = self.temperature
+        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                      reduction="sum") * (T * T)
+        return self.alpha * kd + (1.0 - self.alpha) * ce
 
 
 def val_metrics(probs: np.ndarray, labels, n_classes: int) -> dict:
@@ -304,6 +317,22 @@ def load_backbone(cfg: ClassifyConfig, run_dir: Path, log) -> tuple[Transformer,
 # ----------------------------------------------------------------------------------------------- pipeline
 
 
+def _teacher(cfg: ClassifyConfig, labels: list[str], device: str):
+    """(teacher classifier, its tokenizer) for distill.teacher, checked before any work: a classifier run with
+    the same labels in the same order."""
+    d = cfg.distill
+    if not 0.0 <= d.alpha <= 1.0:
+        raise KilnError(f"distill.alpha must be in [0, 1], got {d.alpha}")
+    if d.temperature <= 0:
+        raise KilnError(f"distill.temperature must be > 0, got {d.temperature}")
+    teacher, tok, _, t_labels = load_classifier(d.teacher, d.checkpoint, device=device)
+    if t_labels != labels:
+        raise KilnError(f"distill.teacher {d.teacher} has labels {t_labels}; this data has {labels}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, tok
+
+
 def _new_run_dir(cfg: ClassifyConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
@@ -378,8 +407,10 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
                         "batches in examples (train.batch_size x train.grad_accum)")
     if cfg.data.max_length < 2:
         raise KilnError(f"data.max_length must be >= 2, got {cfg.data.max_length}")
+    keep = parse_layers(cfg.keep_layers) if cfg.keep_layers else None
     log0: list[str] = []
     splits, labels, report = load_splits(cfg, log0.append)
+    teacher = _teacher(cfg, labels, resolve_device(tc.device)) if cfg.distill.teacher else None
     weights = tasks.class_weights(cfg.class_weights, labels, splits["train"])
     positive = None
     if cfg.positive_label:
@@ -387,6 +418,7 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
             raise KilnError(f"positive_label {cfg.positive_label!r} is not a label ({', '.join(labels)})")
         positive = labels.index(cfg.positive_label)
 
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir, quiet)
     log(f"kiln finetune classify -> {run_dir}")
@@ -396,7 +428,22 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
-    backbone, tokenizer, init_info = load_backbone(cfg, run_dir, log)
+    try:  # errors found once the backbone is loaded: leave no run folder behind
+        backbone, tokenizer, init_info = load_backbone(cfg, run_dir, log)
+        if keep is not None:
+            n = backbone.config.n_layer
+            keep_blocks(backbone, keep)
+            log(f"student: blocks {','.join(map(str, keep))} of the backbone's {n}")
+        if teacher is not None and teacher[1].to_str() != tokenizer.to_str():
+            raise KilnError(f"distill.teacher {cfg.distill.teacher} uses another tokenizer than init {cfg.init}; "
+                            f"a student must share its teacher's tokenizer")
+    except KilnError:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if teacher is not None:
+        log(f"distillation from {cfg.distill.teacher} ({_count(sum(p.numel() for p in teacher[0].parameters()))} "
+            f"parameters): alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
     cfg.model = copy.deepcopy(backbone.config)
     if cfg.data.max_length > cfg.model.context_length:
         log(f"note: data.max_length {cfg.data.max_length} > the backbone's context_length "
@@ -465,7 +512,9 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
         evaluate = lambda m: val_metrics(predict_probs(m, val, eval_bs, pad_id, device, "fp32"), val.labels, n_classes)  # noqa: E731
     else:
         log("warning: the validation split is empty: no early stopping; the last checkpoint is used")
-    trainer = ClassifyTrainer(model, ClassificationObjective(weights), tcfg, run_dir, batches.batch,
+    objective = ClassificationObjective(weights) if teacher is None else ClassificationObjective(
+        weights, teacher[0], cfg.distill.alpha, cfg.distill.temperature)
+    trainer = ClassifyTrainer(model, objective, tcfg, run_dir, batches.batch,
                               evaluate=evaluate, device=device, precision=precision, log=log,
                               metric=cfg.metric, patience=cfg.patience)
     result = trainer.fit()
