@@ -22,7 +22,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         bc = None if bias is None else bias.to(dtype)
         with torch.autocast(h.device.type, enabled=False):
             logits = hc @ wc.t() if bc is None else torch.addmm(bc, hc, wc.t())  # [N, V]: becomes the gradient
-            total = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32), device=h.device)
+            sums = []  # the returned total is made once at the end, never updated in place (pytorch#180642)
             valid_all = targets != ignore_index
             for s in range(0, logits.shape[0], chunk):
                 block, tgt, valid = logits[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
@@ -30,12 +30,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 f = block.to(torch.promote_types(block.dtype, torch.float32))  # fp32 at least
                 lse = torch.logsumexp(f, dim=-1)
                 picked = f.gather(1, tsafe[:, None]).squeeze(1)
-                total += torch.where(valid, lse - picked, 0.0).sum()
+                sums.append(torch.where(valid, lse - picked, 0.0).sum())
                 if need_grad:
                     f.sub_(lse[:, None]).exp_()
                     f.scatter_add_(1, tsafe[:, None], torch.full_like(picked[:, None], -1.0))
                     f.mul_(valid[:, None])
                     block.copy_(f)
+            total = torch.stack(sums).sum() if sums else logits.new_zeros((), dtype=torch.float32)
         if need_grad:
             ctx.save_for_backward(hc, wc, logits)
             ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -70,8 +71,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         chunk = max(1, (1 << (22 if h.device.type == 'cpu' else 28)) // weight.shape[0])
     if torch.compiler.is_compiling():
         # under torch.compile the plain formulation, which the compiler fuses itself. Traced through this
-        # autograd.Function (in-place gradient in a saved intermediate), torch 2.11 + CUDA gave exactly zero
-        # gradients: compiled training did not learn (bench/gpu_check.sh, docs/benchmarks.md)
+        # autograd.Function, torch 2.11 + CUDA gave exactly zero gradients and compiled training did not learn
+        # (an H200, docs/benchmarks.md): in-place ops in an autograd.Function's forward mis-route gradients
+        # under compile in torch 2.11 (pytorch/pytorch#180642)
         logits = F.linear(h, weight, bias)
         return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
                                reduction="sum")
