@@ -235,6 +235,17 @@ def test_ddp_two_ranks_match_one_process_and_resume_on_one(single, prepared, tmp
 
 
 @pytest.mark.distributed
+def test_torchrun_with_one_process_runs_the_wrapper_and_matches(single, prepared, tmp_path):
+    """Under torchrun a single process still joins a process group and runs FSDP2 (how one GPU checks the
+    multi-GPU path); its losses equal the plain process's."""
+    out = tmp_path / "one"
+    r = torchrun(1, *STEPS, "--data.prepared", str(prepared / "a"), "--out", str(out), "--train.parallel", "fsdp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "distributed: 1 ranks, backend gloo, fsdp" in (out / "log.txt").read_text()
+    assert max_delta(losses(single), losses(out), range(1, 21)) <= 1e-4
+
+
+@pytest.mark.distributed
 def test_fsdp_two_ranks_match_one_process_and_resume_across_world_sizes(single, prepared, tmp_path):
     out = tmp_path / "fsdp"
     r = torchrun(2, *STEPS, "--data.prepared", str(prepared / "a"), "--out", str(out), "--train.parallel", "fsdp")
