@@ -37,3 +37,15 @@ class HFCausalLM(torch.nn.Module):
 
     def forward(self, idx, **kw):
         return self.hf(input_ids=idx, use_cache=False).logits
+
+
+def emit_json(result: dict, path=None) -> None:
+    """Print a benchmark's result as JSON, and write it to `path` too when given (its folder is created)."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")

