@@ -123,6 +123,12 @@ def test_generate_cli_greedy_is_deterministic(corpus, tmp_path, capsys):
     assert capsys.readouterr().out == first and first.startswith("ROMEO:") and len(first) >= 26
     assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1",
                  "--top-k", "5", "--top-p", "0.9"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--device", "cpu"]) == 0
+    import torch
+
+    assert capsys.readouterr().out == first or torch.cuda.is_available()  # without a GPU, auto is the CPU
+    assert_user_error(capsys, argv + ["--device", "tpu"], "device must be auto, cpu, cuda[:N] or mps, got 'tpu'")
 
 
 def test_viz_attention_writes_a_grid_of_layers_by_heads(corpus, tmp_path, capsys):

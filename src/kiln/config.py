@@ -68,7 +68,7 @@ class TrainConfig:
     bf16_weights: bool = _f(True, "with bf16: compute in a bf16 copy of the weights (fp32 master weights in the "
                             "optimizer and checkpoints) instead of autocast's per-op casts")
     compile: bool = _f(False, "torch.compile the model")
-    device: str = _f("auto", "auto | cpu | cuda")
+    device: str = _f("auto", "auto | cpu | cuda[:N] | mps (auto: a CUDA GPU when there is one)")
     threads: int = _f(0, "torch CPU threads; 0 = all cores")
     eval_every: int = _f(250, "evaluate every N steps")
     eval_batches: int = _f(20, "validation batches per eval")

@@ -49,8 +49,10 @@ def resolve_device(name: str, what: str = "train.device") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KilnError(f"{what} is {name!r} but no CUDA device is available; use cpu or auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise KilnError(f"{what} must be auto, cpu or cuda[:N], got {name!r}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise KilnError(f"{what} is 'mps' but no Apple GPU is available; use cpu or auto")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise KilnError(f"{what} must be auto, cpu, cuda[:N] or mps, got {name!r}")
     return name
 
 
