@@ -80,7 +80,7 @@ stage mlm 60 $PY -m kiln pretrain configs/bert-mlm.yaml --out "$W/mlm" --train.d
   --train.eval_every 100 --train.log_every 50
 
 # tokens/s of the three torchrun runs (median of the logged windows after the first), MFU as nanoGPT counts it
-$PY - "$W" "$OUT" <<'EOF' | tee -a "$summary"
+$PY - "$W" <<'EOF' | tee -a "$summary"
 import csv, statistics, sys
 from pathlib import Path
 w = Path(sys.argv[1])

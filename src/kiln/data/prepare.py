@@ -183,7 +183,7 @@ def _write_documents(corpus: Corpus, cfg: DataConfig, seed: int, encode, eot, wr
     for doc in corpus.documents():
         if not doc.strip():
             continue
-        digest = hashlib.blake2b(doc.encode("utf-8"), digest_size=16).digest()
+        digest = _digest(doc)
         if cfg.dedup:
             if digest in seen:
                 dropped += 1
@@ -193,8 +193,7 @@ def _write_documents(corpus: Corpus, cfg: DataConfig, seed: int, encode, eot, wr
         if len(doc) > LONG_DOC_CHARS:
             sides: dict[str, list[str]] = {"train": [], "val": []}
             for piece in _pieces(doc, SPLIT_PIECE_CHARS):
-                d = hashlib.blake2b(piece.encode("utf-8"), digest_size=16).digest()
-                sides["val" if _to_val(d, seed, cfg.val_fraction) else "train"].append(piece)
+                sides["val" if _to_val(_digest(piece), seed, cfg.val_fraction) else "train"].append(piece)
             batch.extend((side, "".join(parts)) for side, parts in sides.items() if parts)
         else:
             batch.append(("val" if _to_val(digest, seed, cfg.val_fraction) else "train", doc))
@@ -213,6 +212,10 @@ def _write_documents(corpus: Corpus, cfg: DataConfig, seed: int, encode, eot, wr
         else:
             writers["train"].append(held)
     return {"documents": docs, "duplicates_dropped": dropped, "split": "hash"}
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def _to_val(digest: bytes, seed: int, val_fraction: float) -> bool:

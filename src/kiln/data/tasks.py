@@ -247,22 +247,39 @@ def split_examples(examples: list[Example], val_fraction: float, test_fraction: 
     groups: dict[tuple, list[Example]] = {}
     for e in examples:
         groups.setdefault(e.key, []).append(e)
+    if method not in ("stratified", "shuffle"):
+        raise KilnError(f"data.split must be stratified or shuffle, got {method!r}")
+    rng = random.Random(seed)
+    if method == "shuffle":
+        parts, singles = _cut_shuffled(list(groups), rng, val_fraction, test_fraction), []
+    else:
+        parts, singles = _cut_stratified(groups, rng, val_fraction, test_fraction)
+    for label in singles:
+        log(f"warning: label {label!r} has a single example: kept in train only (val/test have none of it)")
+    conflicting = sum(1 for members in groups.values() if len({m.label for m in members}) > 1)
+    out = {name: [e for k in keys for e in groups[k]] for name, keys in parts.items()}
+    info = {"groups": len(groups), "conflicting_texts": conflicting, "single_example_labels": singles}
+    return out["train"], out["val"], out["test"], info
+
+
+def _cut_shuffled(keys: list[tuple], rng: random.Random, val_fraction: float, test_fraction: float) -> dict:
+    """One shuffle of the groups (in order of first appearance), cut in order into train | val | test."""
+    rng.shuffle(keys)
+    n = len(keys)
+    a = max(int(n * (1.0 - val_fraction - test_fraction)), 1)
+    b = max(int(n * (1.0 - test_fraction)), a)
+    return {"train": keys[:a], "val": keys[a:b], "test": keys[b:]}
+
+
+def _cut_stratified(groups: dict, rng: random.Random, val_fraction: float,
+                    test_fraction: float) -> tuple[dict, list[str]]:
+    """Groups shuffled within their label (the label of the group's first row) and cut per label, then each
+    split's groups mixed; also the labels with a single group (kept in train)."""
     by_label: dict[str, list[tuple]] = {}
     for key, members in groups.items():
         by_label.setdefault(members[0].label, []).append(key)
-    rng = random.Random(seed)
     parts: dict[str, list[tuple]] = {"train": [], "val": [], "test": []}
     singles = []
-    if method not in ("stratified", "shuffle"):
-        raise KilnError(f"data.split must be stratified or shuffle, got {method!r}")
-    if method == "shuffle":
-        keys = list(groups)
-        rng.shuffle(keys)
-        n = len(keys)
-        a, b = int(n * (1.0 - val_fraction - test_fraction)), int(n * (1.0 - test_fraction))
-        a = max(a, 1)
-        parts = {"train": keys[:a], "val": keys[a:max(a, b)], "test": keys[max(a, b):]}
-        by_label = {}  # nothing is cut per label
     for label in sorted(by_label, key=str):
         keys = by_label[label]
         rng.shuffle(keys)
@@ -281,16 +298,9 @@ def split_examples(examples: list[Example], val_fraction: float, test_fraction: 
         parts["val"] += keys[:n_val]
         parts["test"] += keys[n_val:n_val + n_test]
         parts["train"] += keys[n_val + n_test:]
-    for label in singles:
-        log(f"warning: label {label!r} has a single example: kept in train only (val/test have none of it)")
-    conflicting = sum(1 for members in groups.values() if len({m.label for m in members}) > 1)
-    out = {}
-    for name, keys in parts.items():
-        if method == "stratified":  # mix the labels (a shuffle split is in random order already)
-            rng.shuffle(keys)
-        out[name] = [e for k in keys for e in groups[k]]
-    info = {"groups": len(groups), "conflicting_texts": conflicting, "single_example_labels": singles}
-    return out["train"], out["val"], out["test"], info
+    for keys in parts.values():  # mix the labels
+        rng.shuffle(keys)
+    return parts, singles
 
 
 def overlap(a: list[Example], b: list[Example]) -> int:
