@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
 import matplotlib  # noqa: E402
+import torch  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,9 +36,42 @@ from kiln.train.pretrain import run_pretrain  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(work: Path, data: Path, batch_tokens: int, optimizer: str, tokens: float, args) -> dict:
+def noise_scale(run_dir: Path, ckpt: Path, data: Path, micro_seqs: int, n_micro: int) -> dict:
+    """The gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, "An Empirical Model of
+    Large-Batch Training", appendix A): unbiased estimates of |G|^2 and tr(Sigma) from the gradient norms of
+    n_micro micro-batches of micro_seqs windows (B_small tokens each) and of their mean (B_big tokens). The
+    critical batch, past which a larger batch buys fewer steps at a growing cost in tokens, is about B_simple."""
+    from kiln.api import load
+    from kiln.data.shards import TokenShards
+    from kiln.train.batches import TokenBatches
+
+    model, _, cfg = load(run_dir, which=str(ckpt))
+    model.float().train()
+    context = cfg.model.context_length
+    batches = TokenBatches(TokenShards(data, "train"), context, micro_seqs, seed=12345)
+    params = [p for p in model.parameters() if p.requires_grad]
+    mean = [torch.zeros_like(p) for p in params]
+    sq_small = 0.0
+    for i in range(n_micro):
+        w = batches.batch(i)
+        loss = model(w[:, :-1], labels=w[:, 1:]) / w[:, 1:].numel()
+        grads = torch.autograd.grad(loss, params)
+        sq_small += sum(float(g.pow(2).sum()) for g in grads) / n_micro
+        for m, g in zip(mean, grads):
+            m.add_(g, alpha=1 / n_micro)
+    sq_big = sum(float(m.pow(2).sum()) for m in mean)
+    b_small, b_big = micro_seqs * context, n_micro * micro_seqs * context
+    g2 = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
+    trace = (sq_small - sq_big) / (1 / b_small - 1 / b_big)
+    return {"step": int(ckpt.name.split("_")[-1]), "grad_sq": g2, "trace": trace,
+            "b_simple_tokens": trace / g2 if g2 > 0 else float("inf")}
+
+
+def run(work: Path, data: Path, batch_tokens: int, optimizer: str, tokens: float, args,
+        measure_noise: bool = False) -> dict:
     context, micro = 64, args.micro_batch
     steps = max(1, round(tokens / batch_tokens))
+    save_every = max(1, steps // 4) if measure_noise else 10**9
     out = work / f"{optimizer}-{batch_tokens}"
     lr = args.lr if optimizer == "adamw" else args.lamb_lr
     cfg = load_config(None, [
@@ -49,15 +83,22 @@ def run(work: Path, data: Path, batch_tokens: int, optimizer: str, tokens: float
         "--train.reference_batch_tokens", str(args.base_batch), "--train.weight_decay", "0.01",
         "--train.max_steps", str(steps), "--train.warmup_steps", str(max(1, steps // 10)),
         "--train.eval_every", str(max(1, steps // args.evals)), "--train.eval_batches", "10",
-        "--train.save_every", str(10**9), "--train.keep_last", "1", "--train.sample_tokens", "0",
+        "--train.save_every", str(save_every), "--train.keep_last", "8", "--train.sample_tokens", "0",
         "--train.tensorboard", "false", "--train.log_every", str(max(1, steps // args.evals))])
     run_pretrain(cfg, quiet=True)
     with open(out / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
     curve = [(int(r["step"]), int(r["step"]) * batch_tokens, float(r["val_loss"])) for r in rows]
+    noise = []
+    if measure_noise:
+        for ckpt in sorted((out / "checkpoints").glob("step_*")):
+            noise.append(noise_scale(out, ckpt, data, args.noise_micro, args.noise_batches))
+            val = next((v for s, _, v in curve if s == noise[-1]["step"]), float("nan"))
+            print(f"  noise scale at step {noise[-1]['step']} (val {val:.4f}): B_simple = "
+                  f"{noise[-1]['b_simple_tokens']:,.0f} tokens", flush=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)  # a later run with the same batch must not append to these metrics
-    return {"optimizer": optimizer, "batch_tokens": batch_tokens, "steps": steps, "curve": curve}
+    return {"optimizer": optimizer, "batch_tokens": batch_tokens, "steps": steps, "curve": curve, "noise": noise}
 
 
 def main() -> None:
@@ -73,6 +114,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--evals", type=int, default=8)
+    ap.add_argument("--noise-batches", type=int, default=0, help="measure the gradient noise scale of the "
+                    "baseline at 4 points, from this many micro-batches (0 = off; 64 is a good start)")
+    ap.add_argument("--noise-micro", type=int, default=16, help="sequences per micro-batch for the noise scale")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "large_batch.png")
     args = ap.parse_args()
     print(f"# {machine()}")
@@ -85,11 +129,17 @@ def main() -> None:
         pairs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
     for optimizer, batch in pairs:
         budget = args.tokens if (batch == args.base_batch and optimizer == "adamw") else 1.1 * args.tokens
-        results.append(run(work, data, batch, optimizer, budget, args))
+        is_base = batch == args.base_batch and optimizer == "adamw"
+        results.append(run(work, data, batch, optimizer, budget, args, is_base and args.noise_batches > 0))
         r = results[-1]
         print(f"{optimizer} batch {batch}: final val {r['curve'][-1][2]:.4f} after {r['steps']} steps", flush=True)
     base = next(r for r in results if r["optimizer"] == "adamw" and r["batch_tokens"] == args.base_batch)
     target = base["curve"][-1][2]
+    if base["noise"]:
+        print("\n| baseline step | tokens | val loss | gradient noise scale B_simple (tokens) |\n|---|---|---|---|")
+        for n in base["noise"]:
+            val = next((v for s, _, v in base["curve"] if s == n["step"]), float("nan"))
+            print(f"| {n['step']} | {n['step'] * args.base_batch / 1e6:.1f}M | {val:.4f} | {n['b_simple_tokens']:,.0f} |")
     print(f"\nbaseline: AdamW, batch {args.base_batch} tokens, {base['steps']} steps, {args.tokens:.3g} tokens: "
           f"val {target:.4f}\n")
     print("| optimizer | global batch (tokens) | × baseline | steps run | first eval ≤ baseline val: steps, tokens (× baseline) | final val |")
