@@ -139,7 +139,8 @@ def main() -> None:
         print("\n| baseline step | tokens | val loss | gradient noise scale B_simple (tokens) |\n|---|---|---|---|")
         for n in base["noise"]:
             val = next((v for s, _, v in base["curve"] if s == n["step"]), float("nan"))
-            print(f"| {n['step']} | {n['step'] * args.base_batch / 1e6:.1f}M | {val:.4f} | {n['b_simple_tokens']:,.0f} |")
+            shown = f"{val:.4f}" if val == val else "–"  # a checkpoint saved between evals has no val loss
+            print(f"| {n['step']} | {n['step'] * args.base_batch / 1e6:.1f}M | {shown} | {n['b_simple_tokens']:,.0f} |")
     print(f"\nbaseline: AdamW, batch {args.base_batch} tokens, {base['steps']} steps, {args.tokens:.3g} tokens: "
           f"val {target:.4f}\n")
     print("| optimizer | global batch (tokens) | × baseline | steps run | first eval ≤ baseline val: steps, tokens (× baseline) | final val |")

@@ -62,3 +62,18 @@ def test_default_recipe_file_matches_the_bare_defaults():
     bare = to_dict(load_config(None))
     recipe.pop("name"), bare.pop("name")
     assert recipe == bare  # `kiln pretrain` and `make demo` run the same recipe
+
+
+@pytest.mark.parametrize("recipe", ["bert-mlm", "classify-rotten", "shakespeare-char", "translate-en-es"])
+def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
+    from pathlib import Path
+
+    from kiln.config import ClassifyConfig, Seq2SeqConfig
+
+    folder = Path(__file__).parents[1] / "configs"
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["bert-mlm", "classify-rotten", "shakespeare-char",
+                                                              "translate-en-es"]  # a new recipe joins this test
+    cls = {"classify-rotten": ClassifyConfig, "translate-en-es": Seq2SeqConfig}.get(recipe, RunConfig)
+    cfg = load_config(folder / f"{recipe}.yaml", cls=cls)
+    if recipe == "bert-mlm":  # the masked-LM recipe: an encoder with rotary positions (docs/benchmarks.md)
+        assert cfg.objective == "mlm" and cfg.model.arch == "encoder" and cfg.model.position == "rope"
