@@ -87,8 +87,13 @@ def init_distributed(backend_name: str, device: str) -> tuple[DistInfo, str]:
     return DistInfo(rank, world, local, backend), device
 
 
-def shutdown() -> None:
+def shutdown(ok: bool = False) -> None:
+    """Leave the process group. After a run that ended well on this rank, wait for the others first: a gloo
+    rank that tears its group down while a peer still works (rank 0 writing the last checkpoint) can abort in
+    C++ ("terminate called without an active exception"). After an error, no wait: a peer may never come."""
     if dist.is_available() and dist.is_initialized():
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
 
 

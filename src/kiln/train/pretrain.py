@@ -363,10 +363,13 @@ def pretrain_from_cli(config: str | None, overrides: list[str], resume: str | No
     else:
         cfg = load_config(config, overrides)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ok = False
     try:
-        return run_pretrain(cfg, resume=resume)
+        run_dir = run_pretrain(cfg, resume=resume)
+        ok = True
+        return run_dir
     finally:
-        shutdown()
+        shutdown(ok)
 
 
 def distill_from_cli(teacher: str, overrides: list[str]) -> Path:
@@ -379,8 +382,11 @@ def distill_from_cli(teacher: str, overrides: list[str]) -> Path:
     if not any(o == "--name" or o.startswith("--name=") for o in overrides):
         cfg.name = f"{cfg.name}-student"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ok = False
     try:
-        return run_pretrain(cfg)
+        run_dir = run_pretrain(cfg)
+        ok = True
+        return run_dir
     finally:
-        shutdown()
+        shutdown(ok)
 
