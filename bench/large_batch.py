@@ -46,7 +46,7 @@ def noise_scale(run_dir: Path, ckpt: Path, data: Path, micro_seqs: int, n_micro:
     from kiln.train.batches import TokenBatches
 
     model, _, cfg = load(run_dir, which=str(ckpt))
-    model.float().train()
+    model.float()  # eval mode (from load): no dropout noise in the gradients
     context = cfg.model.context_length
     batches = TokenBatches(TokenShards(data, "train"), context, micro_seqs, seed=12345)
     params = [p for p in model.parameters() if p.requires_grad]
