@@ -92,10 +92,11 @@ def run(work: Path, data: Path, batch_tokens: int, optimizer: str, tokens: float
     noise = []
     if measure_noise:
         for ckpt in sorted((out / "checkpoints").glob("step_*")):
-            noise.append(noise_scale(out, ckpt, data, args.noise_micro, args.noise_batches))
-            val = next((v for s, _, v in curve if s == noise[-1]["step"]), float("nan"))
-            print(f"  noise scale at step {noise[-1]['step']} (val {val:.4f}): B_simple = "
-                  f"{noise[-1]['b_simple_tokens']:,.0f} tokens", flush=True)
+            n = noise_scale(out, ckpt, data, args.noise_micro, args.noise_batches)
+            n["val_loss"] = next((v for s, _, v in curve if s == n["step"]), None)  # None between evals
+            noise.append(n)
+            print(f"  noise scale at step {n['step']} (val {n['val_loss']}): B_simple = "
+                  f"{n['b_simple_tokens']:,.0f} tokens", flush=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)  # a later run with the same batch must not append to these metrics
     return {"optimizer": optimizer, "batch_tokens": batch_tokens, "steps": steps, "curve": curve, "noise": noise}
@@ -128,8 +129,8 @@ def main() -> None:
     if args.runs:  # explicit optimizer:batch pairs, e.g. adamw:16384,lamb:262144
         pairs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
     for optimizer, batch in pairs:
-        budget = args.tokens if (batch == args.base_batch and optimizer == "adamw") else 1.1 * args.tokens
         is_base = batch == args.base_batch and optimizer == "adamw"
+        budget = args.tokens if is_base else 1.1 * args.tokens
         results.append(run(work, data, batch, optimizer, budget, args, is_base and args.noise_batches > 0))
         r = results[-1]
         print(f"{optimizer} batch {batch}: final val {r['curve'][-1][2]:.4f} after {r['steps']} steps", flush=True)
@@ -138,8 +139,7 @@ def main() -> None:
     if base["noise"]:
         print("\n| baseline step | tokens | val loss | gradient noise scale B_simple (tokens) |\n|---|---|---|---|")
         for n in base["noise"]:
-            val = next((v for s, _, v in base["curve"] if s == n["step"]), float("nan"))
-            shown = f"{val:.4f}" if val == val else "–"  # a checkpoint saved between evals has no val loss
+            shown = "–" if n["val_loss"] is None else f"{n['val_loss']:.4f}"
             print(f"| {n['step']} | {n['step'] * args.base_batch / 1e6:.1f}M | {shown} | {n['b_simple_tokens']:,.0f} |")
     print(f"\nbaseline: AdamW, batch {args.base_batch} tokens, {base['steps']} steps, {args.tokens:.3g} tokens: "
           f"val {target:.4f}\n")

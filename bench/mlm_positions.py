@@ -85,7 +85,7 @@ def main() -> None:
         ix = torch.randint(0, len(split) - a.context - 1, (n,), generator=g)
         return torch.stack([split[i:i + a.context + 1] for i in ix.tolist()])
 
-    val = [mlm.mask(windows(data[cut:], a.batch, 10**6 + i), 10**6 + i) for i in range(8)]
+    val = [windows(data[cut:], a.batch, 10**6 + i) for i in range(8)]  # masked the same way at every eval
     results = {}
     for name in a.models.split(","):
         torch.manual_seed(0)
@@ -101,15 +101,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             if step % a.eval_every == 0:
-                model.eval()
-                with torch.no_grad():
-                    hits = total = 0
-                    for vb in val:
-                        p = vb["labels"] != IGNORE
-                        hits += int((model(vb["input_ids"])[p].argmax(-1) == vb["labels"][p]).sum())
-                        total += int(p.sum())
-                model.train()
-                curve.append((step, round(hits / total, 4)))
+                curve.append((step, round(mlm.evaluate(model, lambda: iter(val))["mlm_accuracy"], 4)))
         results[name] = {"accuracy_by_step": curve, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{name:22s} " + "  ".join(f"{s}:{acc:.1%}" for s, acc in curve), flush=True)
     emit_json({"machine": machine(), "config": vars(a) | {"json": str(a.json)}, "results": results}, a.json)

@@ -11,6 +11,7 @@ torch.distributed.checkpoint.state_dict, keyed by parameter name), so a run save
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import types
@@ -87,14 +88,21 @@ def init_distributed(backend_name: str, device: str) -> tuple[DistInfo, str]:
     return DistInfo(rank, world, local, backend), device
 
 
-def shutdown(ok: bool = False) -> None:
-    """Leave the process group. After a run that ended well on this rank, wait for the others first: a gloo
-    rank that tears its group down while a peer still works (rank 0 writing the last checkpoint) can abort in
-    C++ ("terminate called without an active exception"). After an error, no wait: a peer may never come."""
-    if dist.is_available() and dist.is_initialized():
-        if ok:
-            dist.barrier()
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def leave_process_group_after():
+    """Leave the process group (if one was joined) when the block ends. After a block that ended well, wait for
+    the other ranks first: a gloo rank that tears its group down while a peer still works (rank 0 writing the
+    last checkpoint) can abort in C++ ("terminate called without an active exception"). After an error, no
+    wait: a peer may never come."""
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def main_first(info: DistInfo, fn):

@@ -15,8 +15,8 @@ from kiln.config import RunConfig, TrainConfig, dump_yaml, load_config
 from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
 from kiln.train.batches import TokenBatches, eval_windows
-from kiln.train.distributed import broadcast, env_world, init_distributed, main_first, resolve_backend, shutdown, \
-    wrap_model
+from kiln.train.distributed import broadcast, env_world, init_distributed, leave_process_group_after, main_first, \
+    resolve_backend, wrap_model
 from kiln.train.checkpoint import load_weights
 from kiln.train.objectives import CausalLM, evaluate_lm
 from kiln.train.precision import choose_precision
@@ -363,13 +363,8 @@ def pretrain_from_cli(config: str | None, overrides: list[str], resume: str | No
     else:
         cfg = load_config(config, overrides)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ok = False
-    try:
-        run_dir = run_pretrain(cfg, resume=resume)
-        ok = True
-        return run_dir
-    finally:
-        shutdown(ok)
+    with leave_process_group_after():
+        return run_pretrain(cfg, resume=resume)
 
 
 def distill_from_cli(teacher: str, overrides: list[str]) -> Path:
@@ -382,11 +377,6 @@ def distill_from_cli(teacher: str, overrides: list[str]) -> Path:
     if not any(o == "--name" or o.startswith("--name=") for o in overrides):
         cfg.name = f"{cfg.name}-student"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ok = False
-    try:
-        run_dir = run_pretrain(cfg)
-        ok = True
-        return run_dir
-    finally:
-        shutdown(ok)
+    with leave_process_group_after():
+        return run_pretrain(cfg)
 
