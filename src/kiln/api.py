@@ -9,7 +9,7 @@ import torch
 from kiln.config import RunConfig, load_config
 from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
-from kiln.train.checkpoint import find_checkpoint, load_weights
+from kiln.train.checkpoint import find_checkpoint, load_weights, weights_prefix
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -41,7 +41,7 @@ def load(run_dir: str | Path, which: str = "latest", device: str = "cpu", quanti
                             f"{meta.get('source', '')} here".rstrip())
 
         quantize_model(model, calibrate=False)
-    load_weights(model, ckpt / "model.safetensors")
+    load_weights(model, ckpt / "model.safetensors", prefix=weights_prefix(cfg))
     model.eval()
     tok_file = (ckpt.parent.parent / "tokenizer.json")
     tokenizer = None

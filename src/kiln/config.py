@@ -93,6 +93,13 @@ class MLMConfig:
 
 
 @dataclass
+class ElectraConfig:
+    generator_fraction: float = _f(0.25, "the generator's width and heads as a fraction of the encoder's "
+                                   "(ELECTRA: 1/4 to 1/3); masking follows mlm.*")
+    weight: float = _f(50.0, "weight of the replaced-token detection loss against the generator's MLM loss")
+
+
+@dataclass
 class DistillConfig:
     teacher: str = _f("", "teacher run folder: train this model (the student) to match its output distributions "
                       "(next tokens in pretraining, class probabilities in finetune classify); empty = no distillation")
@@ -107,7 +114,8 @@ class RunConfig:
     name: str = _f("run", "run name; the run folder is <out>/<name>-<timestamp> unless --out names it")
     out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
     seed: int = _f(1337, "random seed for init, data order and dropout")
-    objective: str = _f("clm", "clm (causal LM) | mlm (masked LM)", choices=("clm", "mlm"))
+    objective: str = _f("clm", "clm (causal LM) | mlm (masked LM) | electra (replaced-token detection)",
+                        choices=("clm", "mlm", "electra"))
     model_preset: str = _f("", "start from a named model preset (see `kiln models`); model.* keys override it")
     init: str = _f("", "start from the weights of this kiln run (e.g. made by `kiln import hf`): its model shape "
                    "and tokenizer are used, train.* and data.* apply as usual; empty = random init")
@@ -116,6 +124,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: default_recipe_train())
     mlm: MLMConfig = field(default_factory=MLMConfig)
+    electra: ElectraConfig = field(default_factory=ElectraConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 

@@ -83,11 +83,21 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = Non
               metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def weights_prefix(run_cfg) -> str:
+    """Where a run's model sits in its checkpoints: an ELECTRA run stores its encoder under `discriminator.`,
+    beside the generator it was trained with."""
+    return "discriminator." if getattr(run_cfg, "objective", "") == "electra" else ""
+
+
+def load_weights(model: torch.nn.Module, path: Path, prefix: str = "") -> None:
+    """Load a safetensors file into `model`, strictly (names and shapes). `prefix`: take only the tensors
+    under it (e.g. an ELECTRA run's `discriminator.`), without the prefix."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise KilnError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     model = unwrap(model)
     expected = model.state_dict()
     for name, tensor in state.items():

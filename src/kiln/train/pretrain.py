@@ -17,7 +17,7 @@ from kiln.model.transformer import Transformer
 from kiln.train.batches import TokenBatches, eval_windows
 from kiln.train.distributed import broadcast, env_world, init_distributed, leave_process_group_after, main_first, \
     resolve_backend, wrap_model
-from kiln.train.checkpoint import load_weights
+from kiln.train.checkpoint import load_weights, weights_prefix
 from kiln.train.objectives import CausalLM, evaluate_lm
 from kiln.train.precision import choose_precision
 from kiln.train.trainer import Trainer
@@ -160,12 +160,12 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         raise KilnError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                         f"{manifest['vocab_size']}")
     mlm = None
-    if cfg.objective == "mlm":
+    if cfg.objective in ("mlm", "electra"):
         if cfg.model.arch != "encoder":
-            raise KilnError(f"objective mlm trains an encoder: set model.arch encoder (got {cfg.model.arch!r}), "
-                            f"e.g. configs/bert-mlm.yaml")
+            raise KilnError(f"objective {cfg.objective} trains an encoder: set model.arch encoder (got "
+                            f"{cfg.model.arch!r}), e.g. configs/bert-mlm.yaml")
         if cfg.data.mixture:
-            raise KilnError("objective mlm with data.mixture is not supported yet: prepare one dataset")
+            raise KilnError(f"objective {cfg.objective} with data.mixture is not supported yet: prepare one dataset")
         from kiln.train.mlm import from_tokenizer
 
         mlm = from_tokenizer(run_dir / "tokenizer.json", int(manifest["vocab_size"]), cfg.mlm.mask_prob, cfg.seed)
@@ -190,9 +190,20 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     model = Transformer(cfg.model).to(device)
     if init_ckpt is not None:
         _check_same_tokenizer(Path(cfg.init), run_dir, "init")
-        load_weights(model, init_ckpt / "model.safetensors")
+        from kiln.api import load_run_config
+
+        load_weights(model, init_ckpt / "model.safetensors", prefix=weights_prefix(load_run_config(Path(cfg.init))))
         log(f"init: weights from {init_ckpt}")
     n_params = model.num_parameters()
+    if cfg.objective == "electra":
+        from kiln.train.electra import Electra, generator_config
+
+        if not 0.0 < cfg.electra.generator_fraction <= 1.0:
+            raise KilnError(f"electra.generator_fraction must be in (0, 1], got {cfg.electra.generator_fraction}")
+        gen_cfg = generator_config(cfg.model, cfg.electra.generator_fraction)
+        model = Electra(model, gen_cfg).to(device)
+        log(f"electra: generator d_model {gen_cfg.d_model}, {gen_cfg.n_head} head(s), "
+            f"{model.generator.num_parameters() / 1e6:.2f}M parameters; detection loss weight {cfg.electra.weight:g}")
     T, B = cfg.model.context_length, cfg.train.batch_size
     objective = CausalLM()
 
@@ -237,6 +248,14 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         def evaluate(m) -> dict:  # noqa: F811
             return mlm.evaluate(m, lambda: (b.to(device) for b in eval_windows(val_src, T, B, cfg.train.eval_batches)),
                                 whole)
+        if cfg.objective == "electra":
+            from kiln.train.electra import ReplacedTokenDetection
+
+            train_objective = rtd = ReplacedTokenDetection(mlm, cfg.electra.weight, whole)
+
+            def evaluate(m) -> dict:  # noqa: F811
+                return rtd.evaluate(m, lambda: (b.to(device) for b in eval_windows(val_src, T, B,
+                                                                                   cfg.train.eval_batches)))
     trainer = Trainer(model, train_objective, train_cfg, run_dir, next_batch, evaluate=evaluate,
                       device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main)
     if train_cfg.batch_ramp_tokens:
