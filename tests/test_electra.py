@@ -108,3 +108,13 @@ def test_electra_bad_settings_are_one_line_errors(corpus, tmp_path):
         run_pretrain(cfg_for(corpus, tmp_path / "a", "--electra.generator_fraction", "0"), quiet=True)
     with pytest.raises(KilnError, match="objective electra trains an encoder"):
         run_pretrain(cfg_for(corpus, tmp_path / "b", "--model.arch", "decoder"), quiet=True)
+
+
+def test_replacements_are_sampled_from_the_generator_distribution():
+    from kiln.train.electra import sample_rows
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    draws = sample_rows(probs.log().expand(40_000, 5).contiguous())
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert torch.allclose(freq, probs, atol=0.01) and freq[4] == 0  # a zero-probability token is never drawn

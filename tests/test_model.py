@@ -190,3 +190,21 @@ def test_masked_lm_labels_run_the_head_on_targets_only_with_the_same_loss():
     (g_plain,) = torch.autograd.grad(plain, [m.head_transform.dense.weight])
     (g_fused,) = torch.autograd.grad(fused, [m.head_transform.dense.weight])
     assert torch.allclose(g_fused, g_plain, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_the_expected_share_scales_and_passes_gradients_through_the_kept(dtype):
+    from kiln.model.transformer import Block, Dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200, 500, dtype=dtype, requires_grad=True)
+    y = Dropout(0.1).train()(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    assert torch.allclose(y[kept].float(), torch.full_like(y[kept].float(), 1 / 0.9), atol=1e-2)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # dropped positions get no gradient
+    assert torch.equal(Dropout(0.1).eval()(x), x)
+    # one dropout per sublayer output (BERT, GPT-2): a block has no second dropout inside its feed-forward
+    block = Block(ModelConfig(d_model=32, n_head=2, dropout=0.1).resolve())
+    assert sum(isinstance(m, torch.nn.Dropout) for m in block.modules()) == 1

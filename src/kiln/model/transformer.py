@@ -18,6 +18,21 @@ from kiln.model.losses import linear_cross_entropy
 # ----------------------------------------------------------------------------------------------- pieces
 
 
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout, except on CPU, where the mask comes from torch.rand: PyTorch's CPU bernoulli_ made dropout
+    1.4-1.7x slower, forward + backward, on [64, 128, 256] and [64, 4, 128, 128] tensors (docs/benchmarks.md)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    return x * (torch.rand(x.shape) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -145,7 +160,7 @@ def _attention_matmul(q, k, v, mask, is_causal, groups, dropout_p: float = 0.0, 
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = scores.softmax(-1)
     if dropout_p:
-        weights = F.dropout(weights, dropout_p)
+        weights = dropout(weights, dropout_p)
     return (weights @ v, weights) if return_weights else weights @ v
 
 
@@ -161,7 +176,6 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(),
                     "silu": nn.SiLU(), "swiglu": nn.SiLU()}[cfg.activation]
-        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
         h = self.up_proj(x)
@@ -170,7 +184,7 @@ class FeedForward(nn.Module):
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self.dropout(self.down_proj(h))
+        return self.down_proj(h)  # the block drops out its output, once (BERT's and GPT-2's single dropout)
 
 
 class Block(nn.Module):
@@ -182,7 +196,7 @@ class Block(nn.Module):
         self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
         self.cross_norm, self.cross_attn = (make_norm(cfg), Attention(cfg, cross=True)) if cross else (None, None)
         self.mlp_norm, self.mlp = make_norm(cfg), FeedForward(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def _sublayer(self, x, norm, fn):
         if self.pre_norm:
@@ -208,7 +222,7 @@ class Embeddings(nn.Module):
             self.register_buffer("sinusoid", sinusoidal_table(cfg.context_length, cfg.d_model), persistent=False)
         self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
 
     def forward(self, idx, position_ids, token_type_ids=None):
