@@ -50,3 +50,23 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
+
+
+def run_until_crash(run, step: int) -> None:
+    """Call run() and let its training die right after optimizer step `step`, as if the process were killed
+    there (the trainer's train_step raises SystemExit; nothing after it runs)."""
+    from kiln.train.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def dying(self):
+        if self.state.step == step:
+            raise SystemExit("simulated crash")
+        return original(self)
+
+    Trainer.train_step = dying
+    try:
+        with pytest.raises(SystemExit):
+            run()
+    finally:
+        Trainer.train_step = original

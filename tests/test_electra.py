@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, run_until_crash
 from kiln.config import load_config
 from kiln.errors import KilnError
 from kiln.train.pretrain import run_pretrain
-from kiln.train.trainer import Trainer
 
 ENCODER = ["--objective", "electra", "--model.arch", "encoder", "--model.position", "rope",
            "--electra.generator_fraction", "0.5"]
@@ -64,19 +63,7 @@ def test_the_discriminator_learns_to_find_replaced_tokens():
 def test_electra_run_reports_its_metrics_and_resumes_bit_for_bit(corpus, tmp_path):
     full = run_pretrain(cfg_for(corpus, tmp_path / "full", "--train.max_steps", "16"), quiet=True)
     part = cfg_for(corpus, tmp_path / "part", "--train.max_steps", "16", "--train.save_every", "5")
-    original = Trainer.train_step
-
-    def dying(self):
-        if self.state.step == 10:
-            raise SystemExit("simulated crash")
-        return original(self)
-
-    Trainer.train_step = dying
-    try:
-        with pytest.raises(SystemExit):
-            run_pretrain(part, quiet=True)
-    finally:
-        Trainer.train_step = original
+    run_until_crash(lambda: run_pretrain(part, quiet=True), 10)
     run_pretrain(load_config(tmp_path / "part/config.yaml"), resume=tmp_path / "part", quiet=True)
     a = {r["step"]: r["loss"] for r in rows(full) if r.get("loss")}
     b = {r["step"]: r["loss"] for r in rows(tmp_path / "part") if r.get("loss")}

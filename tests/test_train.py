@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, run_until_crash
 from kiln.config import load_config
 from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
@@ -42,22 +42,8 @@ def test_resume_continues_bit_for_bit(corpus, tmp_path):
     full = run_pretrain(cfg_for(corpus, tmp_path / "full", "--train.max_steps", "24"), quiet=True)
     part = cfg_for(corpus, tmp_path / "part", "--train.max_steps", "24", "--train.save_every", "5")
     part.train.max_steps = 24
-    from kiln.train import pretrain as pt
-
     # stop after step 15 as if the process died there (the last checkpoint is step 15)
-    original = Trainer.train_step
-
-    def dying(self):
-        if self.state.step == 15:
-            raise SystemExit("simulated crash")
-        return original(self)
-
-    Trainer.train_step = dying
-    try:
-        with pytest.raises(SystemExit):
-            pt.run_pretrain(part, quiet=True)
-    finally:
-        Trainer.train_step = original
+    run_until_crash(lambda: run_pretrain(part, quiet=True), 15)
     assert (tmp_path / "part/checkpoints/latest").read_text().strip() == "step_000015"
     cfg = load_config(tmp_path / "part/config.yaml")
     run_pretrain(cfg, resume=tmp_path / "part", quiet=True)
