@@ -24,9 +24,6 @@ from kiln.model.config import ModelConfig
 from kiln.model.transformer import Transformer
 from kiln.train.mlm import IGNORE, MaskedLM
 
-PREFIX = "discriminator."  # the encoder's weights in an ELECTRA checkpoint
-
-
 def generator_config(cfg: ModelConfig, fraction: float) -> ModelConfig:
     """The generator: the encoder's depth, vocabulary and positions at `fraction` of its width and heads."""
     n_head = max(1, round(cfg.n_head * fraction))
@@ -37,7 +34,7 @@ def generator_config(cfg: ModelConfig, fraction: float) -> ModelConfig:
 
 class Electra(nn.Module):
     """Generator + discriminator, trained jointly. forward -> (generator MLM loss sum, detection loss sum,
-    statistics for evaluation)."""
+    statistics for evaluation, None in training mode)."""
 
     def __init__(self, discriminator: Transformer, generator_cfg: ModelConfig):
         super().__init__()
@@ -65,6 +62,8 @@ class Electra(nn.Module):
         hd = self.discriminator.hidden(corrupted)
         rtd_logit = self.rtd_out(F.gelu(self.rtd_dense(hd))).squeeze(-1).float()
         rtd_loss = F.binary_cross_entropy_with_logits(rtd_logit, replaced, reduction="sum")
+        if self.training:  # evaluation's statistics stay off the training step
+            return gen_loss, rtd_loss, None
         stats = {"gen_correct": (logits.argmax(-1) == labels[picked]).sum(), "replaced": replaced,
                  "rtd_logit": rtd_logit.detach()}
         return gen_loss, rtd_loss, stats
@@ -81,11 +80,13 @@ class ReplacedTokenDetection:
         self.masking, self.weight, self.whole_word = masking, weight, whole_word
 
     def targets(self, batch: dict) -> int:
-        return int((batch["labels"] != IGNORE).sum())
+        return self.masking.targets(batch)
+
+    def combined(self, gen_loss: torch.Tensor, rtd_loss: torch.Tensor) -> torch.Tensor:
+        return gen_loss + self.weight * self.masking.mask_prob * rtd_loss
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        gen_loss, rtd_loss, _ = model(batch["input_ids"], batch["labels"])
-        return gen_loss + self.weight * self.masking.mask_prob * rtd_loss
+        return self.combined(*model(batch["input_ids"], batch["labels"])[:2])
 
     @torch.no_grad()
     def evaluate(self, model, windows) -> dict:
@@ -100,7 +101,7 @@ class ReplacedTokenDetection:
                 batch = self.masking.mask(w.cpu(), 10**9 + i, self.whole_word)
                 batch = {k: v.to(w.device) for k, v in batch.items()}
                 gen_loss, rtd_loss, s = model(batch["input_ids"], batch["labels"])
-                total += float(gen_loss + self.weight * self.masking.mask_prob * rtd_loss)
+                total += float(self.combined(gen_loss, rtd_loss))
                 gen_total += float(gen_loss)
                 rtd_total += float(rtd_loss)
                 gen_correct += float(s["gen_correct"])
@@ -126,4 +127,3 @@ def sample_rows(logits: torch.Tensor) -> torch.Tensor:
     cdf = logits.softmax(-1).cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
-

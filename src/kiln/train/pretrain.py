@@ -127,8 +127,10 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     train_cfg, batch_line = scale_batch_and_lr(cfg, world)
     if world > 1:
         resolve_backend(cfg.train.backend, device)
+    if cfg.objective == "electra" and not 0.0 < cfg.electra.generator_fraction <= 1.0:
+        raise KilnError(f"electra.generator_fraction must be in (0, 1], got {cfg.electra.generator_fraction}")
     notes: list[str] = []  # what init/distill decided, logged once the run folder exists
-    init_ckpt = _init_from(cfg, notes) if cfg.init and resume is None else None
+    init_ckpt, init_prefix = _init_from(cfg, notes) if cfg.init and resume is None else (None, "")
     teacher_dir = _distill_data(cfg, notes) if cfg.distill.teacher else None
     info, device = init_distributed(cfg.train.backend, device)
     if resume is not None:
@@ -190,16 +192,12 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     model = Transformer(cfg.model).to(device)
     if init_ckpt is not None:
         _check_same_tokenizer(Path(cfg.init), run_dir, "init")
-        from kiln.api import load_run_config
-
-        load_weights(model, init_ckpt / "model.safetensors", prefix=weights_prefix(load_run_config(Path(cfg.init))))
+        load_weights(model, init_ckpt / "model.safetensors", prefix=init_prefix)
         log(f"init: weights from {init_ckpt}")
     n_params = model.num_parameters()
     if cfg.objective == "electra":
         from kiln.train.electra import Electra, generator_config
 
-        if not 0.0 < cfg.electra.generator_fraction <= 1.0:
-            raise KilnError(f"electra.generator_fraction must be in (0, 1], got {cfg.electra.generator_fraction}")
         gen_cfg = generator_config(cfg.model, cfg.electra.generator_fraction)
         model = Electra(model, gen_cfg).to(device)
         log(f"electra: generator d_model {gen_cfg.d_model}, {gen_cfg.n_head} head(s), "
@@ -245,17 +243,18 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         def next_batch(i):  # noqa: F811  masks are a function of (seed, micro-batch index): exact resume
             return mlm.mask(batches.batch(i), i, whole)
 
+        def val_windows():
+            return (b.to(device) for b in eval_windows(val_src, T, B, cfg.train.eval_batches))
+
         def evaluate(m) -> dict:  # noqa: F811
-            return mlm.evaluate(m, lambda: (b.to(device) for b in eval_windows(val_src, T, B, cfg.train.eval_batches)),
-                                whole)
+            return mlm.evaluate(m, val_windows, whole)
         if cfg.objective == "electra":
             from kiln.train.electra import ReplacedTokenDetection
 
             train_objective = rtd = ReplacedTokenDetection(mlm, cfg.electra.weight, whole)
 
             def evaluate(m) -> dict:  # noqa: F811
-                return rtd.evaluate(m, lambda: (b.to(device) for b in eval_windows(val_src, T, B,
-                                                                                   cfg.train.eval_batches)))
+                return rtd.evaluate(m, val_windows)
     trainer = Trainer(model, train_objective, train_cfg, run_dir, next_batch, evaluate=evaluate,
                       device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main)
     if train_cfg.batch_ramp_tokens:
@@ -287,8 +286,9 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     return run_dir
 
 
-def _init_from(cfg: RunConfig, notes: list[str]) -> Path:
-    """`init`: take the run's model shape and (unless the data names its own) its tokenizer; return its checkpoint."""
+def _init_from(cfg: RunConfig, notes: list[str]) -> tuple[Path, str]:
+    """`init`: take the run's model shape and (unless the data names its own) its tokenizer; return its checkpoint
+    and the prefix of the model's weights in it (kiln.train.checkpoint.weights_prefix)."""
     from kiln.api import load_run_config
     from kiln.train.checkpoint import find_checkpoint
 
@@ -307,7 +307,7 @@ def _init_from(cfg: RunConfig, notes: list[str]) -> Path:
     notes.append(f"init: model shape from {init} ({cfg.model.arch}, {cfg.model.n_layer} layers, d_model "
                  f"{cfg.model.d_model}, vocab {cfg.model.vocab_size}); tokenizer "
                  f"{cfg.data.tokenizer if not cfg.data.prepared else 'of data.prepared'}")
-    return ckpt
+    return ckpt, weights_prefix(icfg)
 
 
 def _check_same_tokenizer(source: Path, run_dir: Path, key: str) -> None:
