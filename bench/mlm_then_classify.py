@@ -104,7 +104,7 @@ def main() -> None:
         tapt_corpus = corpus_folder(a.shared, out / "tapt", [], True)
         kiln("pretrain", str(encoder / "config.yaml"), "--init", str(encoder), "--out", str(out / "tapt_mlm"),
              "--data.source", str(tapt_corpus), "--data.tokenizer", str(encoder / "tokenizer.json"),
-             "--data.prepared", "", "--train.max_steps", str(a.tapt_steps), "--train.lr", str(a.tapt_lr),
+             "--data.prepared", "", "--data.lowercase", "false", "--train.max_steps", str(a.tapt_steps), "--train.lr", str(a.tapt_lr),
              "--train.min_lr", str(a.tapt_lr / 10), "--train.warmup_steps", "100",
              "--train.eval_every", str(max(a.tapt_steps // 5, 1)), "--train.save_every", str(a.tapt_steps),
              "--train.tensorboard", "false")

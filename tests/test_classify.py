@@ -369,3 +369,36 @@ def test_student_bad_input_is_one_line_and_leaves_no_run_folder(trained, capsys,
         user_error(capsys, ["finetune", "classify", "--data.train", data, "--init", deep, "--out", out, *extra, *FAST],
                    message)
         assert not out.exists()
+
+
+def test_token_mask_augmentation_masks_ordinary_tokens_only_and_replays_after_resume():
+    from kiln.train.classify import EpochBatches, Encoded
+
+    rng = random.Random(0)
+    ids = [[2] + [rng.randrange(5, 40) for _ in range(rng.randint(3, 20))] + [3] for _ in range(64)]
+    enc = Encoded(ids, None, [i % 2 for i in range(64)], 0)
+    plain = EpochBatches(enc, 16, seed=1, pad_id=0)
+    aug = EpochBatches(enc, 16, seed=1, pad_id=0, token_mask=0.25, mask_id=4, special_ids=[0, 1, 2, 3, 4])
+    masked = ordinary = 0
+    for i in range(8):
+        a, p = aug.batch(i), plain.batch(i)
+        assert torch.equal(a["labels"], p["labels"]) and torch.equal(a["attention_mask"], p["attention_mask"])
+        changed = a["input_ids"] != p["input_ids"]
+        assert (a["input_ids"][changed] == 4).all()  # a change is always the mask token
+        assert not changed[p["input_ids"] < 5].any()  # [CLS], [SEP] and padding stay
+        masked += int(changed.sum())
+        ordinary += int((p["input_ids"] >= 5).sum())
+        again = EpochBatches(enc, 16, seed=1, pad_id=0, token_mask=0.25, mask_id=4, special_ids=[0, 1, 2, 3, 4])
+        assert torch.equal(again.batch(i)["input_ids"], a["input_ids"])  # a pure function of (seed, step)
+    assert 0.2 < masked / ordinary < 0.3, masked / ordinary
+
+
+def test_token_mask_bad_input_is_one_line_and_leaves_no_run_folder(trained, capsys, tmp_path):
+    root, _, data = trained
+    for extra, message in ((["--token_mask", "1.5"], "token_mask must be in [0, 1), got 1.5"),
+                           (["--token_mask", "0.1"], "token_mask needs a tokenizer with a [MASK] or <mask> token")):
+        out = tmp_path / "never"
+        user_error(capsys, ["finetune", "classify", "--data.train", data, "--init", root / "backbone", "--out", out,
+                            *extra, *FAST], message)
+        assert not out.exists()
+

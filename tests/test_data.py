@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import string
 
 import numpy as np
 import pytest
@@ -96,6 +97,22 @@ def test_wordpiece_and_existing_tokenizer_path(tmp_path):
     assert m["tokenizer_kind"] == "wordpiece" and m["eot_token_id"] == tok.token_to_id("[SEP]")
     train = all_tokens(out, "train")
     assert (train == m["eot_token_id"]).sum() + (all_tokens(out, "val") == m["eot_token_id"]).sum() == 20
+
+
+def test_lowercase_tokenizer_is_saved_with_its_normalizer(tmp_path):
+    f = tmp_path / "corpus.txt"
+    f.write_text(SHAKESPEARE[:50_000], encoding="utf-8")
+    for kind in ("wordpiece", "bpe"):
+        m, out = run(tmp_path, name=kind, source=str(f), tokenizer=kind, vocab_size=400, lowercase=True)
+        tok = load_tokenizer(out / "tokenizer.json")  # what fine-tuning and generation load
+        assert tok.encode("ROMEO: Good Night").ids == tok.encode("romeo: good night").ids, kind
+        learned = [t for t in tok.get_vocab() if len(t) > 1 and not t.startswith(("[", "<|"))]  # merges, not bytes
+        assert learned and not any(c in string.ascii_uppercase for t in learned for c in t), kind
+    cased = train_tokenizer("wordpiece", [SHAKESPEARE[:50_000]], vocab_size=400)
+    assert cased.encode("ROMEO").ids != cased.encode("romeo").ids
+    for tokenizer in ("char", str(tmp_path / "bpe" / "tokenizer.json")):
+        with pytest.raises(KilnError, match="data.lowercase applies to a bpe or wordpiece tokenizer"):
+            run(tmp_path, name="never", source=str(f), tokenizer=tokenizer, lowercase=True)
 
 
 # -------------------------------------------------------------------------------------- inputs

@@ -32,6 +32,8 @@ class DataConfig:
     text_field: str = _f("text", "field holding the text in JSONL/CSV input")
     tokenizer: str = _f("char", "char | bpe | wordpiece | path to an existing tokenizer.json")
     vocab_size: int = _f(8192, "vocabulary size when training a bpe/wordpiece tokenizer")
+    lowercase: bool = _f(False, "a bpe/wordpiece tokenizer that lowercases (like BERT uncased): the normalizer is "
+                         "saved in tokenizer.json, so fine-tuning and generation lowercase too")
     val_fraction: float = _f(0.1, "share of the data held out for validation")
     dedup: bool = _f(False, "drop exact duplicate documents")
     prepared: str = _f("", "folder of already prepared shards (manifest.json); skips preparation")
@@ -176,6 +178,8 @@ class ClassifyConfig:
     pooling: str = _f("auto", "auto | mean | cls | pooler | last (auto: mean for encoders, last token for "
                       "decoders)", choices=("auto", "mean", "cls", "pooler", "last"))
     head_dropout: float = _f(0.1, "dropout before the classification layer")
+    token_mask: float = _f(0.0, "augmentation: share of each training example's tokens (special tokens excepted) "
+                           "replaced by the tokenizer's mask token, drawn anew every step; 0 = off")
     epochs: float = _f(3.0, "passes over the training split (sets train.max_steps when that is 0)")
     warmup_fraction: float = _f(0.06, "share of the steps for linear warmup when train.warmup_steps is 0")
     class_weights: str = _f("none", "none | balanced | label=weight,label=weight (weighted cross-entropy)")

@@ -95,13 +95,16 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int = 1337, log=print, *
 
 
 def _tokenizer(cfg: DataConfig, corpus: Corpus, log, sample_bytes: int | None):
+    if cfg.lowercase and cfg.tokenizer not in ("bpe", "wordpiece"):
+        raise KilnError(f"data.lowercase applies to a bpe or wordpiece tokenizer trained here, not to "
+                        f"data.tokenizer {cfg.tokenizer!r} (an existing tokenizer.json keeps its own normalizer)")
     if cfg.tokenizer not in KINDS:  # a path to an existing tokenizer.json
         tok = train_tokenizer(cfg.tokenizer, [])
         return tok, tokenizer_kind(tok)
     limit = None if cfg.tokenizer == "char" else sample_bytes  # char needs every character
     what = "all" if limit is None else f"the first {limit / 1e6:.0f} MB"
     log(f"pass 1: building the {cfg.tokenizer} tokenizer from {what} of the text"
-        + ("" if cfg.tokenizer == "char" else f" (vocab {cfg.vocab_size})"))
+        + ("" if cfg.tokenizer == "char" else f" (vocab {cfg.vocab_size}{', lowercased' if cfg.lowercase else ''})"))
     n, finished = 0, False
 
     def texts():
@@ -113,7 +116,7 @@ def _tokenizer(cfg: DataConfig, corpus: Corpus, log, sample_bytes: int | None):
         finished = True
 
     try:
-        tok = train_tokenizer(cfg.tokenizer, texts(), cfg.vocab_size)
+        tok = train_tokenizer(cfg.tokenizer, texts(), cfg.vocab_size, lowercase=cfg.lowercase)
     except KilnError:
         if not (finished and n == 0):  # an input error, not "no text"
             raise

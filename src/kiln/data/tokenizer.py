@@ -31,7 +31,7 @@ def char_tokenizer(chars: Iterable[str]) -> Tokenizer:
     return tok
 
 
-def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
+def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int = 8192, lowercase: bool = False) -> Tokenizer:
     """Train a tokenizer of `kind` on an iterable of texts, or load `kind` when it is a tokenizer.json path."""
     if kind == "char":
         seen: set[str] = set()
@@ -44,6 +44,8 @@ def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int = 8192)
         if vocab_size < 257:
             raise KilnError(f"data.vocab_size {vocab_size} too small for byte-level BPE (needs > 256)")
         tok = Tokenizer(models.BPE())
+        if lowercase:
+            tok.normalizer = normalizers.Lowercase()
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -55,7 +57,7 @@ def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int = 8192)
         if vocab_size < len(BERT_SPECIALS) + 1:
             raise KilnError(f"data.vocab_size {vocab_size} too small for wordpiece")
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS,

@@ -157,19 +157,32 @@ def collate(enc: Encoded, index, pad_id: int) -> dict:
 
 
 class EpochBatches:
-    """Micro-batch `i` of a seeded per-epoch shuffle: a pure function of i (resume and determinism)."""
+    """Micro-batch `i` of a seeded per-epoch shuffle: a pure function of i (resume and determinism).
 
-    def __init__(self, enc: Encoded, batch_size: int, seed: int, pad_id: int):
+    token_mask > 0 replaces that share of the ordinary tokens of every example by `mask_id`, drawn from a
+    generator seeded by (seed, i): the same batch after a resume."""
+
+    def __init__(self, enc: Encoded, batch_size: int, seed: int, pad_id: int, token_mask: float = 0.0,
+                 mask_id: int | None = None, special_ids=()):
         self.enc, self.B, self.seed, self.pad_id = enc, batch_size, seed, pad_id
         self.per_epoch = math.ceil(len(enc) / batch_size)
         self._epoch, self._perm = -1, None
+        self.token_mask, self.mask_id = token_mask, mask_id
+        self.special = torch.tensor(sorted(set(special_ids)) + [pad_id], dtype=torch.long)
 
     def batch(self, i: int) -> dict:
         epoch, j = divmod(i, self.per_epoch)
         if epoch != self._epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.enc))
             self._epoch = epoch
-        return collate(self.enc, self._perm[j * self.B:(j + 1) * self.B], self.pad_id)
+        batch = collate(self.enc, self._perm[j * self.B:(j + 1) * self.B], self.pad_id)
+        if self.token_mask > 0:
+            ids = batch["input_ids"]
+            ordinary = batch["attention_mask"] & ~torch.isin(ids, self.special)
+            g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, i, 7]).integers(2**62)))
+            chosen = (torch.rand(ids.shape, generator=g) < self.token_mask) & ordinary
+            batch["input_ids"] = ids.masked_fill(chosen, self.mask_id)
+        return batch
 
 
 def eval_batches(enc: Encoded, batch_size: int, pad_id: int):
@@ -407,6 +420,8 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
                         "batches in examples (train.batch_size x train.grad_accum)")
     if cfg.data.max_length < 2:
         raise KilnError(f"data.max_length must be >= 2, got {cfg.data.max_length}")
+    if not 0.0 <= cfg.token_mask < 1.0:
+        raise KilnError(f"token_mask must be in [0, 1), got {cfg.token_mask}")
     keep = parse_layers(cfg.keep_layers) if cfg.keep_layers else None
     log0: list[str] = []
     splits, labels, report = load_splits(cfg, log0.append)
@@ -437,6 +452,7 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
         if teacher is not None and teacher[1].to_str() != tokenizer.to_str():
             raise KilnError(f"distill.teacher {cfg.distill.teacher} uses another tokenizer than init {cfg.init}; "
                             f"a student must share its teacher's tokenizer")
+        mask_id, special = _mask_token(tokenizer, cfg.token_mask)
     except KilnError:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -503,7 +519,9 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
                           "warmup_steps": tcfg.warmup_steps, "eval_every": tcfg.eval_every}
     (run_dir / "data.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    batches = EpochBatches(enc["train"], tc.batch_size, cfg.seed, pad_id)
+    if cfg.token_mask:
+        log(f"augmentation: {cfg.token_mask:.0%} of the training tokens become mask token {mask_id}, anew each step")
+    batches = EpochBatches(enc["train"], tc.batch_size, cfg.seed, pad_id, cfg.token_mask, mask_id, special)
     eval_bs = max(2 * tc.batch_size, 16)
     n_classes = len(labels)
     val = enc["val"]
@@ -553,6 +571,19 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
                                   if m in v} for k, v in results.items() if k != "train"}}, indent=2) + "\n")
     log(f"done: run folder {run_dir}")
     return run_dir
+
+
+def _mask_token(tokenizer, token_mask: float) -> tuple[int | None, list[int]]:
+    """The tokenizer's mask token id and its special token ids, for `token_mask` augmentation."""
+    if not token_mask:
+        return None, []
+    from kiln.train.mlm import special_ids
+
+    mask_id, special = special_ids(tokenizer.get_vocab(with_added_tokens=True))
+    if mask_id is None:
+        raise KilnError("token_mask needs a tokenizer with a [MASK] or <mask> token; this one has none "
+                        "(a WordPiece tokenizer or a BERT-style checkpoint has one)")
+    return mask_id, special
 
 
 def _count(n: int) -> str:

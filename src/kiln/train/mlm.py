@@ -91,16 +91,22 @@ class MaskedLM:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "mlm_accuracy": correct / max(count, 1)}
 
 
+def special_ids(vocab: dict[str, int]) -> tuple[int | None, list[int]]:
+    """(the [MASK]/<mask> id or None, the ids of every bracketed special token such as [CLS] or <s>)."""
+    mask_id = next((vocab[t] for t in ("[MASK]", "<mask>") if t in vocab), None)
+    special = [i for t, i in vocab.items() if t.startswith(("[", "<")) and t.endswith(("]", ">")) and len(t) > 2]
+    return mask_id, special
+
+
 def from_tokenizer(tokenizer_file: Path, base_vocab: int, mask_prob: float, seed: int) -> MaskedLM:
     """Use the tokenizer's [MASK]/<mask> token, or append one id after the vocabulary (char, BPE)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))
     vocab = tok.get_vocab()
-    mask_id = next((vocab[t] for t in ("[MASK]", "<mask>") if t in vocab), None)
+    mask_id, special = special_ids(vocab)
     size = base_vocab if mask_id is not None else base_vocab + 1
     mask_id = base_vocab if mask_id is None else mask_id
-    special = [i for t, i in vocab.items() if t.startswith(("[", "<")) and t.endswith(("]", ">")) and len(t) > 2]
     by_id = {i: t for t, i in vocab.items()}
     names = [by_id.get(i, "") for i in range(size)]
     continuation = space = None
