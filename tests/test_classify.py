@@ -47,11 +47,13 @@ def reviews(n: int, seed: int = 0, long_every: int = 7):
     return rows
 
 
-def make_backbone(path: Path, arch: str = "encoder", n_layer: int = 1) -> Path:
-    """A tiny kiln run folder (config.yaml, tokenizer.json, checkpoint) to start from."""
+def make_backbone(path: Path, arch: str = "encoder", n_layer: int = 1, reverse_words: bool = False) -> Path:
+    """A tiny kiln run folder (config.yaml, tokenizer.json, checkpoint) to start from. reverse_words: another
+    tokenizer (the same words under other ids)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + POS + NEG + FILLER)}
+    words = POS + NEG + FILLER
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + (words[::-1] if reverse_words else words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -320,8 +322,8 @@ def test_distillation_objective_is_the_weighted_kl_and_cross_entropy():
     from kiln.train.classify import ClassificationObjective
 
     torch.manual_seed(0)
-    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
-    batch = {"input_ids": torch.randn(5, 4), "labels": torch.tensor([0, 1, 2, 1, 0])}
+    student, teacher, other = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x, y, T = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0]), 3.0
 
     class Wrap(torch.nn.Module):  # the classifier call signature
         def __init__(self, lin):
@@ -331,14 +333,20 @@ def test_distillation_objective_is_the_weighted_kl_and_cross_entropy():
         def forward(self, input_ids, attention_mask=None, token_type_ids=None):
             return self.lin(input_ids)
 
-    s, t = Wrap(student), Wrap(teacher)
-    x, y, T = batch["input_ids"], batch["labels"], 3.0
+    s = Wrap(student)
     ce = torch.nn.functional.cross_entropy(student(x), y, reduction="sum")
-    p_t, log_p_s = (teacher(x) / T).softmax(-1), (student(x) / T).log_softmax(-1)
-    kl = (p_t * (p_t.log() - log_p_s)).sum() * T * T
-    for alpha in (0.0, 0.3, 1.0):
-        got = ClassificationObjective(None, t, alpha, T).loss(s, batch)
-        assert torch.allclose(got, alpha * kl + (1 - alpha) * ce, atol=1e-5)
+    log_p_s = (student(x) / T).log_softmax(-1)
+    with torch.no_grad():
+        one = teacher(x).unsqueeze(1)  # [B, 1 teacher, C], as collate writes it
+        two = torch.stack([teacher(x), other(x)], 1)
+    for t_logits, p_t in ((one, (teacher(x) / T).softmax(-1)),
+                          (two, ((teacher(x) / T).softmax(-1) + (other(x) / T).softmax(-1)) / 2)):  # an ensemble
+        kl = (p_t * (p_t.log() - log_p_s)).sum() * T * T
+        for alpha in (0.0, 0.3, 1.0):
+            got = ClassificationObjective(None, alpha, T).loss(s, {"input_ids": x, "labels": y,
+                                                                  "teacher_logits": t_logits})
+            assert torch.allclose(got, alpha * kl + (1 - alpha) * ce, atol=1e-5)
+    assert torch.allclose(ClassificationObjective(None, 0.7, T).loss(s, {"input_ids": x, "labels": y}), ce)
 
 
 def test_shallow_student_from_chosen_layers_distilled_from_a_teacher(trained, capsys, tmp_path):
@@ -358,12 +366,26 @@ def test_shallow_student_from_chosen_layers_distilled_from_a_teacher(trained, ca
     assert summary["test"]["accuracy"] >= 0.8  # the synthetic task is easy; the teacher gets it too
 
 
+def test_student_of_an_ensemble_of_teachers_with_another_tokenizer(trained, capsys, tmp_path):
+    root, teacher, data = trained
+    other = make_backbone(tmp_path / "other", reverse_words=True)  # not the teacher's tokenizer
+    run = tmp_path / "student"
+    code, out, err = finetune(capsys, "--data.train", data, "--init", other, "--out", run,
+                              "--distill.teacher", f"{teacher},{teacher}", "--distill.alpha", "1.0",
+                              "--data.max_length", "8", "--epochs", "5", "--train.batch_size", "8", "--train.lr", "5e-3")
+    assert code == 0, err
+    assert "an ensemble of 2" in out and "teacher logits for 128 training examples" in out
+    # alpha 1: the labels are never used, so all it knows comes from the teachers' distributions
+    assert json.loads((run / "eval" / "summary.json").read_text())["test"]["accuracy"] >= 0.8
+
+
 def test_student_bad_input_is_one_line_and_leaves_no_run_folder(trained, capsys, tmp_path):
     root, teacher, data = trained
     deep = make_backbone(tmp_path / "deep", n_layer=2)
     for extra, message in ((["--keep_layers", "0,5"], "keep_layers 0,5: the backbone has blocks 0..1"),
                            (["--keep_layers", "a,b"], "keep_layers must be block numbers"),
                            (["--distill.teacher", deep], "is not a classifier run folder"),
+                           (["--distill.teacher", f"{teacher},{deep}"], "is not a classifier run folder"),
                            (["--distill.teacher", teacher, "--distill.alpha", "1.5"], "distill.alpha must be in [0, 1]")):
         out = tmp_path / "never"
         user_error(capsys, ["finetune", "classify", "--data.train", data, "--init", deep, "--out", out, *extra, *FAST],

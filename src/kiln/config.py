@@ -104,7 +104,8 @@ class ElectraConfig:
 @dataclass
 class DistillConfig:
     teacher: str = _f("", "teacher run folder: train this model (the student) to match its output distributions "
-                      "(next tokens in pretraining, class probabilities in finetune classify); empty = no distillation")
+                      "(next tokens in pretraining, class probabilities in finetune classify; there several "
+                      "comma-separated runs are an ensemble, their distributions averaged); empty = no distillation")
     checkpoint: str = _f("best", "teacher checkpoint: best | latest | a folder")
     alpha: float = _f(0.5, "weight of the distillation term (KL to the teacher at `temperature`, times T^2); "
                       "1 - alpha weighs the usual cross-entropy on the data")

@@ -96,6 +96,7 @@ class Encoded:
                  truncated: int):
         self.ids, self.types, self.labels, self.truncated = ids, types, labels, truncated
         self.lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        self.teacher_logits: np.ndarray | None = None  # [n_teachers, n, n_classes] for distillation
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -153,6 +154,8 @@ def collate(enc: Encoded, index, pad_id: int) -> dict:
         batch["token_type_ids"] = types
     if enc.labels is not None:
         batch["labels"] = torch.as_tensor([enc.labels[i] for i in index], dtype=torch.long)
+    if enc.teacher_logits is not None:
+        batch["teacher_logits"] = torch.as_tensor(enc.teacher_logits[:, index], dtype=torch.float32).transpose(0, 1)
     return batch
 
 
@@ -198,30 +201,38 @@ def _inputs(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def predict_probs(model, enc: Encoded, batch_size: int, pad_id: int, device: str = "cpu",
-                  precision: str = "fp32") -> np.ndarray:
+def predict_logits(model, enc: Encoded, batch_size: int, pad_id: int, device: str = "cpu",
+                   precision: str = "fp32") -> np.ndarray:
+    """Class logits [n, n_classes] (float64) of every example, in the split's order."""
     was_training = model.training
     model.eval()
-    probs = None
+    out = None
     with autocast(precision, device):
         for idx, batch in eval_batches(enc, batch_size, pad_id):
-            logits = model(**{k: v.to(device) for k, v in _inputs(batch).items()}).float()
-            p = logits.softmax(-1).cpu().numpy()
-            if probs is None:
-                probs = np.zeros((len(enc), p.shape[1]), dtype=np.float64)
-            probs[idx] = p
+            z = model(**{k: v.to(device) for k, v in _inputs(batch).items()}).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(enc), z.shape[1]), dtype=np.float64)
+            out[idx] = z
     model.train(was_training)
-    return probs
+    return out
+
+
+def predict_probs(model, enc: Encoded, batch_size: int, pad_id: int, device: str = "cpu",
+                  precision: str = "fp32") -> np.ndarray:
+    z = predict_logits(model, enc, batch_size, pad_id, device, precision)
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
 
 
 class ClassificationObjective:
-    """Cross-entropy over the batch's labels (a SUM; optionally class-weighted). With a teacher (a fine-tuned
-    classifier, frozen): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, per example."""
+    """Cross-entropy over the batch's labels (a SUM; optionally class-weighted). With teachers' logits in the
+    batch (`teacher_logits` [B, n_teachers, n_classes], fine-tuned classifiers run once before training):
+    alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, per example, where teacher_T is the
+    mean of the teachers' distributions at temperature T (an ensemble)."""
 
-    def __init__(self, weights: list[float] | None = None, teacher: nn.Module | None = None, alpha: float = 0.5,
-                 temperature: float = 2.0):
+    def __init__(self, weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 2.0):
         self.weights = torch.tensor(weights, dtype=torch.float32) if weights else None
-        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+        self.alpha, self.temperature = alpha, temperature
 
     def targets(self, batch) -> int:
         return int(batch["labels"].shape[0])
@@ -230,13 +241,12 @@ class ClassificationObjective:
         logits = model(**_inputs(batch)).float()
         w = self.weights.to(logits.device) if self.weights is not None else None
         ce = F.cross_entropy(logits, batch["labels"], weight=w, reduction="sum")
-        if self.teacher is None or self.alpha == 0.0:
+        if "teacher_logits" not in batch or self.alpha == 0.0:
             return ce
-        with torch.no_grad():
-            t_logits = self.teacher(**_inputs(batch)).float()
         T = self.temperature
-        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
-                      reduction="sum") * (T * T)
+        t = batch["teacher_logits"].to(logits.device).float()
+        t_logp = torch.logsumexp(F.log_softmax(t / T, -1), dim=1) - math.log(t.shape[1])  # log of the mean
+        kd = F.kl_div(F.log_softmax(logits / T, -1), t_logp, log_target=True, reduction="sum") * (T * T)
         return self.alpha * kd + (1.0 - self.alpha) * ce
 
 
@@ -330,20 +340,33 @@ def load_backbone(cfg: ClassifyConfig, run_dir: Path, log) -> tuple[Transformer,
 # ----------------------------------------------------------------------------------------------- pipeline
 
 
-def _teacher(cfg: ClassifyConfig, labels: list[str], device: str):
-    """(teacher classifier, its tokenizer) for distill.teacher, checked before any work: a classifier run with
-    the same labels in the same order."""
+def _teachers(cfg: ClassifyConfig, labels: list[str], device: str) -> list:
+    """(classifier, tokenizer, config) of each distill.teacher run (comma-separated: an ensemble), checked
+    before any work: classifier runs with the same labels in the same order."""
     d = cfg.distill
     if not 0.0 <= d.alpha <= 1.0:
         raise KilnError(f"distill.alpha must be in [0, 1], got {d.alpha}")
     if d.temperature <= 0:
         raise KilnError(f"distill.temperature must be > 0, got {d.temperature}")
-    teacher, tok, _, t_labels = load_classifier(d.teacher, d.checkpoint, device=device)
-    if t_labels != labels:
-        raise KilnError(f"distill.teacher {d.teacher} has labels {t_labels}; this data has {labels}")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher, tok
+    teachers = []
+    for run in [t.strip() for t in d.teacher.split(",") if t.strip()]:
+        model, tok, t_cfg, t_labels = load_classifier(run, d.checkpoint, device=device)
+        if t_labels != labels:
+            raise KilnError(f"distill.teacher {run} has labels {t_labels}; this data has {labels}")
+        teachers.append((model, tok, t_cfg))
+    return teachers
+
+
+def teacher_logits(teachers: list, examples: list, labels: list[str], device: str) -> np.ndarray:
+    """[n_teachers, n, n_classes]: each teacher's class logits for the examples, each through its own tokenizer
+    and max_length (teachers need not share the student's tokenizer)."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for model, tok, t_cfg in teachers:
+        enc = encode_examples(prepare_tokenizer(tok, t_cfg.data.max_length), examples, index, t_cfg.model, "teacher")
+        pad = t_cfg.model.pad_token_id if t_cfg.model.pad_token_id >= 0 else 0
+        out.append(predict_logits(model, enc, 64, pad, device))
+    return np.stack(out)
 
 
 def _new_run_dir(cfg: ClassifyConfig) -> Path:
@@ -425,7 +448,7 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
     keep = parse_layers(cfg.keep_layers) if cfg.keep_layers else None
     log0: list[str] = []
     splits, labels, report = load_splits(cfg, log0.append)
-    teacher = _teacher(cfg, labels, resolve_device(tc.device)) if cfg.distill.teacher else None
+    teachers = _teachers(cfg, labels, resolve_device(tc.device)) if cfg.distill.teacher else []
     weights = tasks.class_weights(cfg.class_weights, labels, splits["train"])
     positive = None
     if cfg.positive_label:
@@ -449,17 +472,16 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
             n = backbone.config.n_layer
             keep_blocks(backbone, keep)
             log(f"student: blocks {','.join(map(str, keep))} of the backbone's {n}")
-        if teacher is not None and teacher[1].to_str() != tokenizer.to_str():
-            raise KilnError(f"distill.teacher {cfg.distill.teacher} uses another tokenizer than init {cfg.init}; "
-                            f"a student must share its teacher's tokenizer")
         mask_id, special = _mask_token(tokenizer, cfg.token_mask)
     except KilnError:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    if teacher is not None:
-        log(f"distillation from {cfg.distill.teacher} ({_count(sum(p.numel() for p in teacher[0].parameters()))} "
-            f"parameters): alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
+    if teachers:
+        sizes = ", ".join(_count(sum(p.numel() for p in t[0].parameters())) for t in teachers)
+        log(f"distillation from {cfg.distill.teacher} ({sizes} parameters"
+            + (f"; an ensemble of {len(teachers)}, their distributions averaged" if len(teachers) > 1 else "")
+            + f"): alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
     cfg.model = copy.deepcopy(backbone.config)
     if cfg.data.max_length > cfg.model.context_length:
         log(f"note: data.max_length {cfg.data.max_length} > the backbone's context_length "
@@ -480,6 +502,11 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
     counts = report["splits"]
     log("splits: " + ", ".join(f"{n} {counts[n]['n']} " + "(" + ", ".join(f"{k} {v}" for k, v in counts[n]['labels'].items()) + ")"
                              for n in ("train", "val", "test")))
+    if teachers:  # the teachers see each training text once, through their own tokenizers
+        t0 = time.perf_counter()
+        enc["train"].teacher_logits = teacher_logits(teachers, splits["train"], labels, device)
+        log(f"teacher logits for {len(enc['train'])} training examples in {time.perf_counter() - t0:.1f}s")
+        del teachers
 
     # steps and schedule
     steps_per_epoch = math.ceil(len(enc["train"]) / tc.batch_size / tc.grad_accum)
@@ -530,8 +557,7 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
         evaluate = lambda m: val_metrics(predict_probs(m, val, eval_bs, pad_id, device, "fp32"), val.labels, n_classes)  # noqa: E731
     else:
         log("warning: the validation split is empty: no early stopping; the last checkpoint is used")
-    objective = ClassificationObjective(weights) if teacher is None else ClassificationObjective(
-        weights, teacher[0], cfg.distill.alpha, cfg.distill.temperature)
+    objective = ClassificationObjective(weights, cfg.distill.alpha, cfg.distill.temperature)
     trainer = ClassifyTrainer(model, objective, tcfg, run_dir, batches.batch,
                               evaluate=evaluate, device=device, precision=precision, log=log,
                               metric=cfg.metric, patience=cfg.patience)

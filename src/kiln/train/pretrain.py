@@ -320,6 +320,9 @@ def _check_same_tokenizer(source: Path, run_dir: Path, key: str) -> None:
 def _distill_data(cfg: RunConfig, notes: list[str]) -> Path:
     """Check the teacher run and the distill keys; train on its token shards unless data.prepared names others."""
     teacher = Path(cfg.distill.teacher).expanduser()
+    if "," in cfg.distill.teacher and not teacher.exists():
+        raise KilnError(f"distill.teacher {cfg.distill.teacher!r}: pretraining distills from one teacher run; "
+                        f"an ensemble of teachers is for finetune classify")
     if not (teacher / "config.yaml").is_file():
         raise KilnError(f"distill.teacher {teacher} is not a kiln run folder (no config.yaml)")
     if not 0.0 <= cfg.distill.alpha <= 1.0 or cfg.distill.temperature <= 0:
