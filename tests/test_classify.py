@@ -386,6 +386,7 @@ def test_student_bad_input_is_one_line_and_leaves_no_run_folder(trained, capsys,
                            (["--keep_layers", "a,b"], "keep_layers must be block numbers"),
                            (["--distill.teacher", deep], "is not a classifier run folder"),
                            (["--distill.teacher", f"{teacher},{deep}"], "is not a classifier run folder"),
+                           (["--distill.teacher", ","], "distill.teacher ',' names no run folder"),
                            (["--distill.teacher", teacher, "--distill.alpha", "1.5"], "distill.alpha must be in [0, 1]")):
         out = tmp_path / "never"
         user_error(capsys, ["finetune", "classify", "--data.train", data, "--init", deep, "--out", out, *extra, *FAST],

@@ -354,6 +354,8 @@ def _teachers(cfg: ClassifyConfig, labels: list[str], device: str) -> list:
         if t_labels != labels:
             raise KilnError(f"distill.teacher {run} has labels {t_labels}; this data has {labels}")
         teachers.append((model, tok, t_cfg))
+    if not teachers:
+        raise KilnError(f"distill.teacher {d.teacher!r} names no run folder")
     return teachers
 
 
