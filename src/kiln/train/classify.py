@@ -171,7 +171,7 @@ class EpochBatches:
         self.per_epoch = math.ceil(len(enc) / batch_size)
         self._epoch, self._perm = -1, None
         self.token_mask, self.mask_id = token_mask, mask_id
-        self.special = torch.tensor(sorted(set(special_ids)) + [pad_id], dtype=torch.long)
+        self.special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)  # padding: attention_mask
 
     def batch(self, i: int) -> dict:
         epoch, j = divmod(i, self.per_epoch)
