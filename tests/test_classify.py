@@ -347,6 +347,14 @@ def test_distillation_objective_is_the_weighted_kl_and_cross_entropy():
                                                                   "teacher_logits": t_logits})
             assert torch.allclose(got, alpha * kl + (1 - alpha) * ce, atol=1e-5)
     assert torch.allclose(ClassificationObjective(None, 0.7, T).loss(s, {"input_ids": x, "labels": y}), ce)
+    # augmented examples (hard 0) are learned from the teachers alone: no cross-entropy term for them
+    hard = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+    ce_hard = (torch.nn.functional.cross_entropy(student(x), y, reduction="none") * hard).sum()
+    p_t = (teacher(x) / T).softmax(-1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum() * T * T
+    got = ClassificationObjective(None, 0.4, T).loss(s, {"input_ids": x, "labels": y, "teacher_logits": one,
+                                                         "hard": hard})
+    assert torch.allclose(got, 0.4 * kl + 0.6 * ce_hard, atol=1e-5) and ce_hard < ce
 
 
 def test_shallow_student_from_chosen_layers_distilled_from_a_teacher(trained, capsys, tmp_path):
@@ -379,6 +387,35 @@ def test_student_of_an_ensemble_of_teachers_with_another_tokenizer(trained, caps
     assert json.loads((run / "eval" / "summary.json").read_text())["test"]["accuracy"] >= 0.8
 
 
+def test_student_learns_from_teacher_labelled_augmented_copies(trained, capsys, tmp_path):
+    root, teacher, data = trained
+    run = tmp_path / "student"
+    code, out, err = finetune(capsys, "--data.train", data, "--init", root / "backbone", "--out", run,
+                              "--distill.teacher", teacher, "--distill.augment", "2", "--distill.alpha", "0.5",
+                              "--data.max_length", "8", "--epochs", "2", "--train.batch_size", "8", "--train.lr", "5e-3")
+    assert code == 0, err
+    assert "augmentation: 256 augmented copies of the 128 training texts (2 each)" in out
+    assert "teacher logits for 384 training examples" in out and "96 steps (2.00 epochs of 48)" in out
+    assert json.loads((run / "eval" / "summary.json").read_text())["test"]["accuracy"] >= 0.8
+
+
+def test_augmented_texts_are_seeded_changes_of_their_source():
+    from kiln.data.augment import augment_texts
+
+    texts = [" ".join(random.Random(i).sample(FILLER, 8)) for i in range(50)]
+    a = augment_texts(texts, 3, seed=1, mask="[MASK]")
+    assert a == augment_texts(texts, 3, seed=1, mask="[MASK]") and a != augment_texts(texts, 3, seed=2, mask="[MASK]")
+    assert [i for i, _ in a] == [i for i in range(50) for _ in range(3)]  # 3 copies each, in source order
+    words = [w for _, t in a for w in t.split()]
+    assert set(words) <= set(FILLER) | {"[MASK]"} and 0.05 < words.count("[MASK]") / len(words) < 0.15
+    changed = sum(t != texts[i] for i, t in a)
+    assert changed > 0.7 * len(a)  # p(unchanged 8-word text) = 0.8^8 x 0.75 = 13%
+    cut = sum(len(t.split()) < 8 for _, t in a)
+    assert 0.15 < cut / len(a) < 0.35  # n-gram windows: about p_ngram = 25% of the copies
+    dropped = augment_texts(texts, 3, seed=1, mask=None)  # no shared mask token: masked words are dropped
+    assert all(t and "[MASK]" not in t for _, t in dropped)
+
+
 def test_student_bad_input_is_one_line_and_leaves_no_run_folder(trained, capsys, tmp_path):
     root, teacher, data = trained
     deep = make_backbone(tmp_path / "deep", n_layer=2)
@@ -387,7 +424,11 @@ def test_student_bad_input_is_one_line_and_leaves_no_run_folder(trained, capsys,
                            (["--distill.teacher", deep], "is not a classifier run folder"),
                            (["--distill.teacher", f"{teacher},{deep}"], "is not a classifier run folder"),
                            (["--distill.teacher", ","], "distill.teacher ',' names no run folder"),
-                           (["--distill.teacher", teacher, "--distill.alpha", "1.5"], "distill.alpha must be in [0, 1]")):
+                           (["--distill.teacher", teacher, "--distill.alpha", "1.5"], "distill.alpha must be in [0, 1]"),
+                           (["--distill.augment", "2"], "distill.augment needs distill.teacher"),
+                           (["--distill.teacher", teacher, "--distill.augment", "-1"], "distill.augment must be >= 0"),
+                           (["--distill.teacher", teacher, "--distill.augment", "2", "--distill.alpha", "0"],
+                            "distill.augment needs distill.alpha > 0")):
         out = tmp_path / "never"
         user_error(capsys, ["finetune", "classify", "--data.train", data, "--init", deep, "--out", out, *extra, *FAST],
                    message)

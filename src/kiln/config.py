@@ -110,6 +110,9 @@ class DistillConfig:
     alpha: float = _f(0.5, "weight of the distillation term (KL to the teacher at `temperature`, times T^2); "
                       "1 - alpha weighs the usual cross-entropy on the data")
     temperature: float = _f(2.0, "softmax temperature of both distributions in the distillation term")
+    augment: int = _f(0, "finetune classify: add this many augmented copies of each training text (words masked, "
+                      "swapped, cut to an n-gram; Tang et al. 2019) that the teachers label; the student learns "
+                      "them from the teachers alone. 0 = none")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from kiln.config import ClassifyConfig, dump_yaml, load_config
 from kiln.data import tasks
 from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
+from kiln.train.mlm import special_ids
 from kiln.train.precision import autocast, choose_precision
 from kiln.train.pretrain import RunLog, resolve_device
 from kiln.train.trainer import BestByMetric, Trainer
@@ -97,6 +98,12 @@ class Encoded:
         self.ids, self.types, self.labels, self.truncated = ids, types, labels, truncated
         self.lengths = np.array([len(x) for x in ids], dtype=np.int64)
         self.teacher_logits: np.ndarray | None = None  # [n_teachers, n, n_classes] for distillation
+        self.hard: np.ndarray | None = None  # per example 1.0 = learn its label too, 0.0 = teachers only
+
+    def __add__(self, other: "Encoded") -> "Encoded":
+        types = self.types + other.types if self.types is not None and other.types is not None else None
+        labels = self.labels + other.labels if self.labels is not None and other.labels is not None else None
+        return Encoded(self.ids + other.ids, types, labels, self.truncated + other.truncated)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -156,6 +163,8 @@ def collate(enc: Encoded, index, pad_id: int) -> dict:
         batch["labels"] = torch.as_tensor([enc.labels[i] for i in index], dtype=torch.long)
     if enc.teacher_logits is not None:
         batch["teacher_logits"] = torch.as_tensor(enc.teacher_logits[:, index], dtype=torch.float32).transpose(0, 1)
+    if enc.hard is not None:
+        batch["hard"] = torch.as_tensor(enc.hard[index], dtype=torch.float32)
     return batch
 
 
@@ -228,7 +237,8 @@ class ClassificationObjective:
     """Cross-entropy over the batch's labels (a SUM; optionally class-weighted). With teachers' logits in the
     batch (`teacher_logits` [B, n_teachers, n_classes], fine-tuned classifiers run once before training):
     alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, per example, where teacher_T is the
-    mean of the teachers' distributions at temperature T (an ensemble)."""
+    mean of the teachers' distributions at temperature T (an ensemble). A `hard` weight per example (augmented
+    texts: 0) switches the cross-entropy term off where the label is not known to hold."""
 
     def __init__(self, weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 2.0):
         self.weights = torch.tensor(weights, dtype=torch.float32) if weights else None
@@ -240,7 +250,11 @@ class ClassificationObjective:
     def loss(self, model, batch) -> torch.Tensor:
         logits = model(**_inputs(batch)).float()
         w = self.weights.to(logits.device) if self.weights is not None else None
-        ce = F.cross_entropy(logits, batch["labels"], weight=w, reduction="sum")
+        if "hard" in batch:
+            hard = batch["hard"].to(logits.device)
+            ce = (F.cross_entropy(logits, batch["labels"], weight=w, reduction="none") * hard).sum()
+        else:
+            ce = F.cross_entropy(logits, batch["labels"], weight=w, reduction="sum")
         if "teacher_logits" not in batch or self.alpha == 0.0:
             return ce
         T = self.temperature
@@ -356,7 +370,23 @@ def _teachers(cfg: ClassifyConfig, labels: list[str], device: str) -> list:
         teachers.append((model, tok, t_cfg))
     if not teachers:
         raise KilnError(f"distill.teacher {d.teacher!r} names no run folder")
+    if d.augment < 0:
+        raise KilnError(f"distill.augment must be >= 0, got {d.augment}")
+    if d.augment and d.alpha == 0.0:
+        raise KilnError("distill.augment needs distill.alpha > 0: augmented texts are learned from the teachers alone")
     return teachers
+
+
+def augmented_examples(rows: list, copies: int, seed: int, tokenizers: list) -> list:
+    """`copies` augmented versions of each training example (kiln.data.augment), the label carried along
+    only as a placeholder. A masked word becomes the mask token every tokenizer knows, or is dropped."""
+    from kiln.data.augment import augment_texts
+
+    masks = [special_ids(t.get_vocab(with_added_tokens=True))[0] for t in tokenizers]
+    names = {t.id_to_token(m) if m is not None else None for t, m in zip(tokenizers, masks)}
+    mask = names.pop() if len(names) == 1 else None
+    return [tasks.Example(text=text, label=rows[i].label, pair=rows[i].pair)
+            for i, text in augment_texts([r.text for r in rows], copies, seed, mask)]
 
 
 def teacher_logits(teachers: list, examples: list, labels: list[str], device: str) -> np.ndarray:
@@ -447,6 +477,8 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
         raise KilnError(f"data.max_length must be >= 2, got {cfg.data.max_length}")
     if not 0.0 <= cfg.token_mask < 1.0:
         raise KilnError(f"token_mask must be in [0, 1), got {cfg.token_mask}")
+    if cfg.distill.augment and not cfg.distill.teacher:
+        raise KilnError("distill.augment needs distill.teacher: the teachers label the augmented texts")
     keep = parse_layers(cfg.keep_layers) if cfg.keep_layers else None
     log0: list[str] = []
     splits, labels, report = load_splits(cfg, log0.append)
@@ -506,7 +538,16 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
                              for n in ("train", "val", "test")))
     if teachers:  # the teachers see each training text once, through their own tokenizers
         t0 = time.perf_counter()
-        enc["train"].teacher_logits = teacher_logits(teachers, splits["train"], labels, device)
+        rows = splits["train"]
+        if cfg.distill.augment:
+            extra = augmented_examples(rows, cfg.distill.augment, cfg.seed, [tokenizer] + [t[1] for t in teachers])
+            n = len(enc["train"])
+            enc["train"] = enc["train"] + encode_examples(tok, extra, index, cfg.model, "augmented")
+            enc["train"].hard = np.r_[np.ones(n), np.zeros(len(extra))]
+            rows = rows + extra
+            log(f"augmentation: {len(extra)} augmented copies of the {n} training texts "
+                f"({cfg.distill.augment} each), labelled by the teachers alone")
+        enc["train"].teacher_logits = teacher_logits(teachers, rows, labels, device)
         log(f"teacher logits for {len(enc['train'])} training examples in {time.perf_counter() - t0:.1f}s")
         del teachers
 
@@ -605,8 +646,6 @@ def _mask_token(tokenizer, token_mask: float) -> tuple[int | None, list[int]]:
     """The tokenizer's mask token id and its special token ids, for `token_mask` augmentation."""
     if not token_mask:
         return None, []
-    from kiln.train.mlm import special_ids
-
     mask_id, special = special_ids(tokenizer.get_vocab(with_added_tokens=True))
     if mask_id is None:
         raise KilnError("token_mask needs a tokenizer with a [MASK] or <mask> token; this one has none "

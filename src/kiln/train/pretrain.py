@@ -320,6 +320,8 @@ def _check_same_tokenizer(source: Path, run_dir: Path, key: str) -> None:
 def _distill_data(cfg: RunConfig, notes: list[str]) -> Path:
     """Check the teacher run and the distill keys; train on its token shards unless data.prepared names others."""
     teacher = Path(cfg.distill.teacher).expanduser()
+    if cfg.distill.augment:
+        raise KilnError("distill.augment is for finetune classify; pretraining distills on the token shards")
     if "," in cfg.distill.teacher and not teacher.exists():
         raise KilnError(f"distill.teacher {cfg.distill.teacher!r}: pretraining distills from one teacher run; "
                         f"an ensemble of teachers is for finetune classify")
