@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--encoder", type=Path, default=None, help="an existing MLM run: skip the first pretraining")
     ap.add_argument("--tapt-steps", type=int, default=0, help="task-adaptive MLM steps on the review texts alone")
     ap.add_argument("--tapt-lr", type=float, default=3e-4)
+    ap.add_argument("--tapt-args", default="", help="further overrides of the TAPT run, e.g. '--mlm.mask_prob 0.3'")
     ap.add_argument("--seeds", default="0", help="fine-tuning seeds, comma-separated")
     ap.add_argument("--ft-args", default="", help="further overrides of the fine-tuning, e.g. "
                     "'--train.layer_lr_decay 0.8'")
@@ -107,7 +108,7 @@ def main() -> None:
              "--data.prepared", "", "--data.lowercase", "false", "--train.max_steps", str(a.tapt_steps), "--train.lr", str(a.tapt_lr),
              "--train.min_lr", str(a.tapt_lr / 10), "--train.warmup_steps", "100",
              "--train.eval_every", str(max(a.tapt_steps // 5, 1)), "--train.save_every", str(a.tapt_steps),
-             "--train.tensorboard", "false")
+             "--train.tensorboard", "false", *shlex.split(a.tapt_args))
         encoder = out / "tapt_mlm"
         pretrain_min += (time.perf_counter() - t1) / 60
     runs = []
@@ -125,7 +126,7 @@ def main() -> None:
         mlm = [{k: v for k, v in row.items() if v} for row in csv.DictReader(f) if row.get("val_loss")]
     mean = {k: round(statistics.mean(r[k] for r in runs), 4) for k in ("test_accuracy", "test_macro_f1", "val_accuracy")}
     result = {"machine": machine(), "encoder": str(encoder), "mlm_steps": a.steps if a.encoder is None else None,
-              "tapt_steps": a.tapt_steps, "pretrain_minutes": round(pretrain_min, 2), "last_mlm_eval": mlm[-1] if mlm else None,
+              "tapt_steps": a.tapt_steps, "tapt_args": a.tapt_args, "pretrain_minutes": round(pretrain_min, 2), "last_mlm_eval": mlm[-1] if mlm else None,
               "finetunes": runs, "mean": mean, "run_dir": str(out)}
     emit_json(result, a.json)
 
