@@ -145,6 +145,38 @@ def test_predict_and_eval(trained, capsys, tmp_path):
     assert m["n"] == 3 and m["skipped_empty_text"] == 1 and (tmp_path / "ev" / "new_confusion.png").is_file()
 
 
+def test_predict_and_eval_an_ensemble_of_runs_with_other_tokenizers(trained, capsys, tmp_path):
+    import shutil
+
+    root, run, data = trained
+    other = tmp_path / "other"
+    code, _, err = finetune(capsys, "--data.train", data, "--init", make_backbone(tmp_path / "rev", reverse_words=True),
+                            "--out", other, "--data.max_length", "8", "--epochs", "2", "--train.batch_size", "8",
+                            "--train.lr", "5e-3", "--seed", "3")
+    assert code == 0, err
+    new = write_csv(tmp_path / "new.csv", [("pos", "a lovely film"), ("neg", "the plot was awful"),
+                                           ("neg", "dull and quite long"), ("pos", "fine actors")])
+    p = {}
+    for name, runs in (("a", str(run)), ("b", str(other)), ("ab", f"{run},{other}")):
+        assert main(["predict", runs, str(new), "--out", str(tmp_path / f"{name}.csv")]) == 0
+        with open(tmp_path / f"{name}.csv", newline="") as f:
+            p[name] = np.array([[float(r["p_neg"]), float(r["p_pos"])] for r in csv.DictReader(f)])
+    assert "ensemble of 2 runs" in capsys.readouterr().out
+    assert not np.allclose(p["a"], p["b"], atol=1e-3)  # two different models...
+    assert np.allclose(p["ab"], (p["a"] + p["b"]) / 2, atol=2e-6)  # ...averaged
+    assert main(["eval", f"{run},{other}", str(new)]) == 0
+    m = json.loads((run / "eval" / "new-ensemble2.json").read_text())
+    assert m["runs"] == [str(run), str(other)] and m["n"] == 4
+
+    swapped = tmp_path / "swapped"  # the same model with its label names in another order
+    shutil.copytree(run, swapped)
+    meta = json.loads((swapped / "labels.json").read_text())
+    meta["labels"] = meta["labels"][::-1]
+    (swapped / "labels.json").write_text(json.dumps(meta))
+    user_error(capsys, ["eval", f"{run},{swapped}", new], "an ensemble needs the same labels in the same order")
+    user_error(capsys, ["predict", ",", new], "',' names no run folder")
+
+
 def test_eval_label_unknown_to_the_model(trained, capsys, tmp_path):
     _, run, _ = trained
     bad = write_csv(tmp_path / "bad.csv", [("pos", "good"), ("meh", "the film")])

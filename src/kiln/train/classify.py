@@ -714,24 +714,54 @@ def _encode_file(run_dir, file, which, require_label):
     return model, cfg, labels, rows, report, enc
 
 
-def _predict_file(run_dir: Path, file: Path, which: str, require_label: bool, log):
-    """(config, label names, rows, data report, encoded rows, class probabilities) of a run on a file."""
-    model, cfg, labels, rows, report, enc = _encode_file(run_dir, file, which, require_label=require_label)
-    for line in report.lines():
-        log(line)
-    pad = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
-    probs = predict_probs(model, enc, max(2 * cfg.train.batch_size, 16), pad)
-    return cfg, labels, rows, report, enc, probs
+def run_folders(run_dir: str | Path) -> list[Path]:
+    """One classifier run folder, or several comma-separated (an ensemble)."""
+    text = str(run_dir)
+    if "," not in text or Path(text).exists():
+        return [Path(text)]
+    runs = [Path(r.strip()) for r in text.split(",") if r.strip()]
+    if not runs:
+        raise KilnError(f"{text!r} names no run folder")
+    return runs
+
+
+def _predict_file(runs: list[Path], file: Path, which: str, require_label: bool, log):
+    """(config, label names, rows, data report, encoded rows, class probabilities) of a run on a file; for
+    several runs (an ensemble) the mean of their class probabilities, each run through its own tokenizer."""
+    probs = []
+    for r in runs:
+        model, cfg_r, labels_r, rows_r, report_r, enc_r = _encode_file(r, file, which, require_label=require_label)
+        if not probs:
+            cfg, labels, rows, report, enc = cfg_r, labels_r, rows_r, report_r, enc_r
+            for line in report.lines():
+                log(line)
+        elif labels_r != labels:
+            raise KilnError(f"{r} has labels {labels_r}, {runs[0]} has {labels}: an ensemble needs the same "
+                            "labels in the same order")
+        elif len(rows_r) != len(rows):
+            raise KilnError(f"{r} reads {len(rows_r)} example(s) from {file}, {runs[0]} reads {len(rows)}: an "
+                            "ensemble needs runs with the same text columns")
+        pad = cfg_r.model.pad_token_id if cfg_r.model.pad_token_id >= 0 else 0
+        probs.append(predict_probs(model, enc_r, max(2 * cfg_r.train.batch_size, 16), pad))
+        del model
+    if len(runs) > 1:
+        log(f"ensemble of {len(runs)} runs: their class probabilities averaged")
+    return cfg, labels, rows, report, enc, np.mean(probs, axis=0)
+
+
+def _default_name(runs: list[Path], file: Path) -> str:
+    return f"{file.stem}-ensemble{len(runs)}" if len(runs) > 1 else file.stem
 
 
 def predict_file(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best",
                  log=print) -> Path:
-    """Write a CSV: line, text, [text_pair], [label], prediction, p_<label> for every label."""
+    """Write a CSV: line, text, [text_pair], [label], prediction, p_<label> for every label. `run_dir` may
+    name several runs, comma-separated: their ensemble (class probabilities averaged)."""
     import csv
 
-    run_dir, file = Path(run_dir), Path(file)
-    cfg, labels, rows, report, enc, probs = _predict_file(run_dir, file, which, False, log)
-    out = Path(out) if out else run_dir / "predictions" / f"{file.stem}.csv"
+    runs, file = run_folders(run_dir), Path(file)
+    cfg, labels, rows, report, enc, probs = _predict_file(runs, file, which, False, log)
+    out = Path(out) if out else runs[0] / "predictions" / f"{_default_name(runs, file)}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     pair = bool(cfg.data.text_pair_field)
     has_label = any(r.label is not None for r in rows)
@@ -750,16 +780,17 @@ def predict_file(run_dir: str | Path, file: str | Path, out: str | Path | None =
 
 def evaluate_file(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best",
                   log=print) -> dict:
-    """Metrics of a run on a labelled file: printed as a table, written as JSON (+ plots beside it)."""
+    """Metrics of a run (or of comma-separated runs: their ensemble) on a labelled file: printed as a table,
+    written as JSON (+ plots beside it)."""
     from kiln.eval.classification import metrics_table
 
-    run_dir, file = Path(run_dir), Path(file)
-    cfg, labels, rows, report, enc, probs = _predict_file(run_dir, file, which, True, log)
-    out = Path(out) if out else run_dir / "eval" / f"{file.stem}.json"
+    runs, file = run_folders(run_dir), Path(file)
+    cfg, labels, rows, report, enc, probs = _predict_file(runs, file, which, True, log)
+    out = Path(out) if out else runs[0] / "eval" / f"{_default_name(runs, file)}.json"
     positive = labels.index(cfg.positive_label) if cfg.positive_label in labels else None
     m = evaluate_and_report(probs, enc.labels, labels, out.parent, out.stem, positive,
                             extra={"file": str(file), "skipped_empty_text": report.empty_text,
-                                   "truncated": enc.truncated})
+                                   "truncated": enc.truncated, "runs": [str(r) for r in runs]})
     log(f"{file}: {len(rows)} example(s)" + (f", {enc.truncated} cut at max_length {cfg.data.max_length}"
                                              if enc.truncated else ""))
     log(metrics_table(m))
