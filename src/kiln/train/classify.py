@@ -363,17 +363,11 @@ def _teachers(cfg: ClassifyConfig, labels: list[str], device: str) -> list:
     if d.temperature <= 0:
         raise KilnError(f"distill.temperature must be > 0, got {d.temperature}")
     teachers = []
-    for run in [t.strip() for t in d.teacher.split(",") if t.strip()]:
+    for run in run_folders(d.teacher, "distill.teacher"):
         model, tok, t_cfg, t_labels = load_classifier(run, d.checkpoint, device=device)
         if t_labels != labels:
             raise KilnError(f"distill.teacher {run} has labels {t_labels}; this data has {labels}")
         teachers.append((model, tok, t_cfg))
-    if not teachers:
-        raise KilnError(f"distill.teacher {d.teacher!r} names no run folder")
-    if d.augment < 0:
-        raise KilnError(f"distill.augment must be >= 0, got {d.augment}")
-    if d.augment and d.alpha == 0.0:
-        raise KilnError("distill.augment needs distill.alpha > 0: augmented texts are learned from the teachers alone")
     return teachers
 
 
@@ -477,8 +471,12 @@ def run_finetune_classify(cfg: ClassifyConfig, quiet: bool = False) -> Path:
         raise KilnError(f"data.max_length must be >= 2, got {cfg.data.max_length}")
     if not 0.0 <= cfg.token_mask < 1.0:
         raise KilnError(f"token_mask must be in [0, 1), got {cfg.token_mask}")
+    if cfg.distill.augment < 0:
+        raise KilnError(f"distill.augment must be >= 0, got {cfg.distill.augment}")
     if cfg.distill.augment and not cfg.distill.teacher:
         raise KilnError("distill.augment needs distill.teacher: the teachers label the augmented texts")
+    if cfg.distill.augment and cfg.distill.alpha == 0.0:
+        raise KilnError("distill.augment needs distill.alpha > 0: augmented texts are learned from the teachers alone")
     keep = parse_layers(cfg.keep_layers) if cfg.keep_layers else None
     log0: list[str] = []
     splits, labels, report = load_splits(cfg, log0.append)
@@ -698,49 +696,44 @@ def load_classifier(run_dir: str | Path, which: str = "best", device: str = "cpu
     return model, tokenizer, cfg, labels
 
 
-def _encode_file(run_dir, file, which, require_label):
-    model, tokenizer, cfg, labels = load_classifier(run_dir, which)
-    label_field = cfg.data.label_field
-    rows, report = tasks.read_examples(file, cfg.data.text_field, label_field, cfg.data.text_pair_field,
-                                       require_label=require_label)
-    if require_label:
-        tasks.check_labels(rows, labels, str(file), "the training data of this run")
-    has_labels = all(r.label is not None for r in rows)
-    tok = prepare_tokenizer(tokenizer, cfg.data.max_length)
-    index = {name: i for i, name in enumerate(labels)}
-    if not require_label:
-        has_labels = has_labels and all(r.label in index for r in rows)
-    enc = encode_examples(tok, rows, index if has_labels else None, cfg.model, str(file))
-    return model, cfg, labels, rows, report, enc
-
-
-def run_folders(run_dir: str | Path) -> list[Path]:
+def run_folders(run_dir: str | Path, what: str = "") -> list[Path]:
     """One classifier run folder, or several comma-separated (an ensemble)."""
     text = str(run_dir)
     if "," not in text or Path(text).exists():
         return [Path(text)]
     runs = [Path(r.strip()) for r in text.split(",") if r.strip()]
     if not runs:
-        raise KilnError(f"{text!r} names no run folder")
+        raise KilnError(f"{what + ' ' if what else ''}{text!r} names no run folder")
     return runs
 
 
 def _predict_file(runs: list[Path], file: Path, which: str, require_label: bool, log):
     """(config, label names, rows, data report, encoded rows, class probabilities) of a run on a file; for
-    several runs (an ensemble) the mean of their class probabilities, each run through its own tokenizer."""
-    probs = []
+    several runs (an ensemble) the mean of their class probabilities. The file is read once; each run
+    encodes it through its own tokenizer."""
+    probs, rows = [], None
     for r in runs:
-        model, cfg_r, labels_r, rows_r, report_r, enc_r = _encode_file(r, file, which, require_label=require_label)
-        if not probs:
-            cfg, labels, rows, report, enc = cfg_r, labels_r, rows_r, report_r, enc_r
+        model, tokenizer, cfg_r, labels_r = load_classifier(r, which)
+        fields = (cfg_r.data.text_field, cfg_r.data.text_pair_field)
+        if rows is None:
+            cfg, labels = cfg_r, labels_r
+            rows, report = tasks.read_examples(file, cfg.data.text_field, cfg.data.label_field,
+                                               cfg.data.text_pair_field, require_label=require_label)
             for line in report.lines():
                 log(line)
+            if require_label:
+                tasks.check_labels(rows, labels, str(file), "the training data of this run")
+            index = {name: i for i, name in enumerate(labels)}
+            known = all(row.label in index for row in rows)  # labels to score against (else predictions only)
         elif labels_r != labels:
             raise KilnError(f"{r} has labels {labels_r}, {runs[0]} has {labels}: an ensemble needs the same "
                             "labels in the same order")
-        elif len(rows_r) != len(rows):
-            raise KilnError(f"{r} reads {len(rows_r)} example(s) from {file}, {runs[0]} reads {len(rows)}: an "
-                            "ensemble needs runs with the same text columns")
+        elif fields != (cfg.data.text_field, cfg.data.text_pair_field):
+            raise KilnError(f"{r} reads the text columns {fields}, {runs[0]} reads "
+                            f"{(cfg.data.text_field, cfg.data.text_pair_field)}: an ensemble needs the same")
+        enc_r = encode_examples(prepare_tokenizer(tokenizer, cfg_r.data.max_length), rows, index if known else None,
+                                cfg_r.model, str(file))
+        enc = enc_r if not probs else enc
         pad = cfg_r.model.pad_token_id if cfg_r.model.pad_token_id >= 0 else 0
         probs.append(predict_probs(model, enc_r, max(2 * cfg_r.train.batch_size, 16), pad))
         del model
