@@ -1,9 +1,12 @@
 import csv
+import json
+import math
 
 import pytest
 import torch
 
 from conftest import TINY
+from kiln.cli import main
 from kiln.config import load_config
 from kiln.data.shards import read_manifest
 from kiln.errors import KilnError
@@ -63,6 +66,19 @@ def test_mlm_pretraining_learns_and_reports_accuracy(corpus, tmp_path):
     chars = read_manifest(run / "data")["vocab_size"]
     assert float(evals[-1]["mlm_accuracy"]) > 0.1  # well above chance (1/chars) after 40 steps
     assert load_config(run / "config.yaml").model.vocab_size == chars + 1  # the characters + an appended [MASK]
+
+    # kiln eval on a text: masked-token loss and accuracy on masks fixed per window, whatever the batch size
+    held = tmp_path / "held.txt"
+    held.write_text(corpus.read_text()[-4000:])
+    got = []
+    for bs in ("1", "8"):
+        assert main(["eval", str(run), str(held), "--batch-size", bs, "--out", str(tmp_path / f"b{bs}.json")]) == 0
+        got.append(json.loads((tmp_path / f"b{bs}.json").read_text()))
+    assert got[0]["objective"] == "mlm" and got[0]["loss"] == pytest.approx(got[1]["loss"], rel=1e-6)
+    assert {k: v for k, v in got[0].items() if k not in ("loss", "perplexity")} == \
+        {k: v for k, v in got[1].items() if k not in ("loss", "perplexity")}  # the same masks
+    assert 0.1 < got[0]["scored"] / got[0]["tokens"] < 0.2  # mask_prob 0.15 of the characters
+    assert got[0]["accuracy"] > 0.1 and got[0]["perplexity"] == pytest.approx(math.exp(got[0]["loss"]))
 
 
 def test_mlm_needs_an_encoder(corpus, tmp_path):

@@ -304,6 +304,21 @@ def test_finetune_translate_end_to_end_and_translate_cli(tmp_path, capsys):
     assert "bleu" in out and "chrf" in out
     assert_user_error(capsys, ["translate", str(tmp_path)], "not a seq2seq run folder")
 
+    # kiln eval: the same decoding, scored, as JSON with the outputs beside it
+    assert main(["eval", str(run), str(refs), "--num-beams", "1"]) == 0
+    got = json.loads((run / "eval" / "refs.json").read_text())
+    outputs = list(csv.DictReader(open(run / "eval" / "refs.tsv", encoding="utf-8"), delimiter="\t"))
+    assert got["pairs"] == len(outputs) == 3 and got["num_beams"] == 1 and got["task"] == "translate"
+    assert [o["reference"] for o in outputs] == [r[2] for r in rows[:3]]
+    import sacrebleu
+
+    from kiln.train.seq2seq import translate
+
+    hyps, refs_ = [o["output"] for o in outputs], [o["reference"] for o in outputs]
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs_]).score)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs_]).score)
+    assert [o["output"] for o in outputs] == translate(run, [r[1] for r in rows[:3]], num_beams=1)
+
 
 def test_summarization_runs_through_the_same_pipeline(tmp_path):
     rng = random.Random(0)

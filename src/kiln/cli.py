@@ -140,11 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("file", help=".csv/.tsv/.jsonl with the run's text column (a label column is optional)")
     pr.add_argument("--out", help="output CSV (default RUN_DIR/predictions/<FILE stem>.csv)")
     pr.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
-    ev = sub.add_parser("eval", help="metrics of a classifier run on a labelled file (table + JSON)")
-    ev.add_argument("run_dir", help="a `kiln finetune classify` run folder, or RUN1,RUN2,... for their ensemble")
-    ev.add_argument("file", help=".csv/.tsv/.jsonl with the run's text and label columns")
+    ev = sub.add_parser("eval", help="metrics of a run on a file: perplexity (pretraining runs), accuracy/F1 "
+                        "(classifiers), BLEU/chrF or ROUGE (seq2seq); table + JSON",
+                        description="Score a run on a file it did not train on. A pretraining run: loss, perplexity "
+                        "and bits per byte on a text file (.txt, a folder of .txt, .jsonl/.csv with the run's text "
+                        "column); masked-token accuracy for masked LM. A classifier run (or RUN1,RUN2,... for their "
+                        "ensemble): accuracy, precision/recall/F1, confusion matrix, ROC/PR on a labelled "
+                        ".csv/.tsv/.jsonl. A seq2seq run: BLEU/chrF (translate) or ROUGE (summarize) on a pair "
+                        "file, outputs written beside the JSON.")
+    ev.add_argument("run_dir", help="a run folder (pretrain, finetune classify or finetune seq2seq), or "
+                    "RUN1,RUN2,... (classifiers) for their ensemble")
+    ev.add_argument("file", help="the text, labelled or pair file to score")
     ev.add_argument("--out", help="output JSON (default RUN_DIR/eval/<FILE stem>.json; plots beside it)")
-    ev.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
+    ev.add_argument("--checkpoint", default="best", help="best (latest when the run has none), latest, or a "
+                    "checkpoint folder")
+    ev.add_argument("--stride", type=int, default=0, help="causal LM: tokens each window advances (default: the "
+                    "context length, windows that do not overlap; smaller = more context per token, slower)")
+    ev.add_argument("--batch-size", type=int, default=8, help="pretraining runs: windows per forward pass")
+    ev.add_argument("--num-beams", type=int, default=None, help="seq2seq: beams (default: the run's)")
+    ev.add_argument("--device", default="auto", help="pretraining runs: auto | cpu | cuda[:N]")
     return p
 
 
@@ -328,11 +342,34 @@ def _dispatch(args, extra: list[str]) -> int | None:
         predict_file(args.run_dir, args.file, args.out, args.checkpoint)
         return 0
     if args.verb == "eval":
+        return _eval(args)
+    raise KilnError(f"unknown verb {args.verb!r}")
+
+
+def _eval(args) -> int:
+    """`kiln eval RUN FILE`: what is scored follows the kind of run."""
+    from pathlib import Path
+
+    run = Path(args.run_dir)
+    if args.batch_size < 1:
+        raise KilnError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if "," in args.run_dir and not run.exists() or (run / "classify.yaml").is_file():
         from kiln.train.classify import evaluate_file
 
         evaluate_file(args.run_dir, args.file, args.out, args.checkpoint)
-        return 0
-    raise KilnError(f"unknown verb {args.verb!r}")
+    elif (run / "seq2seq.yaml").is_file():
+        from kiln.train.seq2seq import evaluate_pairs
+
+        evaluate_pairs(run, args.file, args.out, args.checkpoint, args.num_beams)
+    elif (run / "config.yaml").is_file():
+        from kiln.eval.lm import evaluate_text
+
+        evaluate_text(run, args.file, args.out, args.checkpoint, args.stride, args.batch_size, args.device)
+    elif not run.exists():
+        raise KilnError(f"run folder not found: {run}")
+    else:
+        raise KilnError(f"{run} is not a kiln run folder (no config.yaml, classify.yaml or seq2seq.yaml)")
+    return 0
 
 
 if __name__ == "__main__":

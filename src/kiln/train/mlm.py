@@ -75,20 +75,31 @@ class MaskedLM:
         per_token = F.cross_entropy(logits[picked], labels[picked], reduction="none")
         return per_token.float().sum()
 
-    @torch.no_grad()
     def evaluate(self, model, windows, whole_word: bool = False) -> dict:
         """Masked-token loss, perplexity and accuracy on fixed masks (index-seeded: the same every eval)."""
-        total, count, correct = 0.0, 0, 0
+        total, correct, count = self.sums(model, windows, whole_word)
+        val = total / max(count, 1)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "mlm_accuracy": correct / max(count, 1)}
+
+    @torch.no_grad()
+    def sums(self, model, windows, whole_word: bool = False, per_row: bool = False) -> tuple[float, int, int]:
+        """(summed masked-token cross-entropy, correct argmax predictions, masked tokens) on fixed masks, seeded
+        by the batch's index, or with per_row by each row's index (the same masks whatever the batch size)."""
+        total, count, correct, row = 0.0, 0, 0, 0
         for i, w in enumerate(windows()):
-            batch = self.mask(w.cpu(), 10**9 + i, whole_word)
+            if per_row:
+                rows = [self.mask(w[j:j + 1].cpu(), 10**9 + row + j, whole_word) for j in range(len(w))]
+                batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+                row += len(w)
+            else:
+                batch = self.mask(w.cpu(), 10**9 + i, whole_word)
             batch = {k: v.to(w.device) for k, v in batch.items()}
             logits = model(batch["input_ids"])
             picked = batch["labels"] != IGNORE
             total += float(F.cross_entropy(logits[picked].float(), batch["labels"][picked], reduction="sum"))
             correct += int((logits[picked].argmax(-1) == batch["labels"][picked]).sum())
             count += int(picked.sum())
-        val = total / max(count, 1)
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "mlm_accuracy": correct / max(count, 1)}
+        return total, correct, count
 
 
 def special_ids(vocab: dict[str, int]) -> tuple[int | None, list[int]]:

@@ -773,6 +773,35 @@ def translate_from_cli(run_dir: str, text: list[str] | None, file: str | None, n
         log(f"{file}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f" ({len(refs)} references)")
 
 
+def evaluate_pairs(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best",
+                   num_beams: int | None = None, log=print) -> dict:
+    """Decode a pair file's sources with a seq2seq run and score the outputs against its targets (BLEU/chrF
+    for translation, ROUGE for summarization); printed and written as JSON (default RUN_DIR/eval/<stem>.json),
+    the outputs beside it as <stem>.tsv."""
+    run_dir, file = Path(run_dir), Path(file)
+    loaded = load_seq2seq(run_dir, which)
+    meta = loaded[3]
+    pairs, report = read_pairs(file, meta["source_field"], meta["target_field"], require_target=True)
+    for line in report.lines():
+        log(line)
+    if not pairs:
+        raise KilnError(f"{file}: no source/target pair to score")
+    hyps = translate(loaded, [p.source for p in pairs], num_beams)
+    task = loaded[2].seq2seq.task
+    scores = text_metrics(task, hyps, [p.target for p in pairs])
+    out = Path(out) if out else run_dir / "eval" / f"{file.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_outputs(out.with_suffix(".tsv"), pairs, hyps)
+    beams = max(1, num_beams if num_beams is not None else loaded[2].seq2seq.num_beams)
+    result = {"file": str(file), "run": str(run_dir), "task": task, "pairs": len(pairs), "num_beams": beams,
+              **scores, "outputs": str(out.with_suffix(".tsv"))}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"{file}: {len(pairs)} pair(s), {task}, {'greedy' if beams <= 1 else f'beam {beams}'}")
+    log("\n".join(f"  {k:<8} {v:8.2f}" for k, v in scores.items()))
+    log(f"wrote {out} (outputs: {out.with_suffix('.tsv')})")
+    return result
+
+
 def seq2seq_from_cli(config: str | None, overrides: list[str]) -> Path:
     cfg = load_config(config, overrides, cls=Seq2SeqConfig)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
