@@ -90,11 +90,16 @@ def test_perplexity_matches_transformers_on_the_exported_model(lm_run, tmp_path,
         assert got["bits_per_byte"] == pytest.approx(total / math.log(2) / len(held.read_bytes()), rel=1e-5)
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "bits per byte" in printed and "(context 32, stride 8)" in printed
-    # the default: non-overlapping windows, written to RUN/eval/<stem>.json
+    # the default: non-overlapping windows, written to RUN/eval/<stem>.json; the Python API returns the same
     assert main(["eval", str(run), str(held)]) == 0
     default = json.loads((run / "eval" / "held.json").read_text())
     assert default["stride"] == 32 and default["loss"] == pytest.approx(
         json.loads((tmp_path / "s32.json").read_text())["loss"], rel=1e-6)
+    import kiln
+
+    api = kiln.evaluate(run, held, tmp_path / "api.json", stride=8, batch_size=3, log=lambda *a: None)
+    assert api == json.loads((tmp_path / "api.json").read_text())
+    assert api["loss"] == pytest.approx(json.loads((tmp_path / "s8.json").read_text())["loss"], rel=1e-6)
 
 
 def test_documents_are_scored_with_an_end_of_text_between_them(tmp_path):

@@ -4,6 +4,7 @@
     run_dir = kiln.pretrain("configs/shakespeare-char.yaml", overrides=["--train.max_steps", "200"])
     model, tokenizer, cfg = kiln.load(run_dir)
     print(kiln.sample(run_dir, "ROMEO:", max_new_tokens=100))
+    print(kiln.evaluate(run_dir, "held_out.txt")["perplexity"])
 """
 
 __version__ = "0.1.0"
@@ -12,11 +13,11 @@ from kiln.errors import KilnError  # noqa: E402
 
 
 def __getattr__(name):  # lazy: `import kiln` stays fast and torch-free until needed
-    if name in ("pretrain", "load", "sample", "prepare_data"):
+    if name in ("pretrain", "load", "sample", "prepare_data", "evaluate"):
         from kiln import api
 
         return getattr(api, name)
     raise AttributeError(name)
 
 
-__all__ = ["KilnError", "pretrain", "load", "sample", "prepare_data", "__version__"]
+__all__ = ["KilnError", "pretrain", "load", "sample", "prepare_data", "evaluate", "__version__"]

@@ -129,3 +129,28 @@ def prepare_data(config: str | Path | None = None, overrides: list[str] | dict |
 
     cfg = load_config(config, overrides)
     return prepare(cfg.data, Path(out), seed=cfg.seed)
+
+
+def evaluate(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best", *,
+             stride: int = 0, batch_size: int = 8, num_beams: int | None = None, device: str = "auto",
+             log=print) -> dict:
+    """`kiln eval`: score a run on a file, by the kind of run. A pretraining run: loss, perplexity and bits per
+    byte of a text (masked-token accuracy for masked LM); a classifier (or "RUN1,RUN2,...": their ensemble):
+    accuracy, precision/recall/F1 and plots on a labelled file; a seq2seq run: BLEU/chrF or ROUGE on a pair
+    file. Returns the metrics, also written as JSON (default RUN_DIR/eval/<FILE stem>.json)."""
+    run = Path(run_dir)
+    if ("," in str(run_dir) and not run.exists()) or (run / "classify.yaml").is_file():
+        from kiln.train.classify import evaluate_file
+
+        return evaluate_file(run_dir, file, out, which, log=log)
+    if (run / "seq2seq.yaml").is_file():
+        from kiln.train.seq2seq import evaluate_pairs
+
+        return evaluate_pairs(run, file, out, which, num_beams, log=log)
+    if (run / "config.yaml").is_file():
+        from kiln.eval.lm import evaluate_text
+
+        return evaluate_text(run, file, out, which, stride, batch_size, device, log=log)
+    if not run.exists():
+        raise KilnError(f"run folder not found: {run}")
+    raise KilnError(f"{run} is not a kiln run folder (no config.yaml, classify.yaml or seq2seq.yaml)")

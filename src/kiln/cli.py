@@ -342,34 +342,14 @@ def _dispatch(args, extra: list[str]) -> int | None:
         predict_file(args.run_dir, args.file, args.out, args.checkpoint)
         return 0
     if args.verb == "eval":
-        return _eval(args)
+        from kiln.api import evaluate
+
+        if args.batch_size < 1:
+            raise KilnError(f"--batch-size must be >= 1, got {args.batch_size}")
+        evaluate(args.run_dir, args.file, args.out, args.checkpoint, stride=args.stride, batch_size=args.batch_size,
+                 num_beams=args.num_beams, device=args.device)
+        return 0
     raise KilnError(f"unknown verb {args.verb!r}")
-
-
-def _eval(args) -> int:
-    """`kiln eval RUN FILE`: what is scored follows the kind of run."""
-    from pathlib import Path
-
-    run = Path(args.run_dir)
-    if args.batch_size < 1:
-        raise KilnError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if "," in args.run_dir and not run.exists() or (run / "classify.yaml").is_file():
-        from kiln.train.classify import evaluate_file
-
-        evaluate_file(args.run_dir, args.file, args.out, args.checkpoint)
-    elif (run / "seq2seq.yaml").is_file():
-        from kiln.train.seq2seq import evaluate_pairs
-
-        evaluate_pairs(run, args.file, args.out, args.checkpoint, args.num_beams)
-    elif (run / "config.yaml").is_file():
-        from kiln.eval.lm import evaluate_text
-
-        evaluate_text(run, args.file, args.out, args.checkpoint, args.stride, args.batch_size, args.device)
-    elif not run.exists():
-        raise KilnError(f"run folder not found: {run}")
-    else:
-        raise KilnError(f"{run} is not a kiln run folder (no config.yaml, classify.yaml or seq2seq.yaml)")
-    return 0
 
 
 if __name__ == "__main__":

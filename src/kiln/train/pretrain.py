@@ -257,6 +257,8 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
                 return rtd.evaluate(m, val_windows)
     trainer = Trainer(model, train_objective, train_cfg, run_dir, next_batch, evaluate=evaluate,
                       device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main)
+    if mlm is not None:  # the trainer counts targets: here the masked tokens, ~mask_prob of the input
+        trainer.throughput_unit = "masked tok"
     if train_cfg.batch_ramp_tokens:
         from kiln.train.ramp import BatchRamp
 
