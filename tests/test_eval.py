@@ -130,3 +130,26 @@ def test_eval_errors_are_one_line(lm_run, tmp_path, capsys):
     assert_user_error(capsys, ["eval", run, tmp_path / "empty.txt"], "empty.txt", "at least 2")
     assert_user_error(capsys, ["eval", run, held, "--stride", "33"], "--stride must be between 1 and")
     assert_user_error(capsys, ["eval", run, held, "--batch-size", "0"], "--batch-size")
+
+
+def test_viz_compare_plots_several_runs_and_reports_last_and_best(lm_run, tmp_path, capsys):
+    import csv
+
+    run, _ = lm_run
+    other = tmp_path / "other"
+    assert main(["pretrain", "--data.source", str(run / "data"), "--out", str(other), *TINY,
+                 "--data.prepared", str(run / "data"), "--train.max_steps", "20", "--train.lr", "3e-3"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp.png"
+    assert main(["viz", "compare", str(run), str(other), "--metric", "loss,val_loss", "--labels", "a,b",
+                 "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out.splitlines()
+    for label, folder in (("a", run), ("b", other)):
+        vals = [float(r["val_loss"]) for r in csv.DictReader(open(folder / "metrics.csv")) if r["val_loss"]]
+        line = next(li for li in printed if li.startswith(f"{label} ") and " val_loss " in li).split()
+        assert float(line[2]) == pytest.approx(vals[-1], rel=1e-3) and float(line[3]) == pytest.approx(min(vals), rel=1e-3)
+    assert_user_error(capsys, ["viz", "compare", run, other, "--metric", "val_los"], "did you mean 'val_loss'")
+    assert_user_error(capsys, ["viz", "compare", run, "--x", "time"], "--x must be one of step, tokens, elapsed")
+    assert_user_error(capsys, ["viz", "compare", run, other, "--labels", "a"], "--labels names 1 run(s) for 2")
+    assert_user_error(capsys, ["viz", "compare", run, tmp_path / "nope"], "run folder not found")

@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("run_dir")
     va.add_argument("--text", required=True)
     va.add_argument("--out", default=None, help="PNG path (default RUN_DIR/plots/attention.png)")
+    vc = viz_sub.add_parser("compare", help="several runs' curves on one PNG (loss, val metrics), with the last "
+                            "and best value of each")
+    vc.add_argument("runs", nargs="+", help="run folders (any kind: pretrain, finetune, distill)")
+    vc.add_argument("--metric", default="loss,val_loss", help="comma-separated metrics.csv columns, one panel "
+                    "each (e.g. val_loss, val_accuracy, val_bleu)")
+    vc.add_argument("--x", default="step", help="step | tokens | elapsed (minutes)")
+    vc.add_argument("--labels", default=None, help="comma-separated legend names (default: the folder names)")
+    vc.add_argument("--out", default="compare.png", help="PNG path (default ./compare.png)")
 
     ds = sub.add_parser("distill", help="train a smaller student on a teacher run's data and next-token "
                         "distributions (the teacher's recipe; override the student's shape)", formatter_class=fmt,
@@ -304,8 +312,22 @@ def _dispatch(args, extra: list[str]) -> int | None:
             print(f"{name:<18} {cfg.arch:<16} {cfg.n_layer:>6} {cfg.d_model:>7} {cfg.n_head:>5} {n / 1e6:>9.1f}M")
         return 0
     if args.verb == "viz":
+        if args.viz_verb == "compare":
+            from pathlib import Path
+
+            from kiln.report.plots import compare_runs
+
+            metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
+            labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+            out, summary = compare_runs([Path(r) for r in args.runs], metrics, Path(args.out), args.x, labels)
+            width = max(len(r["run"]) for r in summary) if summary else 3
+            print(f"{'run':<{width}}  {'metric':<16} {'last':>10} {'best':>10}  at {args.x}")
+            for r in summary:
+                print(f"{r['run']:<{width}}  {r['metric']:<16} {r['last']:>10.4g} {r['best']:>10.4g}  {r['at']:g}")
+            print(out)
+            return 0
         if args.viz_verb != "attention":
-            raise KilnError("usage: kiln viz attention RUN_DIR --text TEXT")
+            raise KilnError("usage: kiln viz attention RUN_DIR --text TEXT | kiln viz compare RUN1 RUN2 ...")
         from kiln.report.attention import viz_attention
 
         print(viz_attention(args.run_dir, args.text, args.out))

@@ -36,3 +36,63 @@ def loss_curve(metrics, path: Path, title: str = "") -> Path:
     if title:
         ax.set_title(title)
     return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- several runs
+
+X_AXES = {"step": "step", "tokens": "tokens", "elapsed": "elapsed"}
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The rows of a run's metrics.csv (any kind of run)."""
+    import csv
+
+    from kiln.errors import KilnError
+
+    f = Path(run) / "metrics.csv"
+    if not f.is_file():
+        raise KilnError(f"{run}: no metrics.csv (expected a kiln run folder)" if Path(run).exists()
+                        else f"run folder not found: {run}")
+    with open(f, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def compare_runs(runs: list[Path], metrics: list[str], out: Path, x: str = "step",
+                 labels: list[str] | None = None) -> tuple[Path, list[dict]]:
+    """One panel per metric, one colour per run, against step, tokens seen or elapsed minutes. Returns the PNG
+    path and, per run and metric, the last and the best value (lowest for losses/perplexities, else highest)."""
+    from kiln.errors import KilnError, did_you_mean
+
+    if x not in X_AXES:
+        raise KilnError(f"--x must be one of {', '.join(X_AXES)}, got {x!r}{did_you_mean(x, X_AXES)}")
+    labels = labels or [Path(r).name for r in runs]
+    if len(labels) != len(runs):
+        raise KilnError(f"--labels names {len(labels)} run(s) for {len(runs)} run folder(s)")
+    tables = [read_metrics(r) for r in runs]
+    columns = {k for t in tables for row in t for k, v in row.items() if v not in (None, "")}
+    for m in metrics:
+        if m not in columns:
+            raise KilnError(f"no run has the metric {m!r}{did_you_mean(m, columns)}; the runs log: "
+                            f"{', '.join(sorted(columns - {'step', 'tokens', 'elapsed'}))}")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.2), dpi=110, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    summary = []
+    for i, (rows, label) in enumerate(zip(tables, labels)):
+        colour = colours[i % len(colours)]
+        for ax, m in zip(axes[0], metrics):
+            pts = [(float(r[x]) / (60.0 if x == "elapsed" else 1.0), float(r[m])) for r in rows
+                   if r.get(m) not in (None, "") and r.get(x) not in (None, "")]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            style = dict(marker="o", ms=3, lw=1.4) if len(pts) <= 50 else dict(lw=1.0, alpha=0.8)
+            ax.plot(xs, ys, color=colour, label=label, **style)
+            lower = any(w in m for w in ("loss", "ppl", "perplexity"))
+            summary.append({"run": label, "metric": m, "last": ys[-1], "best": min(ys) if lower else max(ys),
+                            "at": xs[(ys.index(min(ys) if lower else max(ys)))]})
+    for ax, m in zip(axes[0], metrics):
+        ax.set_xlabel({"step": "step", "tokens": "tokens", "elapsed": "minutes"}[x])
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, Path(out)), summary
