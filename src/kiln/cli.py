@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
     fmt = argparse.RawDescriptionHelpFormatter
-    pt = sub.add_parser("pretrain", help="pretrain a model (causal LM) from a config", epilog=_config_epilog(),
+    pt = sub.add_parser("pretrain", help="pretrain a model from a config: causal LM, masked LM or ELECTRA "
+                        "(--objective)", epilog=_config_epilog(),
                         formatter_class=fmt, description="kiln pretrain [CONFIG.yaml] [--section.key VALUE ...]")
     pt.add_argument("config", nargs="?", help="recipe YAML (default: the embedded tiny-Shakespeare recipe)")
     pt.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where its last checkpoint stopped")
