@@ -149,6 +149,7 @@ def _tiny_bart(tmp_path, seed):
 
 
 def test_bart_import_export_logits_greedy_and_beam_match_huggingface(tmp_path):
+    from kiln.api import evaluate as kiln_evaluate
     from kiln.api import load
     from kiln.interop.hf import export_hf, import_hf
 
@@ -192,6 +193,9 @@ def test_bart_import_export_logits_greedy_and_beam_match_huggingface(tmp_path):
             assert (again - want).abs().max() <= 1e-5
     assert -1 in ends and len(ends - {-1}) >= 3  # hypotheses ended by eos at several lengths, and by max length
     assert differs  # early_stopping True and False took different decisions somewhere
+    (tmp_path / "text.txt").write_text("some text\n")  # kiln eval scores text with decoders and encoders only
+    err = pytest.raises(KilnError, kiln_evaluate, tmp_path / "kiln2", tmp_path / "text.txt").value
+    assert "encoder-decoder" in str(err) and "kiln finetune seq2seq" in str(err)
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -99,13 +99,17 @@ def evaluate_text(run_dir: str | Path, file: str | Path, out: str | Path | None 
     run_dir, file = Path(run_dir), Path(file)
     if which == "best" and not (run_dir / "checkpoints" / "best").is_file():
         which = "latest"  # a run without validation has no best checkpoint
-    model, tokenizer, cfg = load(run_dir, which, device=resolve_device(device, "--device"))
-    dev = next(model.parameters()).device.type
-    if tokenizer is None:
-        raise KilnError(f"{run_dir} has no tokenizer.json: kiln eval cannot turn {file} into tokens")
+    dev = resolve_device(device, "--device")
+    model, tokenizer, cfg = load(run_dir, which, device=dev)
     if cfg.objective == "electra":
         raise KilnError(f"{run_dir} is an ELECTRA run: its discriminator scores no text; fine-tune it "
                         "(kiln finetune classify --init RUN) or evaluate a masked-LM run")
+    if cfg.model.arch != ("encoder" if cfg.objective == "mlm" else "decoder"):
+        raise KilnError(f"{run_dir}: kiln eval scores a text with a decoder (causal LM) or an encoder (masked LM); "
+                        f"this run is an {cfg.model.arch} with objective {cfg.objective} (fine-tune an "
+                        "encoder-decoder with `kiln finetune seq2seq`, then `kiln eval` that run on a pair file)")
+    if tokenizer is None:
+        raise KilnError(f"{run_dir} has no tokenizer.json: kiln eval cannot turn {file} into tokens")
     ids, docs, nbytes = read_tokens(file, tokenizer, cfg.data.text_field)
     if int(ids.max()) >= cfg.model.vocab_size:
         raise KilnError(f"{file}: token id {int(ids.max())} is outside the model's vocabulary "
