@@ -151,5 +151,6 @@ def test_viz_compare_plots_several_runs_and_reports_last_and_best(lm_run, tmp_pa
         assert float(line[2]) == pytest.approx(vals[-1], rel=1e-3) and float(line[3]) == pytest.approx(min(vals), rel=1e-3)
     assert_user_error(capsys, ["viz", "compare", run, other, "--metric", "val_los"], "did you mean 'val_loss'")
     assert_user_error(capsys, ["viz", "compare", run, "--x", "time"], "--x must be one of step, tokens, elapsed")
+    assert_user_error(capsys, ["viz", "compare", run, "--metric", ","], "--metric names no metrics.csv column")
     assert_user_error(capsys, ["viz", "compare", run, other, "--labels", "a"], "--labels names 1 run(s) for 2")
     assert_user_error(capsys, ["viz", "compare", run, tmp_path / "nope"], "run folder not found")

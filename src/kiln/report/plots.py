@@ -63,6 +63,8 @@ def compare_runs(runs: list[Path], metrics: list[str], out: Path, x: str = "step
     path and, per run and metric, the last and the best value (lowest for losses/perplexities, else highest)."""
     from kiln.errors import KilnError, did_you_mean
 
+    if not metrics:
+        raise KilnError("--metric names no metrics.csv column (e.g. --metric loss,val_loss)")
     if x not in X_AXES:
         raise KilnError(f"--x must be one of {', '.join(X_AXES)}, got {x!r}{did_you_mean(x, X_AXES)}")
     labels = labels or [Path(r).name for r in runs]
