@@ -322,6 +322,9 @@ def test_finetune_translate_end_to_end_and_translate_cli(tmp_path, capsys):
     assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs_]).score)
     assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs_]).score)
     assert [o["output"] for o in outputs] == translate(run, [r[1] for r in rows[:3]], num_beams=1)
+    sources = tmp_path / "sources.txt"  # sources alone: nothing to score against, an error (not BLEU 0)
+    sources.write_text("God saw the light.\n")
+    assert_user_error(capsys, ["eval", run, sources], "sources.txt", "no target text", "'en', 'es'")
 
 
 def test_summarization_runs_through_the_same_pipeline(tmp_path):

@@ -784,8 +784,10 @@ def evaluate_pairs(run_dir: str | Path, file: str | Path, out: str | Path | None
     pairs, report = read_pairs(file, meta["source_field"], meta["target_field"], require_target=True)
     for line in report.lines():
         log(line)
-    if not pairs:
-        raise KilnError(f"{file}: no source/target pair to score")
+    if not pairs or not all(p.target for p in pairs):
+        raise KilnError(f"{file}: no target text to score the outputs against; kiln eval needs a .tsv/.csv/.jsonl "
+                        f"with the run's source and target columns ({meta['source_field']!r}, "
+                        f"{meta['target_field']!r}); `kiln translate --file` translates sources alone")
     hyps = translate(loaded, [p.source for p in pairs], num_beams)
     task = loaded[2].seq2seq.task
     scores = text_metrics(task, hyps, [p.target for p in pairs])
