@@ -367,8 +367,6 @@ def _dispatch(args, extra: list[str]) -> int | None:
     if args.verb == "eval":
         from kiln.api import evaluate
 
-        if args.batch_size < 1:
-            raise KilnError(f"--batch-size must be >= 1, got {args.batch_size}")
         evaluate(args.run_dir, args.file, args.out, args.checkpoint, stride=args.stride, batch_size=args.batch_size,
                  num_beams=args.num_beams, device=args.device)
         return 0

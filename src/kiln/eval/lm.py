@@ -99,6 +99,8 @@ def evaluate_text(run_dir: str | Path, file: str | Path, out: str | Path | None 
     run_dir, file = Path(run_dir), Path(file)
     if which == "best" and not (run_dir / "checkpoints" / "best").is_file():
         which = "latest"  # a run without validation has no best checkpoint
+    if batch_size < 1:
+        raise KilnError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device, "--device")
     model, tokenizer, cfg = load(run_dir, which, device=dev)
     if cfg.objective == "electra":
@@ -148,9 +150,9 @@ def _masked(model, cfg, run_dir: Path, tokenizer, ids: np.ndarray, T: int, batch
     # as in training: the tokenizer's [MASK], or one id appended after its vocabulary
     mlm = from_tokenizer(run_dir / "tokenizer.json", vocab_size(tokenizer), cfg.mlm.mask_prob, cfg.seed)
     t = torch.from_numpy(ids)
-    starts = list(range(0, max(len(ids) - 1, 1), T))  # windows of T inputs (+1: the masker's window shape)
-    full = [s for s in starts if s + T + 1 <= len(ids)]
-    last = [s for s in starts if s not in full]
+    # windows of T inputs (+1: the masker's window shape), then at most one shorter window at the end
+    full = list(range(0, len(ids) - T, T))
+    last = [len(full) * T] if len(full) * T < len(ids) - 1 else []
 
     def windows():
         for i in range(0, len(full), batch_size):

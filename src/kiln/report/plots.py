@@ -89,9 +89,9 @@ def compare_runs(runs: list[Path], metrics: list[str], out: Path, x: str = "step
             xs, ys = zip(*pts)
             style = dict(marker="o", ms=3, lw=1.4) if len(pts) <= 50 else dict(lw=1.0, alpha=0.8)
             ax.plot(xs, ys, color=colour, label=label, **style)
-            lower = any(w in m for w in ("loss", "ppl", "perplexity"))
-            summary.append({"run": label, "metric": m, "last": ys[-1], "best": min(ys) if lower else max(ys),
-                            "at": xs[(ys.index(min(ys) if lower else max(ys)))]})
+            pick = min if any(w in m for w in ("loss", "ppl", "perplexity")) else max
+            at = pick(range(len(ys)), key=ys.__getitem__)
+            summary.append({"run": label, "metric": m, "last": ys[-1], "best": ys[at], "at": xs[at]})
     for ax, m in zip(axes[0], metrics):
         ax.set_xlabel({"step": "step", "tokens": "tokens", "elapsed": "minutes"}[x])
         ax.set_ylabel(m)

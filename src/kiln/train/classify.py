@@ -733,7 +733,8 @@ def _predict_file(runs: list[Path], file: Path, which: str, require_label: bool,
                             f"{(cfg.data.text_field, cfg.data.text_pair_field)}: an ensemble needs the same")
         enc_r = encode_examples(prepare_tokenizer(tokenizer, cfg_r.data.max_length), rows, index if known else None,
                                 cfg_r.model, str(file))
-        enc = enc_r if not probs else enc
+        if not probs:
+            enc = enc_r  # the first run's encoding: its labels and truncation count are reported
         pad = cfg_r.model.pad_token_id if cfg_r.model.pad_token_id >= 0 else 0
         probs.append(predict_probs(model, enc_r, max(2 * cfg_r.train.batch_size, 16), pad))
         del model
