@@ -1,0 +1,1 @@
+"""The model: config (ModelConfig, presets), layers (building blocks), transformer, heads, losses, decoding."""

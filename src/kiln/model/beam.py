@@ -17,6 +17,9 @@ same model gives the same tokens:
   beam, scored at the current length, cannot beat the worst finished one; "never" uses the length that
   gives the best possible score (max length when length_penalty > 0): the exact bound.
 Returned sequences start with the decoder start token and are padded with `pad_id` after eos.
+
+The model is an argument, used by duck typing (`config`, `encode`, `new_caches`, a forward taking `caches=`,
+`memory=`, `cross_caches=`): this module never imports kiln.model.transformer.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kiln.model.layers import KVCache
 from kiln.model.packed import decoding
-from kiln.model.transformer import KVCache
 
 NEG = -1.0e9  # the "impossible" score of Hugging Face's implementation
 

@@ -1,4 +1,8 @@
-"""Decoding for decoder-only models: greedy and sampling (temperature, top-k, top-p), with a KV cache."""
+"""Decoding for decoder-only models: greedy and sampling (temperature, top-k, top-p), with a KV cache.
+
+The model is an argument, used by duck typing (`config`, `new_caches`, a forward taking `caches=`): this module
+never imports kiln.model.transformer (Transformer.generate imports it, not the other way round).
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from kiln.model.config import ModelConfig
+from kiln.model.layers import make_norm
 
 
 class MLMTransform(nn.Module):
@@ -13,8 +14,6 @@ class MLMTransform(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from kiln.model.transformer import make_norm
-
         self.dense = nn.Linear(cfg.d_model, cfg.d_model)
         self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}.get(
             cfg.activation, nn.SiLU())
