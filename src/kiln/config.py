@@ -7,6 +7,8 @@ Unknown keys are errors with a "did you mean"; values are checked against the fi
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -31,10 +33,10 @@ class DataConfig:
                      "'kiln:tinyshakespeare' is the embedded corpus")
     text_field: str = _f("text", "field holding the text in JSONL/CSV input")
     tokenizer: str = _f("char", "char | bpe | wordpiece | path to an existing tokenizer.json")
-    vocab_size: int = _f(8192, "vocabulary size when training a bpe/wordpiece tokenizer")
+    vocab_size: int = _f(8192, "vocabulary size when training a bpe/wordpiece tokenizer", range=">= 1")
     lowercase: bool = _f(False, "a bpe/wordpiece tokenizer that lowercases (like BERT uncased): the normalizer is "
                          "saved in tokenizer.json, so fine-tuning and generation lowercase too")
-    val_fraction: float = _f(0.1, "share of the data held out for validation")
+    val_fraction: float = _f(0.1, "share of the data held out for validation", range="[0, 1)")
     dedup: bool = _f(False, "drop exact duplicate documents")
     prepared: str = _f("", "folder of already prepared shards (manifest.json); skips preparation")
     mixture: dict = _f({}, "dataset mixture: {prepared_dir: weight, ...} (overrides `prepared`)")
@@ -42,43 +44,43 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _f(2000, "optimizer steps")
-    batch_size: int = _f(12, "sequences per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_steps: int = _f(2000, "optimizer steps", range=">= 0")
+    batch_size: int = _f(12, "sequences per micro-batch", range=">= 1")
+    grad_accum: int = _f(1, "micro-batches per optimizer step", range=">= 1")
     batch_tokens: int = _f(0, "global batch in tokens per optimizer step; when set, grad_accum is derived as "
                            "batch_tokens / (batch_size * context_length * world_size); 0 = batch_size * "
-                           "grad_accum * world_size * context_length")
+                           "grad_accum * world_size * context_length", range=">= 0")
     lr_scaling: str = _f("none", "none | linear | sqrt: scale lr (and min_lr, muon_lr) by (global batch tokens / "
                          "reference_batch_tokens)^(1 | 0.5)", choices=("none", "linear", "sqrt"))
-    reference_batch_tokens: int = _f(0, "global batch in tokens that train.lr was tuned for (train.lr_scaling)")
+    reference_batch_tokens: int = _f(0, "global batch in tokens that train.lr was tuned for (train.lr_scaling)", range=">= 0")
     batch_ramp_tokens: int = _f(0, "grow the global batch from one micro-batch per rank to the target over this "
-                                "many tokens, lr following train.lr_scaling; 0 = off")
+                                "many tokens, lr following train.lr_scaling; 0 = off", range=">= 0")
     optimizer: str = _f("adamw", "adamw | muon | lamb", choices=("adamw", "muon", "lamb"))
-    lr: float = _f(1e-3, "peak learning rate (AdamW part)")
-    muon_lr: float = _f(0.02, "learning rate of Muon for 2-D hidden weights (optimizer: muon)")
-    min_lr: float = _f(1e-4, "final learning rate of the decay")
+    lr: float = _f(1e-3, "peak learning rate (AdamW part)", range="> 0")
+    muon_lr: float = _f(0.02, "learning rate of Muon for 2-D hidden weights (optimizer: muon)", range="> 0")
+    min_lr: float = _f(1e-4, "final learning rate of the decay", range=">= 0")
     layer_lr_decay: float = _f(1.0, "layer-wise lr decay (fine-tuning, AdamW/LAMB): block i of n gets lr * decay^(n - i), "
-                               "the embeddings decay^(n + 1), heads and final norms the full lr; 1 = off")
-    warmup_steps: int = _f(100, "linear warmup steps")
+                               "the embeddings decay^(n + 1), heads and final norms the full lr; 1 = off", range="(0, 1]")
+    warmup_steps: int = _f(100, "linear warmup steps", range=">= 0")
     decay: str = _f("cosine", "cosine | linear | constant", choices=("cosine", "linear", "constant"))
-    weight_decay: float = _f(0.1, "decoupled weight decay, on 2-D weights only")
-    beta1: float = _f(0.9, "Adam beta1")
-    beta2: float = _f(0.99, "Adam beta2")
-    grad_clip: float = _f(1.0, "clip the global grad norm to this value; 0 = off")
+    weight_decay: float = _f(0.1, "decoupled weight decay, on 2-D weights only", range=">= 0")
+    beta1: float = _f(0.9, "Adam beta1", range="[0, 1)")
+    beta2: float = _f(0.99, "Adam beta2", range="[0, 1)")
+    grad_clip: float = _f(1.0, "clip the global grad norm to this value; 0 = off", range=">= 0")
     precision: str = _f("auto", "auto | fp32 | bf16 (auto: bf16 only where the device computes it fast)",
                         choices=("auto", "fp32", "bf16"))
     bf16_weights: bool = _f(True, "with bf16: compute in a bf16 copy of the weights (fp32 master weights in the "
                             "optimizer and checkpoints) instead of autocast's per-op casts")
     compile: bool = _f(False, "torch.compile the model")
     device: str = _f("auto", "auto | cpu | cuda[:N] | mps (auto: a CUDA GPU when there is one)")
-    threads: int = _f(0, "torch CPU threads; 0 = all cores")
-    eval_every: int = _f(250, "evaluate every N steps")
-    eval_batches: int = _f(20, "validation batches per eval")
-    save_every: int = _f(500, "checkpoint every N steps (and at evals and the end)")
-    keep_last: int = _f(2, "checkpoints to keep besides the best")
-    log_every: int = _f(10, "write metrics every N steps")
-    target_loss: float = _f(0.0, "stop when val loss reaches this value; 0 = never")
-    sample_tokens: int = _f(200, "tokens of a generated sample printed at the end (decoders); 0 = none")
+    threads: int = _f(0, "torch CPU threads; 0 = all cores", range=">= 0")
+    eval_every: int = _f(250, "evaluate every N steps", range=">= 0")
+    eval_batches: int = _f(20, "validation batches per eval", range=">= 1")
+    save_every: int = _f(500, "checkpoint every N steps (and at evals and the end)", range=">= 0")
+    keep_last: int = _f(2, "checkpoints to keep besides the best", range=">= 0")
+    log_every: int = _f(10, "write metrics every N steps", range=">= 1")
+    target_loss: float = _f(0.0, "stop when val loss reaches this value; 0 = never", range=">= 0")
+    sample_tokens: int = _f(200, "tokens of a generated sample printed at the end (decoders); 0 = none", range=">= 0")
     sample_prompt: str = _f("\n", "prompt of that sample")
     tensorboard: bool = _f(True, "write TensorBoard events (if tensorboard is installed)")
     backend: str = _f("auto", "distributed backend under torchrun: auto (nccl on cuda, gloo on cpu) | nccl | gloo",
@@ -90,15 +92,15 @@ class TrainConfig:
 
 @dataclass
 class MLMConfig:
-    mask_prob: float = _f(0.15, "share of tokens (or words) selected as targets: 80% [MASK], 10% random, 10% kept")
+    mask_prob: float = _f(0.15, "share of tokens (or words) selected as targets: 80% [MASK], 10% random, 10% kept", range="(0, 1)")
     whole_word: bool = _f(False, "select whole words (WordPiece ##, BPE without leading space, or chars between spaces)")
 
 
 @dataclass
 class ElectraConfig:
     generator_fraction: float = _f(0.25, "the generator's width and heads as a fraction of the encoder's "
-                                   "(ELECTRA: 1/4 to 1/3); masking follows mlm.*")
-    weight: float = _f(50.0, "weight of the replaced-token detection loss against the generator's MLM loss")
+                                   "(ELECTRA: 1/4 to 1/3); masking follows mlm.*", range="(0, 1]")
+    weight: float = _f(50.0, "weight of the replaced-token detection loss against the generator's MLM loss", range=">= 0")
 
 
 @dataclass
@@ -108,18 +110,18 @@ class DistillConfig:
                       "comma-separated runs are an ensemble, their distributions averaged); empty = no distillation")
     checkpoint: str = _f("best", "teacher checkpoint: best | latest | a folder")
     alpha: float = _f(0.5, "weight of the distillation term (KL to the teacher at `temperature`, times T^2); "
-                      "1 - alpha weighs the usual cross-entropy on the data")
-    temperature: float = _f(2.0, "softmax temperature of both distributions in the distillation term")
+                      "1 - alpha weighs the usual cross-entropy on the data", range="[0, 1]")
+    temperature: float = _f(2.0, "softmax temperature of both distributions in the distillation term", range="> 0")
     augment: int = _f(0, "finetune classify: add this many augmented copies of each training text (words masked, "
                       "swapped, cut to an n-gram; Tang et al. 2019) that the teachers label; the student learns "
-                      "them from the teachers alone. 0 = none")
+                      "them from the teachers alone. 0 = none", range=">= 0")
 
 
 @dataclass
 class RunConfig:
     name: str = _f("run", "run name; the run folder is <out>/<name>-<timestamp> unless --out names it")
     out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
-    seed: int = _f(1337, "random seed for init, data order and dropout")
+    seed: int = _f(1337, "random seed for init, data order and dropout", range=">= 0")
     objective: str = _f("clm", "clm (causal LM) | mlm (masked LM) | electra (replaced-token detection)",
                         choices=("clm", "mlm", "electra"))
     model_preset: str = _f("", "start from a named model preset (see `kiln models`); model.* keys override it")
@@ -154,14 +156,14 @@ class ClassifyDataConfig:
     text_field: str = _f("text", "column holding the text")
     text_pair_field: str = _f("", "optional second text column (sentence pairs); empty = none")
     label_field: str = _f("label", "column holding the class label")
-    max_length: int = _f(128, "tokens per example (special tokens included); longer ones are cut and counted")
-    val_fraction: float = _f(0.1, "share of the unique texts held out for validation when data.val is empty")
-    test_fraction: float = _f(0.1, "share of the unique texts held out for test when data.test is empty")
+    max_length: int = _f(128, "tokens per example (special tokens included); longer ones are cut and counted", range=">= 2")
+    val_fraction: float = _f(0.1, "share of the unique texts held out for validation when data.val is empty", range="[0, 1)")
+    test_fraction: float = _f(0.1, "share of the unique texts held out for test when data.test is empty", range="[0, 1)")
     dedup: bool = _f(True, "drop exact duplicate (text, label) rows; identical texts always share one split")
     split: str = _f("stratified", "how val/test are split off train: stratified (per label) | shuffle (one seeded "
                     "shuffle of the unique texts, cut in order train | val | test)", choices=("stratified", "shuffle"))
     split_seed: int = _f(-1, "seed of that split; -1 = the run's seed (a fixed split_seed keeps the split while "
-                         "the seed varies)")
+                         "the seed varies)", range=">= -1")
 
 
 def _classify_train_defaults() -> TrainConfig:
@@ -176,20 +178,20 @@ class ClassifyConfig:
 
     name: str = _f("classify", "run name; the run folder is runs/<name>-<timestamp> unless --out names it")
     out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
-    seed: int = _f(1337, "random seed for the splits, the head's init, data order and dropout")
+    seed: int = _f(1337, "random seed for the splits, the head's init, data order and dropout", range=">= 0")
     init: str = _f("", "backbone: a kiln run folder, or a Hugging Face model folder (imported into <run>/base)")
     init_checkpoint: str = _f("latest", "checkpoint of a kiln run used as init: latest | best | a folder")
     pooling: str = _f("auto", "auto | mean | cls | pooler | last (auto: mean for encoders, last token for "
                       "decoders)", choices=("auto", "mean", "cls", "pooler", "last"))
-    head_dropout: float = _f(0.1, "dropout before the classification layer")
+    head_dropout: float = _f(0.1, "dropout before the classification layer", range="[0, 1)")
     token_mask: float = _f(0.0, "augmentation: share of each training example's tokens (special tokens excepted) "
-                           "replaced by the tokenizer's mask token, drawn anew every step; 0 = off")
-    epochs: float = _f(3.0, "passes over the training split (sets train.max_steps when that is 0)")
-    warmup_fraction: float = _f(0.06, "share of the steps for linear warmup when train.warmup_steps is 0")
+                           "replaced by the tokenizer's mask token, drawn anew every step; 0 = off", range="[0, 1)")
+    epochs: float = _f(3.0, "passes over the training split (sets train.max_steps when that is 0)", range="> 0")
+    warmup_fraction: float = _f(0.06, "share of the steps for linear warmup when train.warmup_steps is 0", range="[0, 1)")
     class_weights: str = _f("none", "none | balanced | label=weight,label=weight (weighted cross-entropy)")
     metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint and drives early stopping",
                      choices=("val_loss", "val_accuracy", "val_macro_f1"))
-    patience: int = _f(0, "stop after this many evaluations without improvement of `metric`; 0 = never")
+    patience: int = _f(0, "stop after this many evaluations without improvement of `metric`; 0 = never", range=">= 0")
     positive_label: str = _f("", "positive class of a binary task for ROC/PR (default: the second label)")
     keep_layers: str = _f("", "backbone blocks to keep, e.g. 0,2,4: a shallower student initialised from those "
                           "layers of init (DistilBERT-style; pair it with distill.teacher); empty = all")
@@ -205,14 +207,14 @@ class Seq2SeqDataConfig:
     train: str = _f("", "pair file: .tsv, .csv or .jsonl with a source and a target column")
     val: str = _f("", "validation pair file; empty = split off from train (seeded; identical sources stay together)")
     test: str = _f("", "test pair file; empty = split off from train")
-    val_fraction: float = _f(0.05, "share of the unique sources held out for validation when data.val is empty")
-    test_fraction: float = _f(0.05, "share of the unique sources held out for test when data.test is empty")
-    val_size: int = _f(0, "number of unique sources held out for validation (overrides val_fraction); 0 = fraction")
-    test_size: int = _f(0, "number of unique sources held out for test (overrides test_fraction); 0 = fraction")
-    max_source_length: int = _f(128, "source tokens per example; longer ones are cut and counted")
-    max_target_length: int = _f(128, "target tokens per example (eos included); longer ones are cut and counted")
+    val_fraction: float = _f(0.05, "share of the unique sources held out for validation when data.val is empty", range="[0, 1)")
+    test_fraction: float = _f(0.05, "share of the unique sources held out for test when data.test is empty", range="[0, 1)")
+    val_size: int = _f(0, "number of unique sources held out for validation (overrides val_fraction); 0 = fraction", range=">= 0")
+    test_size: int = _f(0, "number of unique sources held out for test (overrides test_fraction); 0 = fraction", range=">= 0")
+    max_source_length: int = _f(128, "source tokens per example; longer ones are cut and counted", range=">= 1")
+    max_target_length: int = _f(128, "target tokens per example (eos included); longer ones are cut and counted", range=">= 2")
     dedup: bool = _f(True, "drop exact duplicate (source, target) pairs")
-    limit: int = _f(0, "use only the first N pairs of data.train (quick runs); 0 = all")
+    limit: int = _f(0, "use only the first N pairs of data.train (quick runs); 0 = all", range=">= 0")
 
 
 @dataclass
@@ -223,22 +225,22 @@ class Seq2SeqTaskConfig:
     target_field: str = _f("target", "column holding the target text")
     tokenizer: str = _f("shared", "shared (one BPE for both sides) | separate (one BPE per side) | path to a "
                         "tokenizer.json", )
-    vocab_size: int = _f(8000, "BPE vocabulary size (per side when separate)")
-    label_smoothing: float = _f(0.1, "label smoothing of the teacher-forced cross-entropy")
-    num_beams: int = _f(4, "beams for evaluation and translate; 1 = greedy")
-    length_penalty: float = _f(1.0, "beam score = sum log-probs / length ** length_penalty (Hugging Face's)")
+    vocab_size: int = _f(8000, "BPE vocabulary size (per side when separate)", range=">= 1")
+    label_smoothing: float = _f(0.1, "label smoothing of the teacher-forced cross-entropy", range="[0, 1)")
+    num_beams: int = _f(4, "beams for evaluation and translate; 1 = greedy", range=">= 1")
+    length_penalty: float = _f(1.0, "beam score = sum log-probs / length ** length_penalty (Hugging Face's)", range="any")
     early_stopping: str = _f("true", "true | false | never: when beam search stops (Hugging Face's semantics)",
                              choices=("true", "false", "never"))
     max_new_tokens: int = _f(0, "longest output; 0 = data.max_target_length (translate also caps a batch at "
-                             "2 x its longest source + 10 tokens)")
-    eval_examples: int = _f(200, "fixed validation subset decoded at each evaluation (BLEU/chrF or ROUGE)")
-    eval_num_beams: int = _f(0, "beams while training (each evaluation); 0 = num_beams")
-    test_examples: int = _f(0, "test pairs decoded at the end; 0 = the whole test split")
-    samples: int = _f(3, "sample outputs logged at each evaluation")
+                             "2 x its longest source + 10 tokens)", range=">= 0")
+    eval_examples: int = _f(200, "fixed validation subset decoded at each evaluation (BLEU/chrF or ROUGE)", range=">= 0")
+    eval_num_beams: int = _f(0, "beams while training (each evaluation); 0 = num_beams", range=">= 0")
+    test_examples: int = _f(0, "test pairs decoded at the end; 0 = the whole test split", range=">= 0")
+    samples: int = _f(3, "sample outputs logged at each evaluation", range=">= 0")
     metric: str = _f("auto", "validation metric choosing the best checkpoint: auto (bleu / rougeL) | val_loss | "
                      "a metric name")
     time_budget: float = _f(0.0, "stop training after this many minutes (evaluations included; the lr schedule "
-                            "is stretched to fit); 0 = train.max_steps")
+                            "is stretched to fit); 0 = train.max_steps", range=">= 0")
 
 
 def _seq2seq_model_defaults() -> ModelConfig:
@@ -257,13 +259,22 @@ class Seq2SeqConfig:
 
     name: str = _f("seq2seq", "run name; the run folder is runs/<name>-<timestamp> unless --out names it")
     out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
-    seed: int = _f(1337, "random seed for the splits, init, data order and dropout")
+    seed: int = _f(1337, "random seed for the splits, init, data order and dropout", range=">= 0")
     model_preset: str = _f("", "start from a named encoder-decoder preset (see `kiln models`); model.* keys "
                            "override it")
     data: Seq2SeqDataConfig = field(default_factory=Seq2SeqDataConfig)
     seq2seq: Seq2SeqTaskConfig = field(default_factory=Seq2SeqTaskConfig)
     model: ModelConfig = field(default_factory=_seq2seq_model_defaults)
     train: TrainConfig = field(default_factory=_seq2seq_train_defaults)
+
+
+# Ranges that depend on the verb (the field's own "range" holds elsewhere): pretraining counts steps, evaluates
+# and saves every N steps, so 0 means nothing there; finetune classify reads 0 as "from epochs" / "once per
+# epoch", seq2seq's save_every 0 as "at evaluations".
+RANGE_OVERRIDES: dict[type, dict[str, str]] = {
+    RunConfig: {"train.max_steps": ">= 1", "train.eval_every": ">= 1", "train.save_every": ">= 1"},
+    Seq2SeqConfig: {"train.max_steps": ">= 1", "train.eval_every": ">= 1"},
+}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -335,6 +346,59 @@ def update_dataclass(obj, values: dict, prefix: str = "", where: str = "config")
         setattr(obj, key, value)
 
 
+_BOUND = re.compile(r"^(>=|>)\s*(-?\d+(?:\.\d+)?)$")
+_INTERVAL = re.compile(r"^([\[(])\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?)\s*([\])])$")
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Is `value` inside `spec`: "> 0", ">= 1", "[0, 1)", "(0, 1]", ... or "any" (a finite number)?"""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if spec == "any":
+        return True
+    if m := _BOUND.match(spec):
+        bound = float(m.group(2))
+        return value >= bound if m.group(1) == ">=" else value > bound
+    m = _INTERVAL.match(spec)
+    assert m, f"bad range spec {spec!r}"
+    lo, hi = float(m.group(2)), float(m.group(3))
+    return (lo <= value if m.group(1) == "[" else lo < value) and (value <= hi if m.group(4) == "]" else value < hi)
+
+
+def range_text(spec: str) -> str:
+    return "a finite number" if spec == "any" else f"in {spec}" if spec[0] in "[(" else spec
+
+
+def check_ranges(cfg, where: str = "config", given: set[str] = frozenset()) -> None:
+    """Every numeric key of a loaded config against its declared range (the field's metadata "range", or
+    RANGE_OVERRIDES for the verb): a one-line KilnError naming the key, the value and the range. A key in
+    `given` (set on the command line) is named as the flag, the others after `where` (the YAML file)."""
+    overrides = RANGE_OVERRIDES.get(type(cfg), {})
+
+    def walk(obj, prefix: str) -> None:
+        hints = _hints(type(obj))
+        for f in fields(obj):
+            key, value = prefix + f.name, getattr(obj, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(value, key + ".")
+                continue
+            spec = overrides.get(key, f.metadata.get("range"))
+            if spec is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not in_range(value, spec):
+                source = f"--{key}" if key in given else f"{where}: {key}"
+                raise KilnError(f"{source} must be {range_text(spec)}, got {value!r}")
+
+    walk(cfg, "")
+
+
+def _flat_keys(values: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in values.items():
+        out |= _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -386,13 +450,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
                 cls=RunConfig, base: dict | None = None):
     """Defaults <- YAML file <- overrides. Returns a validated config dataclass."""
     values = dict(base or {})
-    where = "config"
+    where, given = "config", set()
     if path is not None:
         values = _merge(values, read_yaml(path))
         where = str(path)
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         values = _merge(values, ov)
+        given = _flat_keys(ov) if isinstance(overrides, list) else set()
     cfg = cls()
     preset_name = values.get("model_preset") if any(f.name == "model_preset" for f in fields(cls)) else None
     if preset_name:
@@ -400,6 +465,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
         cfg.model = preset(str(preset_name))
     update_dataclass(cfg, values, where=where)
+    check_ranges(cfg, where, given)
     return cfg
 
 
