@@ -11,7 +11,7 @@ import torch
 
 
 def machine() -> str:
-    from kiln.train.precision import cpu_bf16_flags, cpu_model
+    from kiln.run.device import cpu_bf16_flags, cpu_model
 
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout

@@ -78,10 +78,10 @@ def run_hf(args, out: Path, steps: int) -> dict:
     from kiln.data.tokenizer import load_tokenizer
     from kiln.eval.classification import classification_metrics
     from kiln.model.config import ModelConfig
-    from kiln.train.checkpoint import find_checkpoint, load_weights
+    from kiln.run.checkpoint import find_checkpoint, load_weights
     from kiln.train.classify import (ClassificationObjective, ClassifyTrainer, EpochBatches, encode_examples,
                                      load_splits, predict_probs, prepare_tokenizer, val_metrics)
-    from kiln.train.precision import choose_precision
+    from kiln.run.device import choose_precision
 
     transformers.logging.set_verbosity_error()
     t0 = time.perf_counter()

@@ -67,7 +67,7 @@ def main() -> None:
         print("machine:", machine())
     except Exception:  # noqa: BLE001  (the bench helpers are optional)
         print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
-    from kiln.train.precision import choose_precision
+    from kiln.run.device import choose_precision
 
     auto = choose_precision("auto", "cpu")[0]
     dtypes = ["fp32", "bf16"] if auto == "bf16" else ["fp32"]

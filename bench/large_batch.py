@@ -43,7 +43,7 @@ def noise_scale(run_dir: Path, ckpt: Path, data: Path, micro_seqs: int, n_micro:
     critical batch, past which a larger batch buys fewer steps at a growing cost in tokens, is about B_simple."""
     from kiln.api import load
     from kiln.data.shards import TokenShards
-    from kiln.train.batches import TokenBatches
+    from kiln.data.batches import TokenBatches
 
     model, _, cfg = load(run_dir, which=str(ckpt))
     model.float()  # eval mode (from load): no dropout noise in the gradients

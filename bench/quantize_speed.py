@@ -23,7 +23,7 @@ from common import machine  # noqa: E402
 from kiln.compress.quantize import quantize_model  # noqa: E402
 from kiln.model.config import preset  # noqa: E402
 from kiln.model.transformer import Transformer  # noqa: E402
-from kiln.train.checkpoint import model_state  # noqa: E402
+from kiln.run.checkpoint import model_state  # noqa: E402
 
 
 def main() -> None:

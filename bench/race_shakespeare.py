@@ -30,9 +30,9 @@ from kiln.config import load_config  # noqa: E402
 from kiln.data.prepare import prepare  # noqa: E402
 from kiln.data.shards import TokenShards  # noqa: E402
 from kiln.model.transformer import Transformer  # noqa: E402
-from kiln.train.batches import TokenBatches, eval_windows  # noqa: E402
+from kiln.data.batches import TokenBatches, eval_windows  # noqa: E402
 from kiln.train.objectives import CausalLM, evaluate_lm  # noqa: E402
-from kiln.train.precision import choose_precision  # noqa: E402
+from kiln.run.device import choose_precision  # noqa: E402
 from kiln.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -48,9 +48,9 @@ def train_student(args, out: Path, alpha: float) -> Path:
 def measure(runs: dict[str, Path], args) -> dict:
     import torch
 
-    from kiln.train.checkpoint import find_checkpoint
+    from kiln.run.checkpoint import find_checkpoint
     from kiln.train.classify import encode_examples, load_classifier, load_splits, predict_probs, prepare_tokenizer
-    from kiln.train.precision import choose_precision
+    from kiln.run.device import choose_precision
 
     models, rows = {}, {}
     for name, run in runs.items():

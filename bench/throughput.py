@@ -30,7 +30,7 @@ from kiln.config import load_config  # noqa: E402
 from kiln.model.config import preset  # noqa: E402
 from kiln.model.transformer import Transformer  # noqa: E402
 from kiln.train.objectives import CausalLM  # noqa: E402
-from kiln.train.precision import cpu_bf16_flags, matmul_speed  # noqa: E402
+from kiln.run.device import cpu_bf16_flags, matmul_speed  # noqa: E402
 from kiln.train.trainer import Trainer  # noqa: E402
 
 

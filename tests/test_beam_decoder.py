@@ -107,7 +107,7 @@ def test_generate_cli_num_beams(models, tmp_path, capsys):
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
     from kiln.cli import main
-    from kiln.train.checkpoint import find_checkpoint
+    from kiln.run.checkpoint import find_checkpoint
 
     family, hf, _ = models
     hf.save_pretrained(tmp_path / "hf")

@@ -17,7 +17,7 @@ from kiln.data import tasks
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 from kiln.model.transformer import Transformer
-from kiln.train.checkpoint import save_checkpoint
+from kiln.run.checkpoint import save_checkpoint
 
 POS = ["good", "great", "superb", "lovely", "fine"]
 NEG = ["bad", "awful", "poor", "dull", "boring"]
@@ -221,7 +221,7 @@ def test_shuffle_split_is_the_plain_seeded_shuffle_cut_in_order():
 
 def test_split_seed_fixes_the_split_while_the_run_seed_varies(tmp_path):
     from kiln.config import ClassifyConfig, load_config
-    from kiln.train.classify import load_splits
+    from kiln.tasks.classify import load_splits
 
     data = tmp_path / "d.csv"
     data.write_text("label,text\n" + "".join(f"{'pos' if i % 3 else 'neg'},review number {i}\n" for i in range(120)))
@@ -245,7 +245,7 @@ def test_single_example_class_is_warned_and_kept_in_train():
 def test_val_macro_f1_matches_scikit_learn():
     from sklearn.metrics import f1_score
 
-    from kiln.train.classify import val_metrics
+    from kiln.eval.classification import val_metrics
 
     rng = np.random.default_rng(0)
     y, probs = rng.integers(0, 4, 50), rng.dirichlet(np.ones(4), 50)
@@ -351,7 +351,7 @@ def test_rotten_recipe_loads():
 
 
 def test_distillation_objective_is_the_weighted_kl_and_cross_entropy():
-    from kiln.train.classify import ClassificationObjective
+    from kiln.train.objectives import ClassificationObjective
 
     torch.manual_seed(0)
     student, teacher, other = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
@@ -398,7 +398,7 @@ def test_shallow_student_from_chosen_layers_distilled_from_a_teacher(trained, ca
                               "--epochs", "5", "--train.batch_size", "8", "--train.lr", "5e-3")
     assert code == 0, err
     assert "student: blocks 0,2 of the backbone's 3" in out and "distillation from" in out
-    from kiln.train.classify import load_classifier
+    from kiln.tasks.classify import load_classifier
 
     model, _, cfg, _ = load_classifier(run)
     assert cfg.model.n_layer == 2 and len(model.backbone.decoder.blocks) == 2
@@ -468,7 +468,7 @@ def test_student_bad_input_is_one_line_and_leaves_no_run_folder(trained, capsys,
 
 
 def test_token_mask_augmentation_masks_ordinary_tokens_only_and_replays_after_resume():
-    from kiln.train.classify import EpochBatches, Encoded
+    from kiln.tasks.text import EpochBatches, Encoded
 
     rng = random.Random(0)
     ids = [[2] + [rng.randrange(5, 40) for _ in range(rng.randint(3, 20))] + [3] for _ in range(64)]

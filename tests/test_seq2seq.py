@@ -224,7 +224,7 @@ TINY_S2S = ["--model.d_model", "32", "--model.n_layer", "2", "--model.n_head", "
 
 
 def test_bad_pair_files_are_one_line_errors(tmp_path, capsys):
-    from kiln.train.seq2seq import read_pairs
+    from kiln.data.pairs import read_pairs
 
     rows = [(f"v{i}", f"the word {i}", f"la palabra {i}") for i in range(30)]
     empty = write_tsv(tmp_path / "empty.tsv", rows[:10] + [("v", "no target here", "")] + rows[10:])
@@ -244,7 +244,7 @@ def test_bad_pair_files_are_one_line_errors(tmp_path, capsys):
 
 
 def test_split_is_seeded_and_keeps_identical_sources_together():
-    from kiln.train.seq2seq import Pair, dedup, split_pairs
+    from kiln.data.pairs import Pair, dedup, split_pairs
 
     rng = random.Random(0)
     pairs = [Pair(f"source {rng.randrange(60)}", f"target {i}", i) for i in range(300)]
@@ -261,7 +261,8 @@ def test_split_is_seeded_and_keeps_identical_sources_together():
 
 
 def test_objective_counts_only_real_target_tokens():
-    from kiln.train.seq2seq import Seq2SeqLM, collate
+    from kiln.tasks.seq2seq_decode import collate
+    from kiln.train.objectives import Seq2SeqLM
 
     torch.manual_seed(0)
     model = tiny_seq2seq()
@@ -316,7 +317,7 @@ def test_finetune_translate_end_to_end_and_translate_cli(tmp_path, capsys):
     assert [o["reference"] for o in outputs] == [r[2] for r in rows[:3]]
     import sacrebleu
 
-    from kiln.train.seq2seq import translate
+    from kiln.tasks.seq2seq import translate
 
     hyps, refs_ = [o["output"] for o in outputs], [o["reference"] for o in outputs]
     assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs_]).score)
@@ -370,7 +371,9 @@ def test_teacher_forcing_and_decoding_agree_a_model_memorises_its_pairs():
     reproduces them with greedy decoding."""
     from kiln.data.tokenizer import train_tokenizer
     from kiln.eval.text_metrics import bleu
-    from kiln.train.seq2seq import DecodeOptions, Pair, PairBatches, PairCodec, Seq2SeqLM, decode_ids, encode_pairs
+    from kiln.data.pairs import Pair, PairCodec
+    from kiln.tasks.seq2seq_decode import DecodeOptions, PairBatches, decode_ids, encode_pairs
+    from kiln.train.objectives import Seq2SeqLM
 
     torch.manual_seed(0)
     rows = list(csv.reader(open(BIBLE, encoding="utf-8"), delimiter="\t"))[1:33]

@@ -7,17 +7,17 @@
     print(kiln.evaluate(run_dir, "held_out.txt")["perplexity"])
 """
 
-__version__ = "0.1.0"
-
-from kiln.errors import KilnError  # noqa: E402
+from kiln._version import __version__
+from kiln.errors import KilnError
 
 
 def __getattr__(name):  # lazy: `import kiln` stays fast and torch-free until needed
-    if name in ("pretrain", "load", "sample", "prepare_data", "evaluate"):
+    if name in ("pretrain", "load", "sample", "prepare_data", "evaluate", "predict", "finetune"):
         from kiln import api
 
         return getattr(api, name)
     raise AttributeError(name)
 
 
-__all__ = ["KilnError", "pretrain", "load", "sample", "prepare_data", "evaluate", "__version__"]
+__all__ = ["KilnError", "pretrain", "finetune", "load", "sample", "prepare_data", "evaluate", "predict",
+           "__version__"]

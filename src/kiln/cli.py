@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 where the CPU computes it natively (decoding ~1.8x faster), else fp32")
     g.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one) | cpu | cuda[:N]")
 
+    sv = sub.add_parser("serve", help="HTTP server for a run: OpenAI-style /v1/completions (streaming) for a "
+                        "language model, /v1/classify for a classifier, a playground page at /")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="0 = any free port (the URL is printed)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one batch")
+    sv.add_argument("--queue", type=int, default=64, help="requests that may wait; beyond that, HTTP 503")
+    sv.add_argument("--checkpoint", default=None, help="latest, best, or a checkpoint folder (default: latest "
+                    "for a language model, best for a classifier)")
+    sv.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="as kiln generate's")
+    sv.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one) | cpu | cuda[:N]")
+
     sub.add_parser("models", help="list the named model presets with parameter counts")
 
     viz = sub.add_parser("viz", help="plots of a run")
@@ -249,6 +261,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: error: {e}", file=sys.stderr)
         _torchrun_error_file(str(e))
         return 2
+    except Exception as e:  # a full or read-only disk, a parent that is a file: one line naming the path
+        from kiln.errors import filesystem_error
+
+        verb = " ".join(filter(None, (args.verb, getattr(args, f"{args.verb}_verb", None))))  # data prepare, ...
+        message = None if debug else filesystem_error(e, verb)
+        if message is None:
+            raise
+        print(f"kiln: error: {message}", file=sys.stderr)
+        _torchrun_error_file(message)
+        return 2
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
@@ -286,6 +308,12 @@ def _dispatch(args, extra: list[str]) -> int | None:
         print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                      args.seed, greedy=args.temperature == 0, which=args.checkpoint, stop=args.stop,
                      precision=args.precision, num_beams=args.num_beams, device=args.device))
+        return 0
+    if args.verb == "serve":
+        from kiln.serve import serve
+
+        serve(args.run_dir, args.host, args.port, args.max_batch, args.queue, args.checkpoint, args.device,
+              args.precision)
         return 0
     if args.verb == "distill":
         from kiln.train.pretrain import distill_from_cli
@@ -330,8 +358,9 @@ def _dispatch(args, extra: list[str]) -> int | None:
         if args.viz_verb != "attention":
             raise KilnError("usage: kiln viz attention RUN_DIR --text TEXT | kiln viz compare RUN1 RUN2 ...")
         from kiln.report.attention import viz_attention
+        from kiln.run.load import load
 
-        print(viz_attention(args.run_dir, args.text, args.out))
+        print(viz_attention(load(args.run_dir), args.run_dir, args.text, args.out))
         return 0
     if args.verb == "import":
         from kiln.interop.hf import import_hf
@@ -345,24 +374,24 @@ def _dispatch(args, extra: list[str]) -> int | None:
         export_hf(args.run_dir, args.out_dir)
         print(f"exported {args.run_dir} -> {args.out_dir}")
         return 0
-    if args.verb == "finetune" and args.finetune_verb == "seq2seq":
-        from kiln.train.seq2seq import seq2seq_from_cli
-        return _training(seq2seq_from_cli, args.config, extra)
     if args.verb == "translate":
-        from kiln.train.seq2seq import translate_from_cli
+        from kiln.tasks.seq2seq import translate_from_cli
 
         translate_from_cli(args.run_dir, args.text, args.file, args.num_beams, args.checkpoint, args.out)
         return 0
     if args.verb == "finetune":
-        if args.finetune_verb != "classify":
-            raise KilnError("usage: kiln finetune TASK [CONFIG.yaml] --data.train FILE [--section.key VALUE ...]; "
-                            "TASK is classify or seq2seq (kiln finetune TASK --help)")
-        from kiln.train.classify import classify_from_cli
-        return _training(classify_from_cli, args.config, extra)
-    if args.verb == "predict":
-        from kiln.train.classify import predict_file
+        from kiln import tasks
 
-        predict_file(args.run_dir, args.file, args.out, args.checkpoint)
+        if args.finetune_verb not in tasks.REGISTRY:
+            raise KilnError("usage: kiln finetune TASK [CONFIG.yaml] --data.train FILE [--section.key VALUE ...]; "
+                            f"TASK is {' or '.join(tasks.REGISTRY)} (kiln finetune TASK --help)")
+        from kiln.tasks.finetune import finetune_from_cli
+
+        return _training(finetune_from_cli, tasks.get(args.finetune_verb), args.config, extra)
+    if args.verb == "predict":
+        from kiln.api import predict
+
+        predict(args.run_dir, args.file, args.out, args.checkpoint)
         return 0
     if args.verb == "eval":
         from kiln.api import evaluate

@@ -56,7 +56,7 @@ class TrainConfig:
     batch_ramp_tokens: int = _f(0, "grow the global batch from one micro-batch per rank to the target over this "
                                 "many tokens, lr following train.lr_scaling; 0 = off", range=">= 0")
     optimizer: str = _f("adamw", "adamw | muon | lamb", choices=("adamw", "muon", "lamb"))
-    lr: float = _f(1e-3, "peak learning rate (AdamW part)", range="> 0")
+    lr: float = _f(1e-3, "peak learning rate (AdamW part)", range=">= 0")  # 0: a frozen run (tests, a fixed baseline)
     muon_lr: float = _f(0.02, "learning rate of Muon for 2-D hidden weights (optimizer: muon)", range="> 0")
     min_lr: float = _f(1e-4, "final learning rate of the decay", range=">= 0")
     layer_lr_decay: float = _f(1.0, "layer-wise lr decay (fine-tuning, AdamW/LAMB): block i of n gets lr * decay^(n - i), "

@@ -67,7 +67,7 @@ def prune_run(run_dir, out_dir, ffn_keep: float, which: str = "latest", log=prin
 
     from kiln.compress.report import compare, new_run_folder, source_checkpoint
     from kiln.config import dump_yaml
-    from kiln.train.checkpoint import save_checkpoint
+    from kiln.run.checkpoint import save_checkpoint
 
     ckpt, meta, model, cfg = source_checkpoint(run_dir, out_dir, which)
     if meta.get("quantization"):

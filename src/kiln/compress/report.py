@@ -16,8 +16,8 @@ from kiln.errors import KilnError
 
 def source_checkpoint(run_dir, out_dir, which: str):
     """(checkpoint folder, its meta.json, float model, run config) of the run to compress."""
-    from kiln.api import load
-    from kiln.train.checkpoint import find_checkpoint
+    from kiln.run.load import load
+    from kiln.run.checkpoint import find_checkpoint
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if (out_dir / "checkpoints").exists():
@@ -50,7 +50,7 @@ def compare(title: str, report: dict, cfg, run_dir, before, after, ckpt_before: 
     report["val_loss"] = None  # encoders / seq2seq: evaluate the new run with their task command
     if cfg.model.arch == "decoder" and cfg.objective == "clm" and (data / "manifest.json").is_file():
         from kiln.data.shards import TokenShards
-        from kiln.train.batches import eval_windows
+        from kiln.data.batches import eval_windows
         from kiln.train.objectives import CausalLM, evaluate_lm
 
         val = TokenShards(data, "val")

@@ -3,7 +3,7 @@
     data:
       mixture: {data/web: 0.7, data/code: 0.2, data/books: 0.1}
 
-Sample i of the run is a pure function of (seed, i), as with a single dataset (kiln.train.batches), so a
+Sample i of the run is a pure function of (seed, i), as with a single dataset (kiln.data.batches), so a
 resume seeks straight to sample k and every rank takes its own slice. The samples are cut into blocks of
 K; each block holds a fixed number of samples of each dataset (K * weight, by largest remainder) in a
 seeded random order, one permutation per block. So within every block the proportions match the weights
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kiln.errors import KilnError
-from kiln.train.batches import WindowSampler
+from kiln.data.batches import WindowSampler
 
 BLOCK = 4096  # samples per block (more when a weight is below 1/BLOCK)
 

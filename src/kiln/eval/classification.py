@@ -168,3 +168,14 @@ def write_report(m: dict, y_true, probs, labels: list[str], out_dir: Path, prefi
     data = {**m, **(extra or {}), "plots": {k: str(v) for k, v in files.items() if k != "json"}}
     files["json"].write_text(json.dumps(data, indent=2) + "\n")
     return files
+
+
+def val_metrics(probs: np.ndarray, labels, n_classes: int) -> dict:
+    """Loss, accuracy and macro F1 during training (numpy; equal to scikit-learn's with zero_division=0)."""
+    y = np.asarray(labels)
+    pred = probs.argmax(1)
+    loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)).mean())
+    tp = np.bincount(y[pred == y], minlength=n_classes).astype(float)
+    n_pred, n_true = np.bincount(pred, minlength=n_classes), np.bincount(y, minlength=n_classes)
+    f1 = np.divide(2 * tp, n_pred + n_true, out=np.zeros(n_classes), where=(n_pred + n_true) > 0)
+    return {"val_loss": loss, "val_accuracy": float((pred == y).mean()), "val_macro_f1": float(f1.mean())}

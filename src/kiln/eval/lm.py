@@ -93,8 +93,8 @@ def evaluate_text(run_dir: str | Path, file: str | Path, out: str | Path | None 
                   stride: int = 0, batch_size: int = 8, device: str = "auto", log=print) -> dict:
     """Loss, perplexity and bits per byte of a pretraining run on a text file (or folder, .jsonl, .csv);
     printed and written as JSON (default RUN_DIR/eval/<FILE stem>.json)."""
-    from kiln.api import load
-    from kiln.train.pretrain import resolve_device
+    from kiln.run.load import load
+    from kiln.run.device import resolve_device
 
     run_dir, file = Path(run_dir), Path(file)
     if which == "best" and not (run_dir / "checkpoints" / "best").is_file():

@@ -88,10 +88,9 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 
 def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a kiln run folder (config.yaml, tokenizer.json, checkpoints/step_000000) from an HF model folder."""
-    from kiln.api import _rebuild_buffers
     from kiln.config import RunConfig, dump_yaml
-    from kiln.model.transformer import Transformer
-    from kiln.train.checkpoint import atomic_write_text, save_checkpoint
+    from kiln.run.checkpoint import atomic_write_text, save_checkpoint
+    from kiln.run.load import build_model
 
     src, run_dir = Path(src_dir), Path(run_dir)
     if not (src / "config.json").is_file():
@@ -111,10 +110,7 @@ def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False)
 
     run = RunConfig(name=src.resolve().name, out=str(run_dir), model=cfg,
                     objective="mlm" if cfg.arch == "encoder" else "clm")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    _rebuild_buffers(model, run)
+    model = build_model(cfg, "cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = [m for m in missing if m not in tied]
@@ -174,8 +170,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -
     """Write config.json, model.safetensors, tokenizer.json (+ tokenizer_config.json) for transformers."""
     from safetensors.torch import save_file
 
-    from kiln.api import load
-    from kiln.train.checkpoint import find_checkpoint
+    from kiln.run.checkpoint import find_checkpoint
+    from kiln.run.load import load
 
     run_dir, out = Path(run_dir), Path(out_dir)
     model, _, run = load(run_dir, which, quantized_ok=False)

@@ -32,3 +32,46 @@ class Pooler(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(h[:, 0]))
+
+
+class SequenceClassifier(nn.Module):
+    """A kiln Transformer + pooling + dropout + linear layer: (ids, mask, types) -> logits [B, n_classes].
+
+    pooling: mean (over real tokens), cls (first token), pooler (BERT's dense+tanh on the first token),
+    last (last real token; decoders, whose last position is the only one that saw the whole text)."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int, pooling: str = "mean", dropout: float = 0.1):
+        super().__init__()
+        cfg = backbone.config
+        if pooling == "auto":
+            pooling = "last" if cfg.arch == "decoder" else "mean"
+        if pooling == "pooler" and backbone.pooler is None:
+            from kiln.errors import KilnError
+
+            raise KilnError("pooling 'pooler' needs a backbone with a BERT pooler (model.pooler); use mean or cls")
+        self.backbone, self.pooling = backbone, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(cfg.d_model, n_classes)
+        nn.init.normal_(self.head.weight, std=cfg.init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        b = self.backbone
+        if b.config.arch == "decoder":
+            h = b.hidden(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        else:
+            h = b.encode(input_ids, src_mask=attention_mask, token_type_ids=token_type_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        if self.pooling == "mean":
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if self.pooling == "cls":
+            return h[:, 0]
+        if self.pooling == "pooler":
+            return b.pooler(h)
+        last = attention_mask.long().sum(1).clamp_min(1) - 1  # right padding
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.head(self.dropout(self.features(input_ids, attention_mask, token_type_ids)))

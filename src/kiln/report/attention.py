@@ -57,10 +57,9 @@ def plot_attention(maps: list[torch.Tensor], tokens: list[str], path: Path, max_
     return path
 
 
-def viz_attention(run_dir: str | Path, text: str, out: str | Path | None = None) -> Path:
-    from kiln.api import load
-
-    model, tokenizer, cfg = load(run_dir)
+def viz_attention(loaded, run_dir: str | Path, text: str, out: str | Path | None = None) -> Path:
+    """`loaded`: (model, tokenizer, config) of the run (kiln.run.load.load)."""
+    model, tokenizer, cfg = loaded
     if tokenizer is None:
         raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode --text")
     enc = tokenizer.encode(text)

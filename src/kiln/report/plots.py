@@ -98,3 +98,26 @@ def compare_runs(runs: list[Path], metrics: list[str], out: Path, x: str = "step
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return save_figure(fig, Path(out)), summary
+
+
+def metric_curve(history: list[tuple[int, dict]], keys: tuple[str, ...], path: Path, title: str = "") -> Path:
+    """Validation text metrics (BLEU/chrF or ROUGE) against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for k in keys:
+        xs = [s for s, m in history if f"val_{k}" in m]
+        ys = [m[f"val_{k}"] for s, m in history if f"val_{k}" in m]
+        if xs:
+            ax.plot(xs, ys, marker="o", lw=1.6, label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("score (0-100)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path)

@@ -211,7 +211,7 @@ def _load_options():
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     """{alias name: kept name} for parameters shared under several names (a tied output head)."""
-    from kiln.train.checkpoint import unwrap
+    from kiln.run.checkpoint import unwrap
 
     plain = unwrap(model)
     first: dict[int, str] = {}
@@ -227,7 +227,7 @@ def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The unsharded weights on CPU, tied duplicates dropped. A collective under FSDP (call it on every
     rank); there the other ranks get None. Without sharding it is checkpoint.model_state."""
-    from kiln.train.checkpoint import model_state, unwrap
+    from kiln.run.checkpoint import model_state, unwrap
 
     if not is_sharded(unwrap(model)):
         return model_state(model)
@@ -243,7 +243,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 
 def load_model_state(model: torch.nn.Module, path: Path) -> None:
     """Load a full checkpoint (model.safetensors) into the plain, DDP or FSDP2-sharded model."""
-    from kiln.train.checkpoint import load_weights, unwrap
+    from kiln.run.checkpoint import load_weights, unwrap
 
     plain = unwrap(model)
     if not is_sharded(plain):
@@ -278,7 +278,7 @@ def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
     any of them resumes any other. A collective under FSDP (call it on every rank)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from kiln.train.checkpoint import unwrap
+    from kiln.run.checkpoint import unwrap
 
     return get_optimizer_state_dict(unwrap(model), _optimizers(optimizer), options=_options())
 
@@ -286,7 +286,7 @@ def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    from kiln.train.checkpoint import unwrap
+    from kiln.run.checkpoint import unwrap
 
     set_optimizer_state_dict(unwrap(model), _optimizers(optimizer), state,
                              options=_load_options())

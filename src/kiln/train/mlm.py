@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import KilnError
-from kiln.train.checkpoint import unwrap
+from kiln.run.checkpoint import unwrap
 
 IGNORE = -100
 

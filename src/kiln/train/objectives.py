@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kiln.train.checkpoint import unwrap
+from kiln.constants import IGNORE_INDEX
+from kiln.run.checkpoint import unwrap
 
 
 class CausalLM:
@@ -56,3 +57,55 @@ def evaluate_lm(model, objective, batches) -> dict:
         count += objective.targets(batch)
     val = total / max(count, 1)
     return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword inputs of a text model in a batch dict (labels and teacher outputs left out)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+class ClassificationObjective:
+    """Cross-entropy over the batch's labels (a SUM; optionally class-weighted). With teachers' logits in the
+    batch (`teacher_logits` [B, n_teachers, n_classes], fine-tuned classifiers run once before training):
+    alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, per example, where teacher_T is the
+    mean of the teachers' distributions at temperature T (an ensemble). A `hard` weight per example (augmented
+    texts: 0) switches the cross-entropy term off where the label is not known to hold."""
+
+    def __init__(self, weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 2.0):
+        self.weights = torch.tensor(weights, dtype=torch.float32) if weights else None
+        self.alpha, self.temperature = alpha, temperature
+
+    def targets(self, batch) -> int:
+        return int(batch["labels"].shape[0])
+
+    def loss(self, model, batch) -> torch.Tensor:
+        logits = model(**model_inputs(batch)).float()
+        w = self.weights.to(logits.device) if self.weights is not None else None
+        if "hard" in batch:
+            hard = batch["hard"].to(logits.device)
+            ce = (F.cross_entropy(logits, batch["labels"], weight=w, reduction="none") * hard).sum()
+        else:
+            ce = F.cross_entropy(logits, batch["labels"], weight=w, reduction="sum")
+        if "teacher_logits" not in batch or self.alpha == 0.0:
+            return ce
+        T = self.temperature
+        t = batch["teacher_logits"].to(logits.device).float()
+        t_logp = torch.logsumexp(F.log_softmax(t / T, -1), dim=1) - math.log(t.shape[1])  # log of the mean
+        kd = F.kl_div(F.log_softmax(logits / T, -1), t_logp, log_target=True, reduction="sum") * (T * T)
+        return self.alpha * kd + (1.0 - self.alpha) * ce
+
+
+class Seq2SeqLM:
+    """Teacher forcing: cross-entropy of labels given decoder_input_ids and the source (a SUM over the
+    non-padding target tokens, with optional label smoothing)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def targets(self, batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def loss(self, model, batch) -> torch.Tensor:
+        logits = model(batch["decoder_input_ids"], src=batch["input_ids"], src_mask=batch["attention_mask"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum", label_smoothing=self.label_smoothing)

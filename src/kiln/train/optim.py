@@ -113,13 +113,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu
     return OptimizerGroup([muon, adam])
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Warmup then cosine/linear decay to min_lr at max_steps. A pure function of the step: nothing to resume."""
+def lr_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
+    """Warmup then cosine/linear decay to min_lr at max_steps (default cfg.max_steps; a time budget passes the
+    steps that fit). A pure function of the step: nothing to resume."""
+    total = cfg.max_steps if max_steps is None else max_steps
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if cfg.decay == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     if cfg.decay == "linear":
         return cfg.lr + (cfg.min_lr - cfg.lr) * progress
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -14,46 +14,14 @@ import torch
 from kiln.config import RunConfig, TrainConfig, dump_yaml, load_config
 from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
-from kiln.train.batches import TokenBatches, eval_windows
+from kiln.data.batches import TokenBatches, eval_windows
 from kiln.train.distributed import broadcast, env_world, init_distributed, leave_process_group_after, main_first, \
     resolve_backend, wrap_model
-from kiln.train.checkpoint import load_weights, weights_prefix
+from kiln.run.checkpoint import load_weights, weights_prefix
 from kiln.train.objectives import CausalLM, evaluate_lm
-from kiln.train.precision import choose_precision
+from kiln.run.device import choose_precision, resolve_device
+from kiln.run.folder import RunLog, default_run_dir
 from kiln.train.trainer import Trainer
-
-
-class RunLog:
-    """Print to the console and append to run_dir/log.txt."""
-
-    def __init__(self, run_dir: Path | None = None, quiet: bool = False):
-        self.file = open(run_dir / "log.txt", "a", encoding="utf-8") if run_dir else None
-        self.quiet = quiet
-
-    def __call__(self, line: str) -> None:
-        if not self.quiet:
-            print(line, flush=True)
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
-
-
-def new_run_dir(cfg: RunConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def resolve_device(name: str, what: str = "train.device") -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KilnError(f"{what} is {name!r} but no CUDA device is available; use cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise KilnError(f"{what} is 'mps' but no Apple GPU is available; use cpu or auto")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise KilnError(f"{what} must be auto, cpu, cuda[:N] or mps, got {name!r}")
-    return name
 
 
 def scale_batch_and_lr(cfg: RunConfig, world_size: int) -> tuple[TrainConfig, str]:
@@ -137,11 +105,11 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise KilnError(f"cannot resume: {run_dir} is not a run folder (no config.yaml)")
-        from kiln.train.checkpoint import find_checkpoint, load_trainer_state
+        from kiln.run.checkpoint import find_checkpoint, load_trainer_state
 
         load_trainer_state(find_checkpoint(run_dir))  # fail early on a missing or corrupted checkpoint
     else:
-        run_dir = broadcast(info, new_run_dir(cfg))  # rank 0's timestamp
+        run_dir = broadcast(info, default_run_dir(cfg.name, cfg.out))  # rank 0's timestamp
         if (run_dir / "checkpoints").exists():
             raise KilnError(f"run folder {run_dir} already holds checkpoints; use --resume {run_dir} or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,9 +258,9 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
 
 def _init_from(cfg: RunConfig, notes: list[str]) -> tuple[Path, str]:
     """`init`: take the run's model shape and (unless the data names its own) its tokenizer; return its checkpoint
-    and the prefix of the model's weights in it (kiln.train.checkpoint.weights_prefix)."""
-    from kiln.api import load_run_config
-    from kiln.train.checkpoint import find_checkpoint
+    and the prefix of the model's weights in it (kiln.run.checkpoint.weights_prefix)."""
+    from kiln.run.load import load_run_config
+    from kiln.run.checkpoint import find_checkpoint
 
     init = Path(cfg.init).expanduser()
     if not (init / "config.yaml").is_file():
@@ -348,7 +316,7 @@ def _distill_data(cfg: RunConfig, notes: list[str]) -> Path:
 
 def _teacher_objective(cfg: RunConfig, teacher: Path, run_dir: Path, device: str, precision: str, n_student: int,
                        log):
-    from kiln.api import load
+    from kiln.run.load import load
     from kiln.train.objectives import DistillLM
 
     model, _, tcfg = load(teacher, cfg.distill.checkpoint, device=device)
@@ -369,7 +337,7 @@ def _teacher_objective(cfg: RunConfig, teacher: Path, run_dir: Path, device: str
 def sampling_model(model: torch.nn.Module, cfg: RunConfig, device: str) -> torch.nn.Module | None:
     """A plain module to generate from: the unwrapped model, or under FSDP a fresh one loaded with the
     gathered weights (on rank 0; the gathering is a collective, so call this on every rank)."""
-    from kiln.train.checkpoint import unwrap
+    from kiln.run.checkpoint import unwrap
     from kiln.train.distributed import full_model_state, is_sharded
 
     plain = unwrap(model)

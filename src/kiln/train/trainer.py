@@ -22,10 +22,11 @@ from kiln.errors import KilnError
 from kiln.report.metrics import MetricsLog
 from kiln.report.plots import loss_curve
 from kiln.report.progress import Progress
-from kiln.train.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, unwrap
+from kiln.run.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, unwrap
+from kiln.train.callbacks import BestByMetric, Callback
 from kiln.train.distributed import full_model_state, full_optimizer_state, load_model_state, load_optimizer_state
 from kiln.train.optim import build_optimizer, lr_at, set_lr
-from kiln.train.precision import autocast
+from kiln.run.device import autocast
 
 
 class Objective(Protocol):
@@ -59,8 +60,15 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, objective: Objective, cfg: TrainConfig, run_dir: Path,
                  next_batch: Callable[[int], object], evaluate: Callable[[torch.nn.Module], dict] | None = None,
                  device: str = "cpu", precision: str = "fp32", log=print, tokens_per_target: int = 1,
-                 on_eval: Callable[[int, dict], None] | None = None, world_size: int = 1, is_main: bool = True):
+                 on_eval: Callable[[int, dict], None] | None = None, world_size: int = 1, is_main: bool = True,
+                 metric: str = "val_loss", callbacks: list[Callback] | None = None):
         self.model, self.objective, self.cfg, self.run_dir = model, objective, cfg, Path(run_dir)
+        self.best = BestByMetric(metric)  # `best` checkpoint pointer: the best value of `metric`
+        self.callbacks: list[Callback] = [self.best, *(callbacks or [])]
+        self.horizon = cfg.max_steps  # where the loop and the lr schedule end (a time budget may move it)
+        self.stop_reason: str | None = None
+        self.train_seconds = 0.0  # inside optimizer steps only (batches, forward, backward, update)
+        self.eval_seconds = 0.0
         self.next_batch, self.evaluate, self.device, self.precision = next_batch, evaluate, device, precision
         self.log, self.on_eval, self.world_size, self.is_main = log, on_eval, world_size, is_main
         self.tokens_per_target = tokens_per_target
@@ -84,7 +92,7 @@ class Trainer:
         return {"step": s.step, "tokens": s.tokens, "best_val": s.best_val, "elapsed": s.elapsed,
                 # full (unsharded) state keyed by parameter name: resumes on any number of ranks
                 "optimizer": full_optimizer_state(self.model, self.optimizer), "optimizer_format": "fqn",
-                "rng": rng}
+                "rng": rng, "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
 
     def save(self, is_best: bool = False, val_loss: float | None = None) -> Path | None:
         # gathering the full state is a collective under FSDP: every rank takes part, rank 0 writes
@@ -111,6 +119,10 @@ class Trainer:
             raise KilnError(f"{ckpt}: optimizer state does not match this model/optimizer ({e})") from None
         self.state = TrainState(step=int(state["step"]), tokens=int(state["tokens"]),
                                 best_val=float(state["best_val"]), elapsed=float(state["elapsed"]))
+        for cb in self.callbacks:
+            cb.load_state_dict(state.get("callbacks", {}).get(cb.name, {}))
+        if self.best.value is None and self.best.metric == "val_loss" and math.isfinite(self.state.best_val):
+            self.best.value = self.state.best_val  # checkpoints from before callbacks kept only this
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -120,9 +132,24 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
+    def stop(self, reason: str) -> None:
+        """End the run after this step (its checkpoint is written): early stopping, a target reached."""
+        self.stop_reason = reason
+        self.log(reason)
+
     def train_step(self) -> tuple[float, float | None]:
+        for cb in self.callbacks:
+            cb.on_step_start(self)
+        t0 = time.perf_counter()
+        out = self._step()
+        self.train_seconds += time.perf_counter() - t0
+        for cb in self.callbacks:
+            cb.on_step_end(self)
+        return out
+
+    def _step(self) -> tuple[float, float | None]:
         cfg, step = self.cfg, self.state.step
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, self.horizon)
         accum, first = cfg.grad_accum, step * cfg.grad_accum
         if self.ramp is not None:
             accum, first = self.ramp.accum(step), self.ramp.first_micro(step)
@@ -164,10 +191,14 @@ class Trainer:
     def run_eval(self) -> dict:
         if self.evaluate is None:
             return {}
+        t0 = time.perf_counter()
         self.compute_model.eval()
         with torch.no_grad(), autocast("fp32" if self.bf16_weights else self.precision, self.device):
             metrics = self.evaluate(self.compiled)
         self.compute_model.train()
+        self.eval_seconds += time.perf_counter() - t0
+        for cb in self.callbacks:
+            cb.on_eval(self, metrics)
         return metrics
 
     def fit(self, resume_from: Path | None = None) -> dict:
@@ -178,7 +209,7 @@ class Trainer:
         metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resume_from else None,
                              tensorboard=cfg.tensorboard and self.is_main) if self.is_main else None
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        progress = Progress(cfg.max_steps, self.state.step, cfg.log_every, log=self.log,
+        progress = Progress(self.horizon, self.state.step, cfg.log_every, log=self.log,
                             unit=self.throughput_unit) if self.is_main else None
         self.compute_model.train()
         last_eval: dict = {}
@@ -186,7 +217,7 @@ class Trainer:
         session_t0 = time.perf_counter() - self.state.elapsed
         first_step = self.state.step + 1
         try:
-            while self.state.step < cfg.max_steps:
+            while self.state.step < self.horizon and self.stop_reason is None:
                 loss, grad_norm = self.train_step()
                 step = self.state.step
                 if step == first_step and grad_norm == 0.0:  # not one parameter would move: fail, do not pretend
@@ -196,23 +227,23 @@ class Trainer:
                 if not math.isfinite(loss):
                     latest = self.run_dir / "checkpoints" / "latest"
                     where = f"; the last good checkpoint is {latest.read_text().strip()}" if latest.is_file() else ""
-                    raise KilnError(f"loss became {loss} at step {step} (lr {lr_at(step - 1, cfg):.2e}); stopping "
+                    raise KilnError(f"loss became {loss} at step {step} (lr {lr_at(step - 1, cfg, self.horizon):.2e}); stopping "
                                     f"without saving{where}. Try a lower train.lr or train.grad_clip > 0")
                 now = time.perf_counter()
                 tps = (self.state.tokens - window_tokens) / max(now - window_t, 1e-9)
                 if progress is not None:
                     progress.update(step, loss=loss, lr=self.current_lr, tokens_per_second=tps)
-                if metrics is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                if metrics is not None and (step % cfg.log_every == 0 or step == self.horizon):
                     metrics.log(step, tokens=self.state.tokens, loss=loss, lr=self.current_lr,
                                 grad_norm=grad_norm if grad_norm is not None else "",
                                 tokens_per_second=tps, elapsed=self.state.elapsed)
                     window_t, window_tokens = now, self.state.tokens
-                is_eval = self.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+                is_eval = self.evaluate is not None and (step % cfg.eval_every == 0 or step == self.horizon)
                 saved = False
                 if is_eval:
                     last_eval = self.run_eval()
                     val = last_eval.get("val_loss", math.inf)
-                    is_best = val < self.state.best_val
+                    is_best = bool(self.best.improved)
                     self.state.best_val = min(self.state.best_val, val)
                     if self.is_main:
                         line = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
@@ -229,7 +260,7 @@ class Trainer:
                             progress.write(f"reached target val loss {cfg.target_loss} at step {step} "
                                            f"after {self.state.elapsed:.1f}s; stopping")
                         break
-                if not saved and (step % cfg.save_every == 0 or step == cfg.max_steps):
+                if not saved and (step % cfg.save_every == 0 or step == self.horizon):
                     self.save()
                     saved = True
                 if saved:  # evaluation and checkpoint time are not training throughput: restart the window
@@ -250,31 +281,6 @@ class Trainer:
                 metrics.close()
         return {"step": self.state.step, "tokens": self.state.tokens, "elapsed": self.state.elapsed,
                 "best_val_loss": self.state.best_val, "reached_target_at": self.reached_target_at, **last_eval}
-
-
-class BestByMetric:
-    """Mixin for Trainer subclasses: `best` is the checkpoint with the best value of `self.metric` (lower is
-    better for *loss metrics, higher otherwise) instead of the lowest val_loss."""
-
-    metric = "val_loss"
-    best_metric: float | None = None
-    best_step: int | None = None
-    _pending_best = False
-
-    def update_best(self, metrics: dict) -> bool | None:
-        """True if this eval is the best so far, False if not, None when the metric is absent."""
-        value = metrics.get(self.metric)
-        if value is None:
-            return None
-        lower = self.metric.endswith("loss")
-        if self.best_metric is None or (value < self.best_metric if lower else value > self.best_metric):
-            self.best_metric, self.best_step, self._pending_best = value, self.state.step, True
-            return True
-        return False
-
-    def save(self, is_best: bool = False, val_loss: float | None = None):
-        best, self._pending_best = self._pending_best, False
-        return super().save(is_best=best, val_loss=val_loss)
 
 
 def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:

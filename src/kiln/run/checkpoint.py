@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kiln._version import __version__
 from kiln.errors import KilnError
 
 CHECKPOINTS = "checkpoints"
@@ -126,7 +127,7 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, step: int, trai
         shutil.rmtree(tmp)
     tmp.mkdir()
     meta = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
-            "kiln": _kiln_version(), **(meta or {})}
+            "kiln": __version__, **(meta or {})}
     save_weights(model, tmp / "model.safetensors", {"step": step}, state=weights)
     files = [tmp / "model.safetensors"]
     if trainer_state is not None:
@@ -165,12 +166,6 @@ def _prune(root: Path, keep_last: int) -> None:
 def _read_pointer(root: Path, pointer: str) -> str | None:
     f = root / pointer
     return f.read_text().strip() if f.is_file() else None
-
-
-def _kiln_version() -> str:
-    from kiln import __version__
-
-    return __version__
 
 
 def find_checkpoint(path: str | Path, which: str = "latest") -> Path:

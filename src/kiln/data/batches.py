@@ -83,3 +83,39 @@ class ArrayTokens:
 
     def read(self, start: int, length: int) -> np.ndarray:
         return self.tokens[start:start + length].astype(np.int64)
+
+
+class EpochSampler:
+    """Example indices of micro-batch `i` over a labelled set: a pure function of i (resume seeks, never
+    replays). Each epoch is a seeded permutation. bucket > 0: the permutation is cut into chunks of
+    `bucket` batches, each chunk sorted by length (little padding) and the chunk's batches shuffled."""
+
+    def __init__(self, lengths, batch_size: int, seed: int, bucket: int = 0):
+        self.lengths, self.B, self.seed, self.bucket = np.asarray(lengths), batch_size, seed, bucket
+        self.per_epoch = -(-len(self.lengths) // batch_size)
+        self._epoch, self._batches = -1, []
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(len(self.lengths))
+        if not self.bucket:
+            return [perm[j:j + self.B] for j in range(0, len(perm), self.B)]
+        batches, chunk = [], self.bucket * self.B
+        for c in range(0, len(perm), chunk):
+            part = perm[c:c + chunk]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches += [part[j:j + self.B] for j in range(0, len(part), self.B)]
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    def indices(self, i: int) -> np.ndarray:
+        epoch, j = divmod(i, self.per_epoch)
+        if epoch != self._epoch:
+            self._batches, self._epoch = self._plan(epoch), epoch
+        return self._batches[j]
+
+
+def by_length(lengths, batch_size: int):
+    """Index arrays of `batch_size` in length order (evaluation: little padding); they map rows back."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    for s in range(0, len(order), batch_size):
+        yield order[s:s + batch_size]

@@ -13,30 +13,8 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_bf16_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+from kiln.errors import KilnError
+from kiln.hardware import cpu_bf16_flags, cpu_model  # noqa: F401  (re-exported)
 
 
 def matmul_speed(dtype: torch.dtype, n: int = 256, seconds: float = 0.06, device: str = "cpu") -> float:
@@ -87,3 +65,15 @@ def autocast(precision: str, device: str):
     if precision == "bf16":
         return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def resolve_device(name: str, what: str = "train.device") -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KilnError(f"{what} is {name!r} but no CUDA device is available; use cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise KilnError(f"{what} is 'mps' but no Apple GPU is available; use cpu or auto")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise KilnError(f"{what} must be auto, cpu, cuda[:N] or mps, got {name!r}")
+    return name

@@ -1,0 +1,30 @@
+"""Fine-tuning tasks on one driver (kiln.tasks.finetune), and the registry every verb dispatches through.
+
+`get(kind)` returns the task for a run kind (run.json's "kind"); `for_run(run_dir)` the task of a run folder.
+Tasks are imported on first use: `import kiln` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kiln.errors import KilnError, did_you_mean
+
+# kind -> module holding TASK (a kiln.tasks.base.Task)
+REGISTRY = {
+    "classify": "kiln.tasks.classify",
+    "seq2seq": "kiln.tasks.seq2seq",
+}
+
+
+def get(kind: str):
+    if kind not in REGISTRY:
+        raise KilnError(f"unknown task {kind!r}{did_you_mean(kind, REGISTRY)}; tasks: {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[kind]).TASK
+
+
+def for_run(run_dir):
+    """The task that made a run folder (by run.json's kind, or the config file of an older folder)."""
+    from kiln.run.folder import run_kind
+
+    return get(run_kind(run_dir))

@@ -1,0 +1,89 @@
+"""The Task contract: what a fine-tuning task supplies to the one driver (kiln.tasks.finetune).
+
+The driver owns what every task shares: config checks, the run folder and its lock, seed/threads/device/
+precision, the schedule, the Trainer with its callbacks (best by `metric`, early stopping, a time budget), the
+best checkpoint, the test pass's bookkeeping and the summary. A task supplies only what differs:
+
+    class MyTask(Task):
+        name = "mytask"                       # the run's kind in run.json; `kiln finetune mytask`
+        config_cls, config_file = MyConfig, "mytask.yaml"
+        def check(self, cfg): ...             # cross-key checks (ranges are checked when the config loads)
+        def read(self, cfg, log) -> Data: ... # files -> splits (kiln.data.*), every input error before any work
+        def prepare(self, cfg, run_dir, data, device, log) -> Prepared: ...
+                                              # backbone/tokenizer, encoding, the model with its head, the
+                                              # batches, the objective (loss SUM + target count), val metrics
+        def test(self, cfg, prepared, model, ckpt, run_dir, log) -> dict: ...   # the final pass
+        def load(self, run_dir, which, device): ...       # the model (and codec/labels) of a finished run
+        def evaluate_file(self, run_dir, file, out, which, log, **kw) -> dict: ...  # `kiln eval`
+        def predict_file(self, run_dir, file, out, which, log) -> Path: ...         # `kiln predict`
+
+Register it in kiln/tasks/__init__.py; the CLI, `kiln eval`/`predict` and the Python API find it by its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Data:
+    """A task's examples, split, and what reading them found (written to data.json)."""
+
+    splits: dict[str, list]
+    report: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # task-specific results of reading (labels, teachers, ...)
+
+
+@dataclass
+class Prepared:
+    """Everything the driver needs to train a task's model, made by Task.prepare."""
+
+    model: torch.nn.Module
+    objective: object                                  # targets(batch) -> int, loss(model, batch) -> SUM
+    batch: Callable[[int], dict]                       # micro-batch i (a pure function of i: exact resume)
+    n_train: int                                       # training examples (the schedule counts epochs of them)
+    evaluate: Callable[[torch.nn.Module], dict] | None = None  # val_* metrics, or None (no val split)
+    metric: str = "val_loss"                           # the val metric that picks `best`
+    meta: dict = field(default_factory=dict)           # task metadata for run.json (labels, codec, fields)
+    save: Callable[[Path], None] | None = None         # writes the task's own files (tokenizers, labels)
+    on_eval: Callable[[int, dict], None] | None = None
+    notes: list[str] = field(default_factory=list)     # lines for the model summary
+    state: dict = field(default_factory=dict)          # what test() needs again (encodings, codec, ...)
+
+
+class Task:
+    name: str = ""
+    config_cls: type = object
+    config_file: str = ""
+    throughput_unit: str = "ex"  # what the progress line counts per second
+    time_budget_minutes: Callable | None = None  # cfg -> minutes of wall time (0 = off), where the task has one
+
+    def check(self, cfg) -> None:
+        pass
+
+    def read(self, cfg, log) -> Data:
+        raise NotImplementedError
+
+    def prepare(self, cfg, run_dir: Path, data: Data, device: str, log) -> Prepared:
+        raise NotImplementedError
+
+    def schedule(self, cfg, tcfg, steps_per_epoch: int) -> None:
+        """Fill in the derived schedule keys of the trainer's copy of the train config (in place)."""
+        if tcfg.save_every <= 0:
+            tcfg.save_every = tcfg.max_steps
+
+    def test(self, cfg, prepared: Prepared, model, ckpt: Path, run_dir: Path, log) -> dict:
+        return {}
+
+    def load(self, run_dir: Path, which: str = "best", device: str = "cpu"):
+        raise NotImplementedError
+
+    def evaluate_file(self, run_dir, file, out=None, which: str = "best", log=print, **kw) -> dict:
+        raise NotImplementedError
+
+    def predict_file(self, run_dir, file, out=None, which: str = "best", log=print) -> Path:
+        raise NotImplementedError

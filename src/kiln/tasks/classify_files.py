@@ -1,0 +1,88 @@
+"""A classifier run (or an ensemble of runs, "RUN1,RUN2,...") on a file: `kiln predict` writes class
+probabilities as CSV, `kiln eval` scores a labelled file (table, JSON and plots). The file is read once; each run
+encodes it through its own tokenizer and the ensemble averages their class probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kiln.data import tasks
+from kiln.errors import KilnError
+from kiln.tasks.classify import evaluate_and_report, load_classifier, run_folders, write_predictions
+from kiln.tasks.text import encode_examples, predict_probs, prepare_tokenizer
+
+
+def _predict_file(runs: list[Path], file: Path, which: str, require_label: bool, log):
+    """(config, label names, rows, data report, encoded rows, class probabilities) of a run on a file; for
+    several runs (an ensemble) the mean of their class probabilities. The file is read once; each run
+    encodes it through its own tokenizer."""
+    probs, rows = [], None
+    for r in runs:
+        model, tokenizer, cfg_r, labels_r = load_classifier(r, which)
+        fields = (cfg_r.data.text_field, cfg_r.data.text_pair_field)
+        if rows is None:
+            cfg, labels = cfg_r, labels_r
+            rows, report = tasks.read_examples(file, cfg.data.text_field, cfg.data.label_field,
+                                               cfg.data.text_pair_field, require_label=require_label)
+            for line in report.lines():
+                log(line)
+            if require_label:
+                tasks.check_labels(rows, labels, str(file), "the training data of this run")
+            index = {name: i for i, name in enumerate(labels)}
+            known = all(row.label in index for row in rows)  # labels to score against (else predictions only)
+        elif labels_r != labels:
+            raise KilnError(f"{r} has labels {labels_r}, {runs[0]} has {labels}: an ensemble needs the same "
+                            "labels in the same order")
+        elif fields != (cfg.data.text_field, cfg.data.text_pair_field):
+            raise KilnError(f"{r} reads the text columns {fields}, {runs[0]} reads "
+                            f"{(cfg.data.text_field, cfg.data.text_pair_field)}: an ensemble needs the same")
+        enc_r = encode_examples(prepare_tokenizer(tokenizer, cfg_r.data.max_length), rows, index if known else None,
+                                cfg_r.model, str(file))
+        if not probs:
+            enc = enc_r  # the first run's encoding: its labels and truncation count are reported
+        pad = cfg_r.model.pad_token_id if cfg_r.model.pad_token_id >= 0 else 0
+        probs.append(predict_probs(model, enc_r, max(2 * cfg_r.train.batch_size, 16), pad))
+        del model
+    if len(runs) > 1:
+        log(f"ensemble of {len(runs)} runs: their class probabilities averaged")
+    return cfg, labels, rows, report, enc, np.mean(probs, axis=0)
+
+
+def _default_name(runs: list[Path], file: Path) -> str:
+    return f"{file.stem}-ensemble{len(runs)}" if len(runs) > 1 else file.stem
+
+
+def predict_file(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best",
+                 log=print) -> Path:
+    """Write a CSV: line, text, [text_pair], [label], prediction, p_<label> for every label. `run_dir` may
+    name several runs, comma-separated: their ensemble (class probabilities averaged)."""
+    runs, file = run_folders(run_dir), Path(file)
+    cfg, labels, rows, report, enc, probs = _predict_file(runs, file, which, False, log)
+    out = Path(out) if out else runs[0] / "predictions" / f"{_default_name(runs, file)}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_predictions(out, cfg, labels, rows, probs)
+    log(f"wrote {len(rows)} prediction(s) to {out}" + (f" (skipped {report.empty_text} empty text(s))"
+                                                        if report.empty_text else ""))
+    return out
+
+
+def evaluate_file(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best",
+                  log=print) -> dict:
+    """Metrics of a run (or of comma-separated runs: their ensemble) on a labelled file: printed as a table,
+    written as JSON (+ plots beside it)."""
+    from kiln.eval.classification import metrics_table
+
+    runs, file = run_folders(run_dir), Path(file)
+    cfg, labels, rows, report, enc, probs = _predict_file(runs, file, which, True, log)
+    out = Path(out) if out else runs[0] / "eval" / f"{_default_name(runs, file)}.json"
+    positive = labels.index(cfg.positive_label) if cfg.positive_label in labels else None
+    m = evaluate_and_report(probs, enc.labels, labels, out.parent, out.stem, positive,
+                            extra={"file": str(file), "skipped_empty_text": report.empty_text,
+                                   "truncated": enc.truncated, "runs": [str(r) for r in runs]})
+    log(f"{file}: {len(rows)} example(s)" + (f", {enc.truncated} cut at max_length {cfg.data.max_length}"
+                                             if enc.truncated else ""))
+    log(metrics_table(m))
+    log(f"wrote {out}")
+    return m

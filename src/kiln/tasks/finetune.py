@@ -1,0 +1,172 @@
+"""The one fine-tuning driver: a Task (kiln.tasks.base) in, a trained, evaluated run folder out.
+
+    read the data (every input error before anything is written) -> create and lock the run folder ->
+    seed, threads, device -> task.prepare (backbone, encoding, model + head, batches, objective) -> schedule ->
+    precision -> run.json, config, data.json -> the Trainer with callbacks (best by the task's metric, early
+    stopping, a time budget) -> the best checkpoint -> task.test -> eval/summary.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from kiln.config import dump_yaml, load_config
+from kiln.errors import KilnError
+from kiln.run.checkpoint import find_checkpoint, load_weights, unwrap
+from kiln.run.device import choose_precision, resolve_device
+from kiln.run.folder import RunLog, create_run, default_run_dir, holds_run, write_run_json
+from kiln.tasks.base import Task
+from kiln.train.callbacks import EarlyStopping, TimeBudget
+from kiln.train.trainer import Trainer
+
+
+def finetune(task: Task, cfg, quiet: bool = False) -> Path:
+    """Train `task` as `cfg` says; returns the run folder."""
+    task.check(cfg)
+    tc = cfg.train
+    if tc.batch_size < 1 or tc.grad_accum < 1:
+        raise KilnError("train.batch_size and train.grad_accum must be >= 1")
+    run_dir = default_run_dir(cfg.name, cfg.out)
+    if holds_run(run_dir):
+        raise KilnError(f"run folder {run_dir} already holds checkpoints; pick another --out")
+    log0: list[str] = []
+    data = task.read(cfg, log0.append)  # every input error before anything is created
+
+    created = not run_dir.exists()
+    lock = create_run(run_dir, task.name)
+    log = RunLog(run_dir, quiet)
+    log(f"kiln finetune {task.name} -> {run_dir}")
+    for line in log0:
+        log(line)
+    torch.manual_seed(cfg.seed)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    try:  # errors found once the backbone is loaded: leave no run folder behind
+        prep = task.prepare(cfg, run_dir, data, device, log)
+    except KilnError:
+        lock.release()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+    steps_per_epoch = math.ceil(prep.n_train / tc.batch_size / tc.grad_accum)
+    tcfg = dataclasses.replace(tc)  # the trainer's own copy, derived keys filled in; config.yaml keeps the user's
+    task.schedule(cfg, tcfg, steps_per_epoch)
+    precision, reason = choose_precision(tc.precision, device)
+    log(reason)
+    model = prep.model.to(device)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {_count(n_params)} parameters" + "".join(f"; {n}" for n in prep.notes) + f"; {tcfg.max_steps} steps "
+        f"({tcfg.max_steps / max(steps_per_epoch, 1):.2f} epochs of {steps_per_epoch}), batch {tc.batch_size} x "
+        f"{tc.grad_accum}, lr {tc.lr:g}, warmup {tcfg.warmup_steps}")
+
+    # the run folder: everything predict/eval need, written before training starts
+    if prep.save is not None:
+        prep.save(run_dir)
+    (run_dir / task.config_file).write_text(dump_yaml(cfg))
+    data.report["schedule"] = {"max_steps": tcfg.max_steps, "steps_per_epoch": steps_per_epoch,
+                               "warmup_steps": tcfg.warmup_steps, "eval_every": tcfg.eval_every}
+    (run_dir / "data.json").write_text(json.dumps(data.report, indent=2) + "\n")
+    write_run_json(run_dir, task.name, task.config_file, **prep.meta)
+
+    if prep.evaluate is None:
+        log("warning: the validation split is empty: no evaluation during training; the last checkpoint is used")
+    callbacks = [EarlyStopping(getattr(cfg, "patience", 0))]
+    budget = task.time_budget_minutes(cfg) if task.time_budget_minutes else 0
+    if budget:
+        callbacks.append(TimeBudget(60.0 * budget))
+    trainer = Trainer(model, prep.objective, tcfg, run_dir, prep.batch, evaluate=prep.evaluate, device=device,
+                      precision=precision, log=log, on_eval=prep.on_eval, metric=prep.metric, callbacks=callbacks)
+    trainer.throughput_unit = task.throughput_unit
+    result = trainer.fit()
+    best = trainer.best
+    summary = {"steps": result["step"], "seconds": result["elapsed"], "train_seconds": trainer.train_seconds,
+               "eval_seconds": trainer.eval_seconds, "best_step": best.step, "best_" + prep.metric: best.value,
+               "stopped_early_at": callbacks[0].stopped_at, "precision": precision}
+    log(f"trained {result['step']} steps in {result['elapsed']:.1f}s ({trainer.eval_seconds:.1f}s of it "
+        f"evaluating); best {prep.metric} {best.value if best.value is not None else float('nan'):.4f} at step "
+        f"{best.step}")
+
+    ckpt = find_checkpoint(run_dir, "best")  # the best by the metric; the newest without a validation split
+    load_weights(unwrap(model), ckpt / "model.safetensors")
+    summary["checkpoint"] = str(ckpt)
+    summary.update(task.summary(result, trainer) if hasattr(task, "summary") else {})
+    prep.state["summary"] = summary
+    results = task.test(cfg, prep, model, ckpt, run_dir, log)
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / "summary.json").write_text(json.dumps({"train": summary, **results}, indent=2) + "\n")
+    log(f"done: run folder {run_dir}")
+    lock.release()
+    return run_dir
+
+
+def finetune_from_cli(task: Task, config: str | None, overrides: list[str]) -> Path:
+    cfg = load_config(config, overrides, cls=task.config_cls)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return finetune(task, cfg)
+
+
+def epochs_schedule(cfg, tcfg, steps_per_epoch: int) -> None:
+    """max_steps from `epochs`, warmup from `warmup_fraction`, an evaluation per epoch (each where not set)."""
+    if tcfg.max_steps <= 0:
+        if cfg.epochs <= 0:
+            raise KilnError("set epochs > 0 or train.max_steps > 0")
+        tcfg.max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if tcfg.warmup_steps <= 0:
+        tcfg.warmup_steps = int(cfg.warmup_fraction * tcfg.max_steps)
+    if tcfg.eval_every <= 0:
+        tcfg.eval_every = min(steps_per_epoch, tcfg.max_steps)
+    if tcfg.save_every <= 0:
+        tcfg.save_every = tcfg.max_steps
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def load_backbone(init: str, checkpoint: str, run_dir: Path, log, refuse: tuple[str, ...] = ()):
+    """(backbone, tokenizer, info) from `init`: a kiln run folder, or a Hugging Face folder imported into
+    run_dir/base. `refuse`: config files of run kinds that are no backbone (a fine-tuned classifier)."""
+    from kiln.run.load import load
+
+    if not init:
+        raise KilnError("init is empty: name a kiln run folder or a Hugging Face model folder (--init PATH)")
+    path = Path(init).expanduser()
+    if not path.exists():
+        raise KilnError(f"init not found: {path}")
+    info = {"init": str(path)}
+    for name in refuse:
+        if (path / name).is_file():
+            raise KilnError(f"init {path} is a fine-tuned run ({name}); start from its backbone (a kiln run or HF "
+                            "folder)")
+    if is_hf_folder(path):
+        from kiln.interop.hf import import_hf
+
+        base = run_dir / "base"
+        if (base / "config.yaml").is_file():
+            log(f"using the backbone already imported into {base}")
+        else:
+            log(f"importing Hugging Face model {path} -> {base}")
+            import_hf(path, base)
+        info.update(kind="huggingface", imported_to=str(base))
+        backbone, tokenizer, run_cfg = load(base)
+    else:
+        backbone, tokenizer, run_cfg = load(path, checkpoint, quantized_ok=False)
+        info.update(kind="kiln", checkpoint=checkpoint)
+    if tokenizer is None:
+        raise KilnError(f"init {path} has no tokenizer.json; fine-tuning needs the backbone's tokenizer")
+    return backbone, tokenizer, info
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
+

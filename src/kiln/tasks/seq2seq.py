@@ -1,0 +1,278 @@
+"""`kiln finetune seq2seq`: source/target pairs -> an encoder-decoder, evaluated by decoding; `kiln translate`.
+
+    kiln finetune seq2seq configs/translate-en-es.yaml --data.train pairs.tsv \
+        --seq2seq.source_field en --seq2seq.target_field es
+
+The task on the shared driver (kiln.tasks.finetune): read, dedup and split the pairs leak-free
+(kiln.data.pairs) -> BPE tokenizer(s) trained on the train split -> an encoder-decoder from the config ->
+teacher forcing with label smoothing (kiln.train.objectives.Seq2SeqLM) -> at each evaluation the val loss and
+a fixed val subset decoded (greedy or beam) and scored (BLEU + chrF for `translate`, ROUGE for `summarize`),
+samples logged, the metric plotted -> the best checkpoint decodes the test split.
+
+Run folder: seq2seq.yaml, run.json (kind seq2seq), seq2seq.json (special ids, fields, tokenizer layout),
+tokenizer.json (shared) or tokenizer_source.json + tokenizer_target.json, data.json, samples.txt,
+checkpoints/, metrics.csv, plots/loss.png + bleu.png | rouge.png, eval/test.json + test_outputs.tsv, log.txt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from kiln.config import Seq2SeqConfig, load_config
+from kiln.data.pairs import Pair, PairCodec, build_codec, load_pair_splits, read_pairs
+from kiln.data.text import clean_text
+from kiln.errors import KilnError
+from kiln.eval.text_metrics import HEADLINE, TASK_METRICS, text_metrics
+from kiln.model.transformer import Transformer
+from kiln.report.plots import metric_curve
+from kiln.run.checkpoint import find_checkpoint, load_weights, unwrap
+from kiln.run.load import build_model
+from kiln.tasks.base import Data, Prepared, Task
+from kiln.tasks.seq2seq_decode import Encoded, PairBatches, decode_ids, decode_options, encode_pairs, mean_loss, \
+    write_outputs
+from kiln.train.objectives import Seq2SeqLM
+
+CONFIG_FILE, META_FILE = "seq2seq.yaml", "seq2seq.json"
+
+
+class Seq2SeqTask(Task):
+    name, config_cls, config_file = "seq2seq", Seq2SeqConfig, CONFIG_FILE
+    throughput_unit = "tok"
+
+    @staticmethod
+    def time_budget_minutes(cfg) -> float:
+        return cfg.seq2seq.time_budget
+
+    def check(self, cfg: Seq2SeqConfig) -> None:
+        cfg.model.resolve()
+        m, d = cfg.model, cfg.data
+        if m.arch != "encoder-decoder":
+            raise KilnError(f"model.arch must be encoder-decoder for seq2seq, got {m.arch!r}")
+        if d.max_source_length < 1 or d.max_target_length < 2:
+            raise KilnError("data.max_source_length must be >= 1 and data.max_target_length >= 2")
+        need = max(d.max_source_length, d.max_target_length)
+        if m.context_length < need:
+            raise KilnError(f"model.context_length {m.context_length} is shorter than data.max_source_length / "
+                            f"max_target_length ({need}); raise it or lower those")
+        s = cfg.seq2seq
+        if not 0.0 <= s.label_smoothing < 1.0:
+            raise KilnError(f"seq2seq.label_smoothing must be in [0, 1), got {s.label_smoothing}")
+        if s.num_beams < 1:
+            raise KilnError(f"seq2seq.num_beams must be >= 1, got {s.num_beams}")
+        if s.time_budget < 0:
+            raise KilnError("seq2seq.time_budget must be >= 0 (minutes)")
+        metric_name(cfg)
+
+    def read(self, cfg: Seq2SeqConfig, log) -> Data:
+        splits, report = load_pair_splits(cfg, log)
+        return Data(splits, report)
+
+    def prepare(self, cfg: Seq2SeqConfig, run_dir: Path, data: Data, device: str, log) -> Prepared:
+        splits, report, d, s, tc = data.splits, data.report, cfg.data, cfg.seq2seq, cfg.train
+        codec = build_codec(cfg, splits["train"], log)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = codec.vocab_size
+        elif cfg.model.vocab_size < codec.vocab_size:
+            raise KilnError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {codec.vocab_size}")
+        enc = {n: encode_pairs(codec, p, d.max_source_length, d.max_target_length, n) for n, p in splits.items()}
+        report["truncated"] = {n: e.truncated for n, e in enc.items()}
+        for n, e in enc.items():
+            if e.truncated:
+                log(f"truncation: {e.truncated} of {len(e)} {n} pair(s) exceed data.max_source_length "
+                    f"{d.max_source_length} / max_target_length {d.max_target_length} tokens and were cut")
+        log("splits: " + ", ".join(f"{n} {len(p)} pairs ({report['splits'][n]['unique_sources']} unique sources)"
+                                   for n, p in splits.items()) + f"; seed {cfg.seed}")
+        model = Transformer(cfg.model)
+        notes = [f"encoder-decoder {cfg.model.n_layer}+{cfg.model.n_decoder_layer} layers, d_model {cfg.model.d_model}, "
+                 f"vocab {cfg.model.vocab_size}", f"label smoothing {s.label_smoothing}"]
+        if s.time_budget:
+            notes.append(f"time budget {s.time_budget:g} min")
+        meta = {"task": s.task, "source_field": s.source_field, "target_field": s.target_field,
+                "max_source_length": d.max_source_length, "max_target_length": d.max_target_length}
+
+        def save(run_dir: Path) -> None:
+            meta.update(codec.save(run_dir), **meta)
+            (run_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+        # the fixed validation subset decoded at every evaluation, and the val-loss subset
+        val_pairs, val_enc = splits["val"], enc["val"]
+        n_dec = min(s.eval_examples, len(val_pairs))
+        dec_src, dec_refs = val_enc.src[:n_dec], [p.target for p in val_pairs[:n_dec]]
+        n_loss = min(len(val_enc), max(tc.eval_batches * tc.batch_size, n_dec))
+        loss_enc = Encoded(val_enc.src[:n_loss], val_enc.tgt[:n_loss])
+        train_opt, keys = decode_options(cfg, training=True), TASK_METRICS[s.task]
+        history: list[tuple[int, dict]] = []
+        step = [0]
+
+        def evaluate(m) -> dict:
+            out = {"val_loss": mean_loss(m, loss_enc, codec, max(tc.batch_size, 16), device)}
+            out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+            if n_dec:
+                hyps = decode_ids(m, codec, dec_src, train_opt, device)
+                out.update({f"val_{k}": v for k, v in text_metrics(s.task, hyps, dec_refs).items()})
+                how = "greedy" if train_opt.num_beams == 1 else f"beam {train_opt.num_beams}"
+                lines = [f"step {step[0]} samples ({how}):"]
+                for i in range(min(s.samples, n_dec)):
+                    lines += [f"  src: {val_pairs[i].source}", f"  ref: {dec_refs[i]}", f"  out: {hyps[i]}"]
+                for line in lines:
+                    log(line)
+                with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                    f.write("\n".join(lines) + "\n")
+            return out
+
+        def on_eval(st: int, m: dict) -> None:
+            history.append((st, dict(m)))
+            if n_dec:
+                metric_curve(history, keys, run_dir / "plots" / ("bleu.png" if s.task == "translate" else "rouge.png"),
+                             title=f"{run_dir.name}: validation {'/'.join(keys)} ({n_dec} examples)")
+
+        batches = PairBatches(enc["train"], tc.batch_size, cfg.seed, codec.pad, codec.bos, codec.eos)
+
+        def batch(i: int) -> dict:
+            step[0] = i // tc.grad_accum + 1  # the step whose samples evaluate() logs
+            return batches.batch(i)
+
+        return Prepared(model, Seq2SeqLM(s.label_smoothing), batch, len(enc["train"]),
+                        evaluate if len(val_enc) else None, metric_name(cfg), meta, save, on_eval, notes,
+                        state={"enc": enc, "codec": codec, "history": history, "device": device,
+                               "test_pairs": splits["test"]})
+
+    def summary(self, result: dict, trainer) -> dict:
+        return {"target_tokens": result["tokens"]}
+
+    def test(self, cfg, prep: Prepared, model, ckpt: Path, run_dir: Path, log) -> dict:
+        s, st = cfg.seq2seq, prep.state
+        train = dict(st.get("summary", {}), history=[{"step": k, **m} for k, m in st["history"]])
+        results = {"train": train, "checkpoint": str(ckpt)}
+        test_pairs = st["test_pairs"]
+        if s.test_examples:
+            test_pairs = test_pairs[:s.test_examples]
+        out_dir = run_dir / "eval"
+        out_dir.mkdir(exist_ok=True)
+        if test_pairs:
+            opt = decode_options(cfg)
+            t0 = time.perf_counter()
+            hyps = decode_ids(unwrap(model), st["codec"], st["enc"]["test"].src[:len(test_pairs)], opt, st["device"])
+            scores = text_metrics(s.task, hyps, [p.target for p in test_pairs])
+            results["test"] = {"examples": len(test_pairs), "num_beams": opt.num_beams, **scores,
+                               "decode_seconds": time.perf_counter() - t0}
+            write_outputs(out_dir / "test_outputs.tsv", test_pairs, hyps)
+            how = "greedy" if opt.num_beams == 1 else f"beam {opt.num_beams}"
+            log(f"test ({len(test_pairs)} pairs, {ckpt.name}, {how}): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        (out_dir / "test.json").write_text(json.dumps(results, indent=2) + "\n")
+        return {k: v for k, v in results.items() if k == "test"}
+
+    def load(self, run_dir, which: str = "best", device: str = "cpu"):
+        return load_seq2seq(run_dir, which, device)
+
+    def evaluate_file(self, run_dir, file, out=None, which: str = "best", log=print, num_beams=None, **kw) -> dict:
+        return evaluate_pairs(run_dir, file, out, which, num_beams, log=log)
+
+
+TASK = Seq2SeqTask()
+
+
+def metric_name(cfg: Seq2SeqConfig) -> str:
+    m = cfg.seq2seq.metric
+    if m == "auto":
+        return f"val_{HEADLINE[cfg.seq2seq.task]}"
+    if m == "val_loss":
+        return m
+    name = m.removeprefix("val_")
+    if name not in TASK_METRICS[cfg.seq2seq.task]:
+        raise KilnError(f"seq2seq.metric {m!r} is not a {cfg.seq2seq.task} metric (auto, val_loss, "
+                        f"{', '.join(TASK_METRICS[cfg.seq2seq.task])})")
+    return f"val_{name}"
+
+
+def load_seq2seq(run_dir: str | Path, which: str = "best", device: str = "cpu"):
+    """(model, codec, Seq2SeqConfig, meta) of a `kiln finetune seq2seq` run folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise KilnError(f"{run_dir} is not a seq2seq run folder (no {CONFIG_FILE}); train one with "
+                        "`kiln finetune seq2seq`")
+    cfg = load_config(run_dir / CONFIG_FILE, cls=Seq2SeqConfig)
+    try:
+        meta = json.loads((run_dir / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise KilnError(f"{run_dir / META_FILE}: cannot read ({type(e).__name__})") from None
+    ckpt = find_checkpoint(run_dir, which)
+    model = build_model(cfg.model, device)
+    load_weights(model, ckpt / "model.safetensors")
+    model.eval()
+    return model, PairCodec.load(run_dir, meta), cfg, meta
+
+
+def translate(run_dir, texts: list[str], num_beams: int | None = None, which: str = "best",
+              max_new_tokens: int | None = None) -> list[str]:
+    """Outputs of a seq2seq run (a run folder, or what load_seq2seq returned) for a list of source texts."""
+    model, codec, cfg, meta = load_seq2seq(run_dir, which) if isinstance(run_dir, (str, Path)) else run_dir
+    opt = decode_options(cfg)
+    if num_beams is not None:
+        opt.num_beams = max(1, num_beams)
+    if max_new_tokens:
+        opt.max_new_tokens = max_new_tokens
+    texts = [clean_text(t).strip() for t in texts]
+    src = codec.encode_source(texts, "input")
+    src = [ids[:meta.get("max_source_length", cfg.data.max_source_length)] or [codec.eos] for ids in src]
+    return decode_ids(model, codec, src, opt)
+
+
+def translate_from_cli(run_dir: str, text: list[str] | None, file: str | None, num_beams: int | None,
+                       which: str, out: str | None, log=print) -> None:
+    loaded = load_seq2seq(run_dir, which)
+    if not text and not file:
+        raise KilnError("give --text \"...\" (repeatable) or --file FILE (.txt: one source per line; "
+                        ".tsv/.csv/.jsonl: the run's source column)")
+    model_meta = loaded[3]
+    pairs: list[Pair] = [Pair(t, "", 0) for t in (text or [])]
+    if file:
+        got, report = read_pairs(file, model_meta["source_field"], model_meta["target_field"], require_target=False)
+        for line in report.lines():
+            log(line)
+        pairs += got
+    hyps = translate(loaded, [p.source for p in pairs], num_beams)
+    if out:
+        write_outputs(Path(out), pairs, hyps)
+        log(f"wrote {len(hyps)} output(s) to {out}")
+    else:
+        for h in hyps:
+            print(h)
+    refs = [p.target for p in pairs]
+    if file and all(refs):
+        scores = text_metrics(model_meta.get("task", "translate"), hyps, refs)
+        log(f"{file}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f" ({len(refs)} references)")
+
+
+def evaluate_pairs(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best",
+                   num_beams: int | None = None, log=print) -> dict:
+    """Decode a pair file's sources with a seq2seq run and score the outputs against its targets (BLEU/chrF
+    for translation, ROUGE for summarization); printed and written as JSON (default RUN_DIR/eval/<stem>.json),
+    the outputs beside it as <stem>.tsv."""
+    run_dir, file = Path(run_dir), Path(file)
+    loaded = load_seq2seq(run_dir, which)
+    meta = loaded[3]
+    pairs, report = read_pairs(file, meta["source_field"], meta["target_field"], require_target=True)
+    for line in report.lines():
+        log(line)
+    if not pairs or not all(p.target for p in pairs):
+        raise KilnError(f"{file}: no target text to score the outputs against; kiln eval needs a .tsv/.csv/.jsonl "
+                        f"with the run's source and target columns ({meta['source_field']!r}, "
+                        f"{meta['target_field']!r}); `kiln translate --file` translates sources alone")
+    hyps = translate(loaded, [p.source for p in pairs], num_beams)
+    task = loaded[2].seq2seq.task
+    scores = text_metrics(task, hyps, [p.target for p in pairs])
+    out = Path(out) if out else run_dir / "eval" / f"{file.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_outputs(out.with_suffix(".tsv"), pairs, hyps)
+    beams = max(1, num_beams if num_beams is not None else loaded[2].seq2seq.num_beams)
+    result = {"file": str(file), "run": str(run_dir), "task": task, "pairs": len(pairs), "num_beams": beams,
+              **scores, "outputs": str(out.with_suffix(".tsv"))}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"{file}: {len(pairs)} pair(s), {task}, {'greedy' if beams <= 1 else f'beam {beams}'}")
+    log("\n".join(f"  {k:<8} {v:8.2f}" for k, v in scores.items()))
+    log(f"wrote {out} (outputs: {out.with_suffix('.tsv')})")
+    return result
