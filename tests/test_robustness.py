@@ -3,6 +3,9 @@ what was expected, exit code 2, no traceback, nothing lost (a run folder that ex
 
 import dataclasses
 import hashlib
+import shutil
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -117,3 +120,92 @@ def test_resume_with_an_out_of_range_override_leaves_the_run_unchanged(run, caps
     before = tree_hash(run)
     assert_user_error(capsys, ["pretrain", "--resume", run, "--train.lr", "0"], "--train.lr must be > 0, got 0.0")
     assert tree_hash(run) == before
+
+
+# ----------------------------------------------------------------------------------- 2. filesystem errors
+
+
+def kiln(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kiln", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def one_line(err: str, *needles) -> str:
+    err = err.strip()
+    assert err.startswith("kiln: error:") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.5 MB tmpfs (root only): a disk that fills up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def remount(disk: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(disk)], check=True, capture_output=True)
+
+
+def test_a_full_disk_mid_run_is_one_line_the_last_checkpoint_stays_and_resume_finishes(small_disk, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    out = small_disk / "run"
+    # a checkpoint every step, all kept: ~0.3 MB each fills 1.5 MB within a few steps
+    done = kiln("pretrain", "--data.source", corpus, "--out", out, *TINY, "--train.max_steps", "200",
+                "--train.save_every", "1", "--train.keep_last", "1000")
+    assert done.returncode == 2, done.stderr
+    err = one_line(done.stderr, "No space left on device", str(out), "(kiln pretrain, ", "free some space")
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert f"the last complete checkpoint ({latest}) is intact: kiln pretrain --resume {out}" in err
+    remount(small_disk, "size=30m")  # space freed
+    gen = kiln("generate", out, "--max-new-tokens", "5", "--temperature", "0")
+    assert gen.returncode == 0, gen.stderr  # the last complete checkpoint loads
+    step = int(latest.split("_")[1])
+    done = kiln("pretrain", "--resume", out, "--train.max_steps", step + 2, "--train.keep_last", "2")
+    assert done.returncode == 0, done.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step + 2:06d}"
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial save was cleaned up
+
+
+@pytest.mark.parametrize("argv,doing", [
+    (["data", "prepare", "--data.source", "{corpus}", "--out", "{blocked}/prepared"], "writing the prepared data"),
+    (["pretrain", "--data.source", "{corpus}", "--out", "{blocked}/run", "--train.max_steps", "2"],
+     "writing the run folder"),
+    (["eval", "{run}", "{corpus}", "--out", "{blocked}/eval.json"], "writing evaluation results"),
+    (["viz", "attention", "{run}", "--text", "To be", "--out", "{blocked}/a.png"], "writing a plot"),
+    (["viz", "compare", "{run}", "--out", "{blocked}/c.png"], "writing a plot"),
+    (["prune", "{run}", "--out", "{blocked}/pruned", "--ffn-keep", "0.5"], "writing the new run folder"),
+    (["quantize", "{run}", "--out", "{blocked}/int8"], "writing the new run folder"),
+    (["export", "hf", "{run}", "{blocked}/hf"], "writing the exported model"),
+])
+def test_a_file_where_a_folder_should_be_is_one_line_and_the_run_is_unchanged(run, tmp_path, capsys, argv, doing):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder\n")
+    corpus = run.parent / "corpus.txt"
+    before = tree_hash(run)
+    argv = [a.format(corpus=corpus, blocked=blocked, run=run) for a in argv]
+    verb = " ".join(argv[:2]) if argv[0] in ("data", "viz") else argv[0]
+    assert_user_error(capsys, argv, f"cannot write {blocked}", "is a file, not a folder", f"(kiln {verb}, {doing})")
+    assert tree_hash(run) == before
+
+
+def test_a_read_only_run_folder_is_one_line_and_unchanged(run, small_disk, capsys):
+    copy = small_disk / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("data"))  # the shards are not needed to score
+    before = tree_hash(copy)
+    remount(small_disk, "ro")
+    try:
+        assert_user_error(capsys, ["eval", copy, run.parent / "corpus.txt"], f"cannot write {copy}/eval",
+                          "Read-only file system", "(kiln eval, writing evaluation results); choose a writable place")
+        assert_user_error(capsys, ["viz", "attention", copy, "--text", "To be"], f"cannot write {copy}/plots",
+                          "Read-only file system", "(kiln viz attention, writing a plot)")
+        assert tree_hash(copy) == before
+    finally:
+        remount(small_disk, "rw")
