@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_args(argv), []
     debug = args.debug or os.environ.get("KILN_DEBUG") == "1"
     if args.version:
-        from kiln import __version__
+        from kiln._version import __version__
 
         print(f"kiln {__version__}")
         return 0

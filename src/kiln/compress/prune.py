@@ -75,7 +75,7 @@ def prune_run(run_dir, out_dir, ffn_keep: float, which: str = "latest", log=prin
     pruned = copy.deepcopy(model)
     old = cfg.model.d_ff
     new = prune_ffn(pruned, ffn_keep)
-    out_dir = new_run_folder(out_dir)
+    out_dir = new_run_folder(out_dir, "pruned")
     run_dir = Path(run_dir)
     out_cfg = copy.deepcopy(cfg)
     out_cfg.model.d_ff, out_cfg.name, out_cfg.out = new, f"{cfg.name}-pruned", str(out_dir)

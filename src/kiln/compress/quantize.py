@@ -20,7 +20,7 @@ def quantize_run(run_dir, out_dir, which: str = "latest", log=print) -> dict:
     if meta.get("quantization"):
         raise KilnError(f"{ckpt} is already quantized")
     qmodel = quantize_model(copy.deepcopy(model))
-    out_dir = new_run_folder(out_dir)
+    out_dir = new_run_folder(out_dir, METHOD)
     for name in ("config.yaml", "tokenizer.json"):
         if (Path(run_dir) / name).is_file():
             shutil.copyfile(Path(run_dir) / name, out_dir / name)

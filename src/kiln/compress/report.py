@@ -19,8 +19,10 @@ def source_checkpoint(run_dir, out_dir, which: str):
     from kiln.run.load import load
     from kiln.run.checkpoint import find_checkpoint
 
+    from kiln.run.folder import holds_run
+
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if (out_dir / "checkpoints").exists():
+    if holds_run(out_dir):
         raise KilnError(f"{out_dir} already holds checkpoints; choose another --out")
     ckpt = find_checkpoint(run_dir, which)
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -28,9 +30,13 @@ def source_checkpoint(run_dir, out_dir, which: str):
     return ckpt, meta, model, cfg
 
 
-def new_run_folder(out_dir) -> Path:
+def new_run_folder(out_dir, how: str) -> Path:
+    """The compressed run's folder, created and locked like every run; run.json says how it was made."""
+    from kiln.run.folder import create_run, write_run_json
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    create_run(out_dir, "pretrain")
+    write_run_json(out_dir, "pretrain", "config.yaml", compressed=how)
     return out_dir
 
 

@@ -122,6 +122,10 @@ def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False)
         run.data.tokenizer = str(run_dir / "tokenizer.json")
     shutil.copyfile(src / "config.json", run_dir / HF_CONFIG_COPY)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
+    from kiln.run.folder import write_run_json
+
+    write_run_json(run_dir, "pretrain", "config.yaml", imported_from=str(src.resolve()),
+                   hf_model_type=hf_config.get("model_type"))
     save_checkpoint(run_dir, model, 0, trainer_state=None,
                     meta={"imported_from": str(src.resolve()), "hf_model_type": hf_config.get("model_type")})
     return run_dir

@@ -48,7 +48,8 @@ def default_run_dir(name: str, out: str = "") -> Path:
 
 
 def holds_run(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints").exists() or (run_dir / RUN_JSON).is_file()
+    """A folder holds a run once it has checkpoints (one that died before its first may be started again)."""
+    return (Path(run_dir) / "checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------------------------- the lock

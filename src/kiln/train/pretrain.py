@@ -20,7 +20,7 @@ from kiln.train.distributed import broadcast, env_world, init_distributed, leave
 from kiln.run.checkpoint import load_weights, weights_prefix
 from kiln.train.objectives import CausalLM, evaluate_lm
 from kiln.run.device import choose_precision, resolve_device
-from kiln.run.folder import RunLog, default_run_dir
+from kiln.run.folder import RunLock, RunLog, create_run, default_run_dir, write_run_json
 from kiln.train.trainer import Trainer
 
 
@@ -107,11 +107,15 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
             raise KilnError(f"cannot resume: {run_dir} is not a run folder (no config.yaml)")
         from kiln.run.checkpoint import find_checkpoint, load_trainer_state
 
+        if info.is_main:  # one writer: refuse a resume while the run is still going
+            lock = RunLock(run_dir).acquire()
         load_trainer_state(find_checkpoint(run_dir))  # fail early on a missing or corrupted checkpoint
     else:
         run_dir = broadcast(info, default_run_dir(cfg.name, cfg.out))  # rank 0's timestamp
         if (run_dir / "checkpoints").exists():
             raise KilnError(f"run folder {run_dir} already holds checkpoints; use --resume {run_dir} or another --out")
+        if info.is_main:
+            lock = create_run(run_dir, "pretrain", resume_hint=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir, quiet) if info.is_main else RunLog(None, quiet=True)  # only rank 0 writes
     torch.manual_seed(cfg.seed)
@@ -145,6 +149,7 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     precision, reason = broadcast(info, choose_precision(cfg.train.precision, device))  # measured: ranks agree on rank 0's
     if info.is_main:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        write_run_json(run_dir, "pretrain", "config.yaml", objective=cfg.objective, arch=cfg.model.arch)
     log(f"kiln pretrain -> {run_dir}")
     log(dump_yaml(cfg).rstrip())
     log(reason)
@@ -253,6 +258,8 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         out = model.generate(torch.tensor([ids], device=device), cfg.train.sample_tokens, temperature=0.8,
                              top_k=50, generator=g)
         log("sample:\n" + tok.decode(out[0].tolist()))
+    if info.is_main:
+        lock.release()
     return run_dir
 
 
