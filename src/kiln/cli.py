@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         from kiln.errors import filesystem_error
 
         verb = " ".join(filter(None, (args.verb, getattr(args, f"{args.verb}_verb", None))))  # data prepare, ...
-        message = None if debug else filesystem_error(e, verb)
+        message = None if debug else filesystem_error(e, verb, after=_resume_hint)
         if message is None:
             raise
         print(f"kiln: error: {message}", file=sys.stderr)
@@ -274,6 +274,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
+
+
+def _resume_hint(path: str, verb: str) -> str:
+    """For a pretraining run: the last complete checkpoint is intact and how to continue from it."""
+    if verb != "pretrain":
+        return ""
+    parts = path.replace("\\", "/").split("/")
+    if "checkpoints" in parts:
+        run_dir = "/".join(parts[:len(parts) - 1 - parts[::-1].index("checkpoints")]) or "."
+    else:
+        run_dir = path.rsplit("/", 1)[0] if "/" in path else "."
+    try:
+        from kiln.run.checkpoint import find_checkpoint
+
+        ckpt = find_checkpoint(run_dir)
+    except Exception:  # no run folder there, or no complete checkpoint: no hint
+        return ""
+    return f"; the last complete checkpoint ({ckpt.name}) is intact: kiln pretrain --resume {run_dir}"
 
 
 def _training(run, *args) -> int:

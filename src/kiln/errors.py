@@ -130,27 +130,10 @@ def _file_in_the_way(path: str) -> str | None:
     return None
 
 
-def _resume_hint(path: str, verb: str) -> str:
-    """For a pretraining run: the last complete checkpoint is intact and how to continue from it."""
-    if verb != "pretrain":
-        return ""
-    parts = path.replace("\\", "/").split("/")
-    if "checkpoints" in parts:
-        run_dir = "/".join(parts[:len(parts) - 1 - parts[::-1].index("checkpoints")]) or "."
-    else:
-        run_dir = path.rsplit("/", 1)[0] if "/" in path else "."
-    try:
-        from kiln.run.checkpoint import find_checkpoint
-
-        ckpt = find_checkpoint(run_dir)
-    except Exception:  # no run folder there, or no complete checkpoint: no hint
-        return ""
-    return f"; the last complete checkpoint ({ckpt.name}) is intact: kiln pretrain --resume {run_dir}"
-
-
-def filesystem_error(e: BaseException, verb: str = "") -> str | None:
+def filesystem_error(e: BaseException, verb: str = "", after=None) -> str | None:
     """One line for a failed read or write of a file (full disk, read-only file system, a file where a folder
-    should be, no permission), naming the path, the reason and what kiln was doing; None when `e` is not one."""
+    should be, no permission), naming the path, the reason and what kiln was doing; None when `e` is not one.
+    `after(path, verb)`: text appended to the line (the CLI passes how to resume the run)."""
     import os
 
     code = e.errno if isinstance(e, OSError) and e.errno is not None else _os_error_code(e)
@@ -186,4 +169,4 @@ def filesystem_error(e: BaseException, verb: str = "") -> str | None:
     hint = {"ENOSPC": "; free some space", "EDQUOT": "; free some space (disk quota)",
             "EROFS": "; choose a writable place"}.get(name, "")
     doing = f"kiln {verb}, {_what(path, verb)}" if verb else _what(path, verb)
-    return f"{action} {target}: {reason} ({doing}){hint}{_resume_hint(path, verb)}"
+    return f"{action} {target}: {reason} ({doing}){hint}{after(path, verb) if after else ''}"
