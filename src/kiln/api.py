@@ -9,7 +9,22 @@ import torch
 from kiln.config import RunConfig, load_config
 from kiln.errors import KilnError
 from kiln.run.checkpoint import find_checkpoint
-from kiln.run.load import checkpoint_meta, load, load_run_config  # noqa: F401  (the public face of run loading)
+from kiln.run.load import checkpoint_meta, load_run_config  # noqa: F401  (the public face of run loading)
+
+
+def load(run_dir: str | Path, which: str = "latest", device: str = "cpu", quantized_ok: bool = True):
+    """A run's model, by its kind (run.json): a pretraining run (or a checkpoint folder, an imported Hugging Face
+    model) gives (model, tokenizer or None, RunConfig); a fine-tuned run what its task's `load` gives:
+    classify (model, tokenizer, ClassifyConfig, labels), seq2seq (model, codec, Seq2SeqConfig, meta)."""
+    from kiln.run import load as run_load
+    from kiln.run.folder import run_kind
+
+    run = Path(run_dir)
+    if (run / "model.safetensors").is_file() or run_kind(run) == "pretrain":
+        return run_load.load(run, which, device, quantized_ok)
+    from kiln import tasks
+
+    return tasks.get(run_kind(run)).load(run, which, device)
 
 
 def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
