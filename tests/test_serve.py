@@ -218,6 +218,20 @@ def test_streaming_yields_the_same_text(server, lm_run, expected):
     assert first["object"] == "text_completion" and first["choices"][0]["index"] == 0
 
 
+def test_a_client_that_goes_away_frees_its_row(server, lm_run, expected):
+    before = get(f"{server.url}/health")["served"]["cancelled"]
+    stream = server.client().completions.create(model=lm_run.name, prompt="ROMEO:", max_tokens=4096, temperature=0,
+                                                stream=True)  # ~4096 window recomputations if left to run
+    next(iter(stream))
+    stream.close()
+    deadline = time.time() + 120
+    while get(f"{server.url}/health")["served"]["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert get(f"{server.url}/health")["served"]["cancelled"] == before + 1
+    r = server.client().completions.create(model=lm_run.name, prompt="Be", max_tokens=8, temperature=0)
+    assert "Be" + r.choices[0].text == expected[("Be", 8)]
+
+
 def test_bad_requests_are_4xx_json_naming_the_field(server, lm_run):
     client = server.client()
     cases = [  # (extra body or field values, status, field named)
@@ -252,8 +266,16 @@ def test_bad_requests_are_4xx_json_naming_the_field(server, lm_run):
     assert e.value.code == "no_chat_template"
     code, err, _ = post(f"{server.url}/v1/completions", None, raw=b"{not json")
     assert code == 400 and err["error"]["code"] == "invalid_json"
-    code, err, _ = post(f"{server.url}/v1/completions", None, raw=b'{"prompt": "' + b"a" * (1 << 20) + b'"}')
-    assert code == 413
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # a 2 MB body: refused on its header
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(2 << 20))
+    conn.endheaders(b'{"prompt": "aaaa')
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "body_too_large"
+    conn.close()
     code, err, _ = post(f"{server.url}/v1/classify", {"input": "x"})
     assert code == 404 and "language model" in err["error"]["message"]
     assert get(f"{server.url}/health")["status"] == "ok"  # still serving
@@ -499,7 +521,7 @@ def clf_server(clf_run):
     s.stop()
 
 
-def test_classify_probabilities_equal_kiln_predict(clf_run, clf_server, tmp_path):
+def test_classify_probabilities_equal_kiln_predict(clf_run, clf_server, tmp_path, capsys):
     texts = tmp_path / "texts.csv"
     with open(texts, "w", newline="") as f:
         csv.writer(f).writerows([("text",), *[(t,) for t in CLF_TEXTS]])
@@ -528,6 +550,8 @@ def test_classify_probabilities_equal_kiln_predict(clf_run, clf_server, tmp_path
         assert code == 400 and err["error"]["param"] == field, (body, err)
     code, err, _ = post(f"{clf_server.url}/v1/completions", {"prompt": "x"})
     assert code == 404 and "/v1/classify" in err["error"]["message"]
+    # the encoder it was fine-tuned from is a run, but not one that generates text
+    assert_user_error(capsys, ["serve", clf_run.parent / "backbone", "--port", 0], "encoder run")
 
 
 # ----------------------------------------------------------------------------------------------- browser

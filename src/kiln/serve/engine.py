@@ -188,9 +188,16 @@ class LMBackend:
                      "parameters": sum(p.numel() for p in model.parameters())}
 
     def encode(self, prompt: str) -> list[int]:
-        """Token ids of a prompt; ValueError (a message for the user) if the tokenizer cannot encode it."""
+        """Token ids of a prompt, as kiln.api.sample encodes it; ValueError (a message for the user) if the
+        tokenizer cannot encode it."""
         try:
-            ids = self.tokenizer.encode(prompt).ids
+            from kiln.data.tokenizer import encode_text
+        except ImportError:  # older layout
+            encode_text = None
+        try:
+            ids = encode_text(self.tokenizer, prompt, "prompt") if encode_text else self.tokenizer.encode(prompt).ids
+        except KilnError as e:
+            raise ValueError(str(e).removeprefix("prompt: ")) from None
         except Exception as e:  # e.g. a character-level vocabulary without [UNK] meeting an unseen character
             raise ValueError(f"the tokenizer cannot encode this prompt ({str(e).splitlines()[0]})") from None
         if not ids:
@@ -205,8 +212,9 @@ class LMBackend:
 
         self.model.generate(torch.zeros(1, 1, dtype=torch.long, device=self.device), 2, greedy=True)
 
-    def run(self, jobs: list[Job], stopping: threading.Event) -> None:
-        """Decode `jobs` (one batch key) together; report each job's text through its callbacks."""
+    def run(self, jobs: list[Job], stopping: threading.Event) -> int:
+        """Decode `jobs` (one batch key) together; report each job's text through its callbacks. Returns how
+        many were cancelled midway (their clients went away: the batch stops early when all have)."""
         import torch
 
         B = len(jobs)
@@ -233,6 +241,7 @@ class LMBackend:
                             attention_mask=mask if B > 1 else None)  # one row: exactly kiln.api.sample's call
         for row in rows:
             row.finish()
+        return sum(r.reason == "cancelled" for r in rows)
 
 
 class _Row:
@@ -302,26 +311,27 @@ def _streamable(text: str, stop: list[str], hold: int) -> str:
 
 
 def load_classifier_backend(run_dir: Path, which: str, device: str):
-    """Everything `kiln serve` needs of a classifier run, from the task's own code: (label names, whether it
-    reads text pairs, predict(texts, pairs) -> class probabilities [n, n_classes] as `kiln predict` computes
-    them, a model description). The only place kiln.serve touches the classification task's internals."""
-    try:
-        from kiln.tasks import classify as task
-    except ImportError:
-        from kiln.train import classify as task
+    """Everything `kiln serve` needs of a classifier run: (label names, whether it reads text pairs,
+    predict(texts, pairs) -> class probabilities [n, n_classes] as `kiln predict` computes them, a model
+    description). The only place kiln.serve touches the classification task's internals."""
+    import kiln
     from kiln.data import tasks
 
+    try:
+        from kiln.tasks.text import encode_examples, predict_probs, prepare_tokenizer
+    except ImportError:  # the layout before kiln.tasks
+        from kiln.train.classify import encode_examples, predict_probs, prepare_tokenizer
     resolve_device, _ = _device_tools()
     device = resolve_device(device, what="--device")
-    model, tokenizer, cfg, labels = task.load_classifier(run_dir, which, device=device)
-    tok = task.prepare_tokenizer(tokenizer, cfg.data.max_length)
+    model, tokenizer, cfg, labels = kiln.load(run_dir, which, device=device)  # a classify run's (model, tok, cfg, labels)
+    tok = prepare_tokenizer(tokenizer, cfg.data.max_length)
     pad = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
     batch_size = max(2 * cfg.train.batch_size, 16)  # as kiln predict
 
     def predict(texts: list[str], pairs: list[str] | None = None):
         rows = [tasks.Example(t, None, pairs[i] if pairs is not None else None) for i, t in enumerate(texts)]
-        enc = task.encode_examples(tok, rows, None, cfg.model, "request")
-        return task.predict_probs(model, enc, batch_size, pad, device)
+        enc = encode_examples(tok, rows, None, cfg.model, "request")
+        return predict_probs(model, enc, batch_size, pad, device)
 
     info = {"kind": "classifier", "labels": labels, "max_length": cfg.data.max_length, "device": device,
             "text_pair": bool(cfg.data.text_pair_field),
@@ -356,6 +366,17 @@ class ClassifierBackend:
             j.on_done({"probs": part.tolist()})
 
 
+def _run_kind(run: Path) -> str:
+    try:
+        from kiln.run.folder import run_kind
+    except ImportError:  # the layout before run.json
+        for name, kind in (("classify.yaml", "classify"), ("seq2seq.yaml", "seq2seq"), ("config.yaml", "pretrain")):
+            if (run / name).is_file():
+                return kind
+        raise KilnError(f"{run} is not a kiln run folder (no config.yaml or classify.yaml)") from None
+    return run_kind(run)
+
+
 def open_run(run_dir: str | Path, which: str | None = None, device: str = "auto", precision: str = "auto"):
     """The backend for a servable run folder, or a KilnError saying why this folder is not one."""
     run = Path(run_dir)
@@ -363,15 +384,17 @@ def open_run(run_dir: str | Path, which: str | None = None, device: str = "auto"
         raise KilnError(f"run folder not found: {run}")
     if not run.is_dir():
         raise KilnError(f"{run} is not a run folder")
-    if (run / "classify.yaml").is_file():
+    try:
+        kind = _run_kind(run)
+    except KilnError as e:
+        raise KilnError(f"{e}: kiln serve needs a language-model run (kiln pretrain) or a classifier run "
+                        "(kiln finetune classify)") from None
+    if kind == "classify":
         return ClassifierBackend(run, which or "best", device)
-    if (run / "seq2seq.yaml").is_file():
-        raise KilnError(f"{run} is a seq2seq run: kiln serve serves language-model runs (OpenAI completions) "
-                        "and classifier runs (/v1/classify); use `kiln translate` for it")
-    if (run / "config.yaml").is_file():
+    if kind == "pretrain":
         return LMBackend(run, which or "latest", device, precision)
-    raise KilnError(f"{run} is not a kiln run folder (no config.yaml or classify.yaml): kiln serve needs a "
-                    "language-model run (kiln pretrain) or a classifier run (kiln finetune classify)")
+    raise KilnError(f"{run} is a {kind} run: kiln serve serves language-model runs (OpenAI completions) and "
+                    "classifier runs (/v1/classify)" + ("; use `kiln translate` for it" if kind == "seq2seq" else ""))
 
 
 # ----------------------------------------------------------------------------------------------- the worker
@@ -385,7 +408,7 @@ class Engine:
         self.max_batch = max_batch
         self.queue = JobQueue(queue)
         self.stopping = threading.Event()
-        self.stats = {"batches": 0, "jobs": 0, "largest_batch": 0}
+        self.stats = {"batches": 0, "jobs": 0, "largest_batch": 0, "cancelled": 0}
         self._thread = threading.Thread(target=self._loop, name="kiln-serve-worker", daemon=True)
 
     def start(self) -> None:
@@ -408,7 +431,7 @@ class Engine:
                 self.stats["jobs"] += len(batch)
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
                 try:
-                    self.backend.run(batch, self.stopping)
+                    self.stats["cancelled"] += self.backend.run(batch, self.stopping) or 0
                 except Exception as e:  # a bug, not a user error: every waiting request gets a 500 (logged)
                     import traceback
 
