@@ -124,10 +124,22 @@ def test_generate_cli_greedy_is_deterministic(corpus, tmp_path, capsys):
     assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1",
                  "--top-k", "5", "--top-p", "0.9"]) == 0
     capsys.readouterr()
-    assert main(argv + ["--device", "cpu"]) == 0
     import torch
 
-    assert capsys.readouterr().out == first or torch.cuda.is_available()  # without a GPU, auto is the CPU
+    from kiln.api import load
+    from kiln.run.device import resolve_device
+
+    # greedy on the CPU in fp32 is the argmax of a full forward pass, token by token (no KV cache), written out
+    assert main(argv + ["--device", "cpu", "--precision", "fp32"]) == 0
+    model, tok, _ = load(run, device="cpu")
+    ids = torch.tensor([tok.encode("ROMEO:").ids])
+    with torch.no_grad():
+        for _ in range(20):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert capsys.readouterr().out == tok.decode(ids[0].tolist()) + "\n"
+    # --device auto is the GPU when there is one, else the CPU: the same text as naming that device
+    assert main(argv + ["--device", resolve_device("auto", "device")]) == 0
+    assert capsys.readouterr().out == first
     assert_user_error(capsys, argv + ["--device", "tpu"], "device must be auto, cpu, cuda[:N] or mps, got 'tpu'")
 
 
