@@ -375,10 +375,9 @@ def _dispatch(args, extra: list[str]) -> int | None:
             return 0
         if args.viz_verb != "attention":
             raise KilnError("usage: kiln viz attention RUN_DIR --text TEXT | kiln viz compare RUN1 RUN2 ...")
-        from kiln.report.attention import viz_attention
-        from kiln.run.load import load
+        from kiln.eval.attention import viz_attention
 
-        print(viz_attention(load(args.run_dir), args.run_dir, args.text, args.out))
+        print(viz_attention(args.run_dir, args.text, args.out))
         return 0
     if args.verb == "import":
         from kiln.interop.hf import import_hf

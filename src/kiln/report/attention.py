@@ -10,8 +10,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from kiln.errors import KilnError  # noqa: E402
-
 
 @torch.no_grad()
 def attention_maps(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -55,17 +53,3 @@ def plot_attention(maps: list[torch.Tensor], tokens: list[str], path: Path, max_
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def viz_attention(loaded, run_dir: str | Path, text: str, out: str | Path | None = None) -> Path:
-    """`loaded`: (model, tokenizer, config) of the run (kiln.run.load.load)."""
-    model, tokenizer, cfg = loaded
-    if tokenizer is None:
-        raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode --text")
-    enc = tokenizer.encode(text)
-    ids = enc.ids[: cfg.model.context_length]
-    if not ids:
-        raise KilnError("--text encodes to no tokens")
-    maps = attention_maps(model, torch.tensor([ids]))
-    path = Path(out) if out else Path(run_dir) / "plots" / "attention.png"
-    return plot_attention(maps, enc.tokens[: len(ids)], path)

@@ -1,17 +1,81 @@
-"""A classifier run (or an ensemble of runs, "RUN1,RUN2,...") on a file: `kiln predict` writes class
+"""Using a finished classifier run: loading it, and a run (or an ensemble of runs, "RUN1,RUN2,...") on a file: `kiln predict` writes class
 probabilities as CSV, `kiln eval` scores a labelled file (table, JSON and plots). The file is read once; each run
 encodes it through its own tokenizer and the ensemble averages their class probabilities."""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
 
+from kiln.config import ClassifyConfig, load_config
 from kiln.data import tasks
 from kiln.errors import KilnError
-from kiln.tasks.classify import evaluate_and_report, load_classifier, run_folders, write_predictions
+from kiln.model.heads import SequenceClassifier
+from kiln.run.checkpoint import find_checkpoint, load_weights
+from kiln.run.load import build_model
 from kiln.tasks.text import encode_examples, predict_probs, prepare_tokenizer
+
+
+CONFIG_FILE, LABELS_FILE = "classify.yaml", "labels.json"
+
+
+def evaluate_and_report(probs, y, labels, out_dir: Path, prefix: str, positive: int | None = None,
+                        extra: dict | None = None) -> dict:
+    from kiln.eval.classification import classification_metrics, write_report
+
+    m = classification_metrics(y, probs, labels, positive)
+    write_report(m, y, probs, labels, out_dir, prefix, extra)
+    return m
+
+
+def load_classifier(run_dir: str | Path, which: str = "best", device: str = "cpu"):
+    """(SequenceClassifier, tokenizer, ClassifyConfig, label names) of a `kiln finetune classify` run folder."""
+    from kiln.data.tokenizer import load_tokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        hint = " (a pretraining run: fine-tune it first with `kiln finetune classify --init`)" \
+            if (run_dir / "config.yaml").is_file() else ""
+        raise KilnError(f"{run_dir} is not a classifier run folder (no {CONFIG_FILE}){hint}")
+    cfg = load_config(run_dir / CONFIG_FILE, cls=ClassifyConfig)
+    try:
+        meta = json.loads((run_dir / LABELS_FILE).read_text(encoding="utf-8"))
+        labels = list(meta["labels"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise KilnError(f"{run_dir / LABELS_FILE}: cannot read the label names ({type(e).__name__})") from None
+    ckpt = find_checkpoint(which) if which not in ("best", "latest") else find_checkpoint(run_dir, which)
+    backbone = build_model(cfg.model, device)
+    model = SequenceClassifier(backbone, len(labels), meta.get("pooling", cfg.pooling), cfg.head_dropout).to(device)
+    load_weights(model, ckpt / "model.safetensors")
+    model.eval()
+    return model, load_tokenizer(run_dir / "tokenizer.json"), cfg, labels
+
+
+def run_folders(run_dir: str | Path, what: str = "") -> list[Path]:
+    """One classifier run folder, or several comma-separated (an ensemble)."""
+    text = str(run_dir)
+    if "," not in text or Path(text).exists():
+        return [Path(text)]
+    runs = [Path(r.strip()) for r in text.split(",") if r.strip()]
+    if not runs:
+        raise KilnError(f"{what + ' ' if what else ''}{text!r} names no run folder")
+    return runs
+
+
+def write_predictions(out: Path, cfg, labels: list[str], rows, probs: np.ndarray) -> None:
+    pair = bool(cfg.data.text_pair_field)
+    has_label = any(r.label is not None for r in rows)
+    header = ["line", cfg.data.text_field] + ([cfg.data.text_pair_field] if pair else []) + \
+             ([cfg.data.label_field] if has_label else []) + ["prediction"] + [f"p_{n}" for n in labels]
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r, p in zip(rows, probs):
+            w.writerow([r.line, r.text] + ([r.pair] if pair else []) + ([r.label or ""] if has_label else [])
+                       + [labels[int(p.argmax())]] + [f"{x:.6f}" for x in p])
 
 
 def _predict_file(runs: list[Path], file: Path, which: str, require_label: bool, log):
@@ -25,7 +89,7 @@ def _predict_file(runs: list[Path], file: Path, which: str, require_label: bool,
         if rows is None:
             cfg, labels = cfg_r, labels_r
             rows, report = tasks.read_examples(file, cfg.data.text_field, cfg.data.label_field,
-                                               cfg.data.text_pair_field, require_label=require_label)
+                                               cfg.data.text_pair_field, require_label=require_label, fmt=cfg.data)
             for line in report.lines():
                 log(line)
             if require_label:

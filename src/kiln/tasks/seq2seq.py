@@ -230,7 +230,8 @@ def translate_from_cli(run_dir: str, text: list[str] | None, file: str | None, n
     model_meta = loaded[3]
     pairs: list[Pair] = [Pair(t, "", 0) for t in (text or [])]
     if file:
-        got, report = read_pairs(file, model_meta["source_field"], model_meta["target_field"], require_target=False)
+        got, report = read_pairs(file, model_meta["source_field"], model_meta["target_field"], require_target=False,
+                                 fmt=loaded[2].data)
         for line in report.lines():
             log(line)
         pairs += got
@@ -255,7 +256,8 @@ def evaluate_pairs(run_dir: str | Path, file: str | Path, out: str | Path | None
     run_dir, file = Path(run_dir), Path(file)
     loaded = load_seq2seq(run_dir, which)
     meta = loaded[3]
-    pairs, report = read_pairs(file, meta["source_field"], meta["target_field"], require_target=True)
+    pairs, report = read_pairs(file, meta["source_field"], meta["target_field"], require_target=True,
+                               fmt=loaded[2].data)
     for line in report.lines():
         log(line)
     if not pairs or not all(p.target for p in pairs):
