@@ -70,7 +70,8 @@ def test_every_numeric_key_of_every_config_declares_a_range_and_the_defaults_are
 
 
 @pytest.mark.parametrize("key,value,expected", [
-    ("train.lr", "-0.1", "--train.lr must be > 0, got -0.1"),
+    ("train.lr", "-0.1", "--train.lr must be >= 0, got -0.1"),
+    ("train.muon_lr", "0", "--train.muon_lr must be > 0, got 0.0"),
     ("train.batch_size", "0", "--train.batch_size must be >= 1, got 0"),
     ("train.beta2", "1.0", "--train.beta2 must be in [0, 1), got 1.0"),
     ("train.eval_every", "0", "--train.eval_every must be >= 1, got 0"),  # pretraining: 0 means nothing
@@ -111,14 +112,14 @@ def test_out_of_range_in_a_yaml_file_names_the_file_and_classify_reads_zero_as_a
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  lr: -3e-4\n")
     assert_user_error(capsys, ["pretrain", recipe, "--out", tmp_path / "never"],
-                      f"{recipe}: train.lr must be > 0, got -0.0003")
+                      f"{recipe}: train.lr must be >= 0, got -0.0003")
     cfg = load_config(None, ["--train.eval_every", "0", "--train.max_steps", "0"], cls=ClassifyConfig)
     assert cfg.train.eval_every == 0 and cfg.train.max_steps == 0  # finetune classify: 0 = once per epoch / epochs
 
 
 def test_resume_with_an_out_of_range_override_leaves_the_run_unchanged(run, capsys):
     before = tree_hash(run)
-    assert_user_error(capsys, ["pretrain", "--resume", run, "--train.lr", "0"], "--train.lr must be > 0, got 0.0")
+    assert_user_error(capsys, ["pretrain", "--resume", run, "--train.lr", "-1"], "--train.lr must be >= 0, got -1.0")
     assert tree_hash(run) == before
 
 
@@ -165,11 +166,9 @@ def test_a_full_disk_mid_run_is_one_line_the_last_checkpoint_stays_and_resume_fi
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert f"the last complete checkpoint ({latest}) is intact: kiln pretrain --resume {out}" in err
     remount(small_disk, "size=30m")  # space freed
-    gen = kiln("generate", out, "--max-new-tokens", "5", "--temperature", "0")
-    assert gen.returncode == 0, gen.stderr  # the last complete checkpoint loads
+    assert main(["generate", str(out), "--max-new-tokens", "5", "--temperature", "0"]) == 0  # it loads
     step = int(latest.split("_")[1])
-    done = kiln("pretrain", "--resume", out, "--train.max_steps", step + 2, "--train.keep_last", "2")
-    assert done.returncode == 0, done.stderr
+    assert main(["pretrain", "--resume", str(out), "--train.max_steps", str(step + 2), "--train.keep_last", "2"]) == 0
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step + 2:06d}"
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial save was cleaned up
 
@@ -209,3 +208,131 @@ def test_a_read_only_run_folder_is_one_line_and_unchanged(run, small_disk, capsy
         assert tree_hash(copy) == before
     finally:
         remount(small_disk, "rw")
+
+
+# ----------------------------------------------------------------------------------- 3. text a tokenizer cannot represent
+
+
+@pytest.mark.parametrize("verb", ["generate", "eval", "viz attention"])
+def test_characters_outside_a_char_vocabulary_are_one_line_naming_them(run, tmp_path, capsys, verb):
+    text = "ROMEO: ¿qué? 😀"
+    before = tree_hash(run)
+    if verb == "generate":
+        argv, where = ["generate", run, "--prompt", text, "--max-new-tokens", "5"], "--prompt"
+    elif verb == "eval":
+        held = tmp_path / "held.txt"
+        held.write_text(f"To be, or not to be.\n{text}\n")
+        argv, where = ["eval", run, held], str(held)
+    else:
+        argv, where = ["viz", "attention", run, "--text", text], "--text"
+    assert_user_error(capsys, argv, f"{where}: character '¿' (U+00BF) is not in the char tokenizer's vocabulary",
+                      "'é' (U+00E9)", "'😀' (U+1F600)", "data.tokenizer bpe")
+    assert tree_hash(run) == before
+
+
+def test_unknown_characters_helper_shows_the_first_few_in_order():
+    from kiln.data.tokenizer import char_tokenizer, encode_text
+    from kiln.errors import KilnError
+
+    tok = char_tokenizer("abc ")
+    assert encode_text(tok, "cab a") == [3, 1, 2, 0, 1]
+    with pytest.raises(KilnError) as e:
+        encode_text(tok, "a xyzuvwqrs", "--prompt")
+    msg = str(e.value)
+    assert msg.startswith("--prompt: character 'x' (U+0078) is not in the char tokenizer's vocabulary of 4 characters")
+    assert "'y' (U+0079), 'z' (U+007A)" in msg and "and 3 more" in msg and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------------- 4. tables as people have them
+
+
+def test_data_prepare_reads_headerless_latin1_semicolon_csv_and_a_utf16_text(tmp_path, capsys):
+    from kiln.data.tokenizer import load_tokenizer
+
+    table = tmp_path / "plays.csv"
+    table.write_bytes("1;Où est la plume de ma tante?\n2;Ça va très bien, merci.\n".encode("latin-1") * 20)
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "--out", str(out), "--data.source", str(table), "--data.header", "false",
+                 "--data.columns", "id,text", "--data.encoding", "latin-1", "--data.delimiter", ";"]) == 0
+    vocab = load_tokenizer(out).get_vocab()
+    assert {"è", "ù", "Ç"} <= set(vocab) and "Ã" not in vocab and ";" not in vocab  # decoded, and split on ;
+    wide = tmp_path / "wide.txt"
+    wide.write_bytes("Ça va très bien.\n".encode("utf-16") * 40)  # a UTF-16 file with its byte-order mark
+    assert main(["data", "prepare", "--out", str(tmp_path / "p16"), "--data.source", str(wide)]) == 0
+    assert {"Ç", "è"} <= set(load_tokenizer(tmp_path / "p16").get_vocab())
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + "text\ncafé crème\n".encode() * 20)  # the BOM is not part of the header
+    assert main(["data", "prepare", "--out", str(tmp_path / "pbom"), "--data.source", str(bom)]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("name,content,extra,needles", [
+    ("latin.csv", "text\ncafé\n".encode("latin-1"), [],
+     ["latin.csv: not UTF-8 text (invalid byte 0xe9 at offset 8, line 2)", "set data.encoding", "iconv"]),
+    ("utf8.txt", "naïve café\n".encode() * 50, ["--data.encoding", "cp1252"],
+     ["utf8.txt: data.encoding is 'cp1252', but the file is UTF-8", "leave data.encoding at utf-8"]),
+    ("utf8.csv", "text\nnaïve\n".encode(), ["--data.encoding", "utf-16"],
+     ["utf8.csv: data.encoding is 'utf-16', but the file has no byte-order mark", "leave data.encoding at utf-8"]),
+    ("bom.csv", b"\xef\xbb\xbftext\nx\n", ["--data.encoding", "latin-1"],
+     ["bom.csv: starts with a UTF-8 byte-order mark, but data.encoding is 'latin-1'"]),
+    ("cp.txt", b"fine\n" * 3 + b"bad \x81 byte\n", ["--data.encoding", "cp1252"],
+     ["cp.txt: not valid cp1252 text (invalid byte 0x81 at offset 19, line 4)"]),
+    ("plain.csv", b"text\nx\n", ["--data.encoding", "utf9"], ["data.encoding: unknown encoding 'utf9'", "utf-8"]),
+    ("plain.csv", b"text\nx\n", ["--data.delimiter", ";;"], ["data.delimiter must be one character (or tab", "got ';;'"]),
+    ("semi.csv", b"text;label\nx;y\n", [], ["no column 'text'", "every row is a single column: check data.delimiter"]),
+    ("nohead.csv", b"hello there\nfine day\n", [], ["no column 'text'", "set data.header false (columns 0, 1, ...)"]),
+    ("head.csv", b"id,text\n1,x\n", ["--data.header", "false", "--data.columns", "id,text"],
+     ["head.csv:1: the first row is data.columns itself", "remove data.header false"]),
+    ("two.csv", b"1,x\n", ["--data.header", "false", "--data.columns", "text"],
+     ["two.csv:1: data.columns names 1 column(s) (text), the first row has 2 field(s)"]),
+])
+def test_a_wrong_table_or_encoding_choice_is_one_line_never_mojibake(tmp_path, capsys, name, content, extra, needles):
+    source = tmp_path / name
+    source.write_bytes(content)
+    out = tmp_path / "prepared"
+    assert_user_error(capsys, ["data", "prepare", "--out", out, "--data.source", source, *extra], *needles)
+    assert not out.exists()
+
+
+def test_finetune_classify_and_predict_read_a_headerless_tsv_by_position(run, tmp_path, capsys):
+    rows = [f"the play was {w} and long\t{lab}" for w, lab in (("good", "pos"), ("dull", "neg")) * 16]
+    train = tmp_path / "reviews.tsv"
+    train.write_text("\n".join(rows) + "\n")
+    before = tree_hash(run)
+    out = tmp_path / "clf"
+    common = ["--init", run, "--data.header", "false", "--data.text_field", "0", "--data.label_field", "1",
+              "--train.max_steps", "2", "--train.batch_size", "4", "--train.threads", "1", "--train.precision",
+              "fp32", "--train.tensorboard", "false"]
+    assert main(["finetune", "classify", "--data.train", str(train), "--out", str(out), *map(str, common)]) == 0
+    assert main(["predict", str(out), str(train)]) == 0  # the run's data.header / columns apply
+    assert (out / "predictions" / "reviews.csv").read_text().count("\n") == len(rows) + 1
+    capsys.readouterr()
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("the play was très good\tpos\n".encode("latin-1") * 8)
+    assert_user_error(capsys, ["finetune", "classify", "--data.train", latin, "--out", tmp_path / "never", *common],
+                      "latin.tsv: not UTF-8 text (invalid byte 0xe8 at offset 15, line 1)", "data.encoding")
+    assert_user_error(capsys, ["finetune", "classify", "--data.train", train, "--out", tmp_path / "never",
+                               *common[:2]], "no text column 'text'", "set data.header false")
+    assert not (tmp_path / "never").exists()
+    assert tree_hash(run) == before  # the backbone run is only read
+
+
+def test_finetune_seq2seq_and_translate_read_a_headerless_utf16_tsv(tmp_path, capsys):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_bytes("".join(f"the word {i}\tla palabra {i}\n" for i in range(40)).encode("utf-16"))
+    out = tmp_path / "s2s"
+    assert main(["finetune", "seq2seq", "--data.train", str(pairs), "--out", str(out), "--data.header", "false",
+                 "--seq2seq.source_field", "0", "--seq2seq.target_field", "1", "--model.d_model", "32",
+                 "--model.n_layer", "1", "--model.n_head", "2", "--model.d_ff", "64", "--model.context_length", "32",
+                 "--data.max_source_length", "24", "--data.max_target_length", "24", "--seq2seq.vocab_size", "300",
+                 "--train.max_steps", "2", "--train.batch_size", "8", "--train.eval_every", "2",
+                 "--seq2seq.eval_examples", "2", "--seq2seq.num_beams", "1", "--seq2seq.max_new_tokens", "4",
+                 "--data.val_size", "4", "--data.test_size", "4", "--seq2seq.test_examples", "2",
+                 "--train.threads", "1", "--train.precision", "fp32", "--train.tensorboard", "false"]) == 0
+    assert main(["translate", str(out), "--file", str(pairs), "--out", str(tmp_path / "out.tsv")]) == 0
+    assert (tmp_path / "out.tsv").read_text().count("\n") == 41
+    capsys.readouterr()
+    assert_user_error(capsys, ["finetune", "seq2seq", "--data.train", pairs, "--out", tmp_path / "never",
+                               "--data.header", "false", "--data.encoding", "latin-1"],
+                      "pairs.tsv: starts with a UTF-16 byte-order mark, but data.encoding is 'latin-1'")
+    assert not (tmp_path / "never").exists()

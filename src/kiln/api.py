@@ -34,6 +34,7 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
     """Text continuing `prompt`. Generation ends at max_new_tokens or at the first of the `stop` strings
     (the returned text ends right before it). num_beams > 1: beam search (sampling settings ignored; stop
     strings cut the best beam's text afterwards)."""
+    from kiln.data.tokenizer import encode_text
     from kiln.run.device import resolve_device
     from kiln.run.device import choose_precision
 
@@ -47,7 +48,7 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
                 p.data = p.data.to(torch.bfloat16)
     if tokenizer is None:
         raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
-    ids = tokenizer.encode(prompt).ids
+    ids = encode_text(tokenizer, prompt, "--prompt")
     if not ids:
         raise KilnError("the prompt encodes to no tokens")
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -27,6 +27,16 @@ def _f(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
+_HEADER_HELP = ("CSV/TSV: the first row names the columns; false = no header row, columns named by position "
+                "(0, 1, ...) or by data.columns")
+_COLUMNS_HELP = ("CSV/TSV: column names in order (e.g. [text, label] or text,label) for a file without a header "
+                 "row; with one, they replace its names")
+_ENCODING_HELP = ("text encoding of the input files: utf-8 | latin-1 | cp1252 | utf-16 | any Python codec name; a "
+                  "UTF-8/UTF-16 byte-order mark is read, and a wrong choice is an error, not garbled text")
+_DELIMITER_HELP = ("CSV/TSV field separator: one character, or tab | comma | semicolon | pipe | space; empty = "
+                   "from the extension (.tsv/.txt tab, else comma)")
+
+
 @dataclass
 class DataConfig:
     source: str = _f("kiln:tinyshakespeare", "text file, folder of .txt files, .jsonl or .csv; "
@@ -40,6 +50,10 @@ class DataConfig:
     dedup: bool = _f(False, "drop exact duplicate documents")
     prepared: str = _f("", "folder of already prepared shards (manifest.json); skips preparation")
     mixture: dict = _f({}, "dataset mixture: {prepared_dir: weight, ...} (overrides `prepared`)")
+    encoding: str = _f("utf-8", _ENCODING_HELP)
+    header: bool = _f(True, _HEADER_HELP)
+    columns: list = _f([], _COLUMNS_HELP)
+    delimiter: str = _f("", _DELIMITER_HELP)
 
 
 @dataclass
@@ -164,6 +178,10 @@ class ClassifyDataConfig:
                     "shuffle of the unique texts, cut in order train | val | test)", choices=("stratified", "shuffle"))
     split_seed: int = _f(-1, "seed of that split; -1 = the run's seed (a fixed split_seed keeps the split while "
                          "the seed varies)", range=">= -1")
+    encoding: str = _f("utf-8", _ENCODING_HELP)
+    header: bool = _f(True, _HEADER_HELP)
+    columns: list = _f([], _COLUMNS_HELP)
+    delimiter: str = _f("", _DELIMITER_HELP)
 
 
 def _classify_train_defaults() -> TrainConfig:
@@ -215,6 +233,10 @@ class Seq2SeqDataConfig:
     max_target_length: int = _f(128, "target tokens per example (eos included); longer ones are cut and counted", range=">= 2")
     dedup: bool = _f(True, "drop exact duplicate (source, target) pairs")
     limit: int = _f(0, "use only the first N pairs of data.train (quick runs); 0 = all", range=">= 0")
+    encoding: str = _f("utf-8", _ENCODING_HELP)
+    header: bool = _f(True, _HEADER_HELP)
+    columns: list = _f([], _COLUMNS_HELP)
+    delimiter: str = _f("", _DELIMITER_HELP)
 
 
 @dataclass
@@ -297,6 +319,8 @@ def _coerce(key: str, value: Any, tp, where: str) -> Any:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
             pass
+    if isinstance(value, str) and tp is list:  # --data.columns text,label
+        value = [v.strip() for v in value.split(",")] if value.strip() else []
     if isinstance(value, str) and tp in (int, float):  # YAML 1.1 reads "1e-3" as a string
         try:
             number = float(value)

@@ -16,7 +16,7 @@ import torch
 
 from kiln.config import Seq2SeqConfig
 from kiln.data import tasks
-from kiln.data.text import clean_text
+from kiln.data.text import clean_text, column_hint
 from kiln.errors import KilnError, did_you_mean
 
 
@@ -45,12 +45,13 @@ class PairReport:
 
 
 def read_pairs(path: str | Path, source_field: str, target_field: str | None,
-               require_target: bool = True) -> tuple[list[Pair], PairReport]:
+               require_target: bool = True, fmt=None) -> tuple[list[Pair], PairReport]:
     """Pairs of a .tsv/.csv/.jsonl file (.txt: one source per line, no target). Rows with an empty source or
     target are skipped and counted; a wrong field count names file and line; a missing column lists the
-    columns present; a non-UTF-8 file is a one-line error."""
+    columns present; a non-UTF-8 file is a one-line error. `fmt`: the data config section (data.encoding,
+    header, columns, delimiter; None = the defaults)."""
     path = Path(path)
-    text = tasks._read_text(path)
+    text = tasks._read_text(path, fmt)
     report = PairReport(str(path))
     if path.suffix.lower() == ".txt":
         out = []
@@ -63,14 +64,17 @@ def read_pairs(path: str | Path, source_field: str, target_field: str | None,
                 report.empty_source += 1
                 report.empty_lines.append(lineno)
         return out, report
-    rows, header = tasks._jsonl_rows(path, text) if path.suffix.lower() == ".jsonl" else tasks._table_rows(path, text)
+    rows, header = (tasks._jsonl_rows(path, text) if path.suffix.lower() == ".jsonl"
+                    else tasks._table_rows(path, text, fmt))
     if not rows:
         raise KilnError(f"{path}: no data rows")
     for what, name, key in (("source", source_field, "source_field"), ("target", target_field, "target_field")):
         if name and name not in header and (what == "source" or require_target):
             cols = ", ".join(repr(c) for c in header) or "(none)"
+            hint = "" if path.suffix.lower() == ".jsonl" else column_hint(header, getattr(fmt, "header", True),
+                                                                          getattr(fmt, "columns", None))
             raise KilnError(f"{path}: no {what} column {name!r}{did_you_mean(name, header)}; columns present: "
-                            f"{cols} (set seq2seq.{key})")
+                            f"{cols} (set seq2seq.{key}){hint}")
     has_target = bool(target_field) and target_field in header
     out = []
     for lineno, row in rows:
@@ -148,7 +152,9 @@ class PairCodec:
         try:
             return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
         except Exception as e:
-            raise KilnError(f"{where}: the tokenizer cannot encode this text ({str(e).splitlines()[0]})") from None
+            from kiln.data.tokenizer import cannot_encode
+
+            raise cannot_encode(tok, texts, where, e) from None
 
     def encode_source(self, texts: list[str], where: str = "source") -> list[list[int]]:
         return self._ids(self.src_tok, texts, where)
@@ -226,7 +232,7 @@ def load_pair_splits(cfg: Seq2SeqConfig, log) -> tuple[dict[str, list[Pair]], di
     report: dict = {"files": {}, "skipped": {}}
 
     def read(path: str, name: str) -> list[Pair]:
-        pairs, r = read_pairs(path, s.source_field, s.target_field)
+        pairs, r = read_pairs(path, s.source_field, s.target_field, fmt=d)
         for line in r.lines():
             log(line)
         report["files"][name] = path

@@ -44,7 +44,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int = 1337, log=print, *
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise KilnError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     _check_out_dir(out_dir)
-    corpus = Corpus(cfg.source, cfg.text_field)
+    corpus = Corpus(cfg.source, cfg.text_field, cfg)
     log(f"prepare: {cfg.source} ({corpus.nbytes / 1e6:.1f} MB, {corpus.kind}) -> {out_dir}")
 
     tok, kind = _tokenizer(cfg, corpus, log, tokenizer_sample_bytes)

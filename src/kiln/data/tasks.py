@@ -5,7 +5,11 @@
     train, val, test, info = split_examples(rows, 0.1, 0.1, seed=0)
 
 Rules (each a one-line KilnError or a counted, reported skip):
-- the file must be UTF-8 (a latin-1 file is an error naming the file and suggesting `iconv`);
+- the file is read in data.encoding (UTF-8 by default; a UTF-8/UTF-16 byte-order mark is read); a byte that is
+  not valid there is an error naming the file, the offset and the line, and UTF-8 read as latin-1 is an error
+  too (never mojibake);
+- CSV/TSV: the first row names the columns unless data.header is false (then they are 0, 1, ... or
+  data.columns); data.delimiter overrides the extension's (.tsv/.txt tab, else comma);
 - the named columns must exist (the error lists the columns present);
 - a CSV/TSV row with the wrong number of fields is an error naming the file and the line;
 - a row whose text is empty (after stripping) is skipped and counted in the report;
@@ -24,7 +28,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.data.text import clean_text, json_object
+from kiln.data.text import clean_text, column_hint, column_names, decode_bytes, delimiter_for, json_object
 from kiln.errors import KilnError, did_you_mean
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".txt": "tsv"}
@@ -58,52 +62,52 @@ class ReadReport:
         return out
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, fmt=None) -> str:
+    """The text of a data file in `fmt.encoding` (a data config section; None = UTF-8)."""
     if not path.is_file():
         raise KilnError(f"data file not found: {path}")
     data = path.read_bytes()
     if not data.strip():
         raise KilnError(f"{path}: file is empty")
-    if b"\x00" in data[:8192]:
-        raise KilnError(f"{path}: looks like a binary file (NUL bytes), expected UTF-8 text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise KilnError(f"{path}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} on line {line}); convert it "
-                        f"to UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`") from None
-    return text.lstrip("\ufeff")
+    return decode_bytes(data, path, getattr(fmt, "encoding", "utf-8") or "utf-8").lstrip("\ufeff")
 
 
-def _missing_column(path: Path, what: str, name: str, columns: list[str], key: str) -> KilnError:
+def _missing_column(path: Path, what: str, name: str, columns: list[str], key: str, fmt=None) -> KilnError:
     cols = ", ".join(repr(c) for c in columns) or "(none)"
+    hint = "" if path.suffix.lower() == ".jsonl" else column_hint(columns, getattr(fmt, "header", True),
+                                                                 getattr(fmt, "columns", None))
     return KilnError(f"{path}: no {what} column {name!r}{did_you_mean(name, columns)}; columns present: {cols} "
-                     f"(set data.{key})")
+                     f"(set data.{key}){hint}")
 
 
-def _table_rows(path: Path, text: str):
-    """(line, dict row, header) for CSV/TSV; checks the field count of every row."""
-    fmt = FORMATS.get(path.suffix.lower(), "csv")
-    delimiter = "\t" if fmt == "tsv" else ","
+def _table_rows(path: Path, text: str, fmt=None):
+    """(line, dict row, header) for CSV/TSV; checks the field count of every row. `fmt` (a data config
+    section, None = the defaults) gives data.header, data.columns and data.delimiter."""
+    kind = FORMATS.get(path.suffix.lower(), "csv")
+    delimiter = delimiter_for(path, getattr(fmt, "delimiter", "") or "")
+    has_header = getattr(fmt, "header", True)
+    columns = [str(c) for c in getattr(fmt, "columns", None) or []]
     csv.field_size_limit(2**31 - 1)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
-        header = next(reader, None)
-        if not header:
-            raise KilnError(f"{path}: no header row (expected column names on line 1)")
-        header = [h.strip() for h in header]
-        rows = []
+        first = next(reader, None)
+        if not first:
+            raise KilnError(f"{path}: no header row (expected column names on line 1, or set data.header false)"
+                            if has_header else f"{path}: line 1 is empty (expected the first row)")
+        header, first_is_data = column_names(path, first, has_header, columns)
+        rows = [(1, dict(zip(header, first)))] if first_is_data else []
         last = reader.line_num
         for values in reader:
             start, last = last + 1, reader.line_num
             if not values:  # blank line
                 continue
             if len(values) != len(header):
+                sep = {"\t": "tabs", ",": "commas"}.get(delimiter, repr(delimiter))
                 raise KilnError(f"{path}:{start}: expected {len(header)} fields ({', '.join(header)}), got "
-                                f"{len(values)}; quote fields that contain {'tabs' if fmt == 'tsv' else 'commas'}")
+                                f"{len(values)}; quote fields that contain {sep} (or check data.delimiter)")
             rows.append((start, dict(zip(header, values))))
     except csv.Error as e:
-        raise KilnError(f"{path}:{reader.line_num}: bad {fmt.upper()} ({e})") from None
+        raise KilnError(f"{path}:{reader.line_num}: bad {kind.upper()} ({e})") from None
     return rows, header
 
 
@@ -128,24 +132,24 @@ def _field(path: Path, lineno: int, row: dict, name: str) -> str:
 
 
 def read_examples(path: str | Path, text_field: str = "text", label_field: str | None = "label",
-                  text_pair_field: str = "", require_label: bool = True) -> tuple[list[Example], ReadReport]:
+                  text_pair_field: str = "", require_label: bool = True, fmt=None) -> tuple[list[Example], ReadReport]:
     """Examples of a CSV/TSV/JSONL file. `label_field` None (or a missing column with require_label False)
-    reads texts only (prediction)."""
+    reads texts only (prediction). `fmt`: the data config section (data.encoding, header, columns, delimiter)."""
     path = Path(path)
-    text = _read_text(path)
+    text = _read_text(path, fmt)
     if path.suffix.lower() == ".jsonl":
         rows, header = _jsonl_rows(path, text)
     else:
-        rows, header = _table_rows(path, text)
+        rows, header = _table_rows(path, text, fmt)
     if not rows:
         raise KilnError(f"{path}: no data rows")
     if text_field not in header:
-        raise _missing_column(path, "text", text_field, header, "text_field")
+        raise _missing_column(path, "text", text_field, header, "text_field", fmt)
     if text_pair_field and text_pair_field not in header:
-        raise _missing_column(path, "text pair", text_pair_field, header, "text_pair_field")
+        raise _missing_column(path, "text pair", text_pair_field, header, "text_pair_field", fmt)
     has_label = bool(label_field) and label_field in header
     if label_field and require_label and not has_label:
-        raise _missing_column(path, "label", label_field, header, "label_field")
+        raise _missing_column(path, "label", label_field, header, "label_field", fmt)
     report = ReadReport(str(path))
     out = []
     for lineno, row in rows:

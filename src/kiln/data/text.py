@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import itertools
 import json
 import re
 import unicodedata
@@ -34,16 +35,154 @@ def clean_text(s: str) -> str:
     return s.lstrip("\ufeff") if s.startswith("\ufeff") else s
 
 
-def _decode(data: bytes, path: Path, offset: int = 0) -> str:
+def _decode(data: bytes, path: Path, offset: int = 0, line: int | None = None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, offset + e.start) from None
+        at = None if line is None else line + data[:e.start].count(b"\n")
+        raise _not_utf8(path, offset + e.start, data[e.start], at) from None
 
 
-def _not_utf8(path: Path, offset: int) -> KilnError:
-    return KilnError(f"{path}: not UTF-8 text (invalid byte at offset {offset}); "
-                     f"convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`")
+def _not_utf8(path: Path, offset: int, byte: int | None = None, line: int | None = None) -> KilnError:
+    what = f"invalid byte 0x{byte:02x}" if byte is not None else "invalid byte"
+    where = f"at offset {offset}" + (f", line {line}" if line is not None else "")
+    return KilnError(f"{path}: not UTF-8 text ({what} {where}); if it is in another encoding set data.encoding "
+                     f"(e.g. latin-1, cp1252, utf-16), or convert it: `iconv -f latin1 -t utf-8 {path.name} > "
+                     f"{path.stem}.utf8{path.suffix}`")
+
+
+# ----------------------------------------------------------------------------------------------- encodings
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32"),
+         (codecs.BOM_UTF8, "utf-8", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
+         (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"))
+ENCODINGS = ("utf-8", "latin-1", "cp1252", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "ascii", "iso-8859-15",
+             "cp1251", "shift_jis", "gb18030", "big5", "euc-kr")
+
+
+def codec_of(encoding: str) -> str:
+    """Python's name for data.encoding ('latin-1' -> 'iso8859-1'), or a one-line KilnError."""
+    try:
+        return codecs.lookup(encoding.strip() or "utf-8").name
+    except LookupError:
+        raise KilnError(f"data.encoding: unknown encoding {encoding!r}{did_you_mean(encoding, ENCODINGS)}; "
+                        f"use a Python codec name such as utf-8, latin-1, cp1252 or utf-16") from None
+
+
+def _wide(codec: str) -> bool:
+    return codec.startswith(("utf-16", "utf-32"))
+
+
+def resolve_encoding(path: Path, head: bytes, encoding: str = "utf-8") -> tuple[str, int]:
+    """(codec, length of the byte-order mark) for a file starting with `head`. A BOM is read: under the default
+    utf-8 a UTF-16/32 BOM says the encoding; under an encoding it contradicts it is an error (not mojibake)."""
+    codec = codec_of(encoding)
+    for bom, bom_codec, family in _BOMS:
+        if head.startswith(bom):
+            if codec in ("utf-8", "utf-8-sig") or codec.startswith(family.lower()):
+                return bom_codec, len(bom)
+            raise KilnError(f"{path}: starts with a {family} byte-order mark, but data.encoding is {encoding!r}; "
+                            f"leave data.encoding at utf-8 (the mark is read)"
+                            + ("" if family == "UTF-8" else f" or set it to {family.lower()}"))
+    return ("utf-8" if codec == "utf-8-sig" else codec), 0
+
+
+def _line_at(data: bytes, start: int, codec: str) -> int:
+    return data[:start].decode(codec, errors="replace").count("\n") + 1
+
+
+def check_choice(path: Path, data: bytes, codec: str, encoding: str, bom: int) -> None:
+    """A wrong data.encoding that would decode without an error (latin-1 takes any byte) is still an error:
+    UTF-8 text read as latin-1/cp1252, or text without NUL bytes read as UTF-16/32."""
+    if codec == "utf-8" or bom:
+        return
+    if not data.isascii() and not _wide(codec):
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        raise _garbled(path, encoding)
+    if _wide(codec) and b"\x00" not in data[:SNIFF_BYTES]:
+        raise KilnError(f"{path}: data.encoding is {encoding!r}, but the file has no byte-order mark and no NUL "
+                        f"bytes, so it is not {encoding}; {'leave data.encoding at utf-8' if _valid_utf8(data) else 'check data.encoding'}")
+
+
+def _garbled(path: Path, encoding: str) -> KilnError:
+    return KilnError(f"{path}: data.encoding is {encoding!r}, but the file is UTF-8 (its non-ASCII characters "
+                     f"would be garbled, e.g. 'Ã©' for 'é'); leave data.encoding at utf-8")
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def decode_bytes(data: bytes, path: Path, encoding: str = "utf-8") -> str:
+    """A whole file's text in data.encoding (BOM read, a wrong choice an error naming the file, the byte offset
+    and the line); a NUL byte in 8-bit text means a binary file."""
+    codec, bom = resolve_encoding(path, data[:4], encoding)
+    if codec == "utf-8":
+        if b"\x00" in data[:SNIFF_BYTES]:
+            raise KilnError(f"{path}: looks like a binary file (NUL bytes), expected UTF-8 text")
+        return _decode(data[bom:], path, bom, line=1)
+    check_choice(path, data, codec, encoding, bom)
+    if not _wide(codec) and b"\x00" in data[:SNIFF_BYTES]:
+        raise KilnError(f"{path}: looks like a binary file (NUL bytes), expected {encoding} text")
+    try:
+        text = data[bom:].decode(codec)
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        raise KilnError(f"{path}: not valid {encoding} text (invalid byte 0x{data[at]:02x} at offset {at}, line "
+                        f"{_line_at(data, at, codec)}); check data.encoding") from None
+    if "\x00" in text[:SNIFF_BYTES]:
+        raise KilnError(f"{path}: looks like a binary file (NUL characters), expected {encoding} text")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+_DELIMITERS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
+
+
+def delimiter_for(path: Path, delimiter: str = "") -> str:
+    """data.delimiter (one character; tab, \\t, comma, semicolon, pipe, space by name), or the extension's:
+    a tab for .tsv/.txt, else a comma."""
+    if not delimiter:
+        return "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    d = _DELIMITERS.get(delimiter.lower(), delimiter)
+    if len(d) != 1 or d in '"\r\n':
+        raise KilnError(f"data.delimiter must be one character (or tab, \\t, comma, semicolon, pipe, space), "
+                        f"got {delimiter!r}")
+    return d
+
+
+def column_names(path: Path, first: list[str], header: bool = True, columns: list[str] | None = None,
+                 ) -> tuple[list[str], bool]:
+    """(column names, whether the first row is data): the header row's names; with data.header false the
+    positions 0, 1, ...; data.columns names the columns in order (replacing a header row's names)."""
+    if columns:
+        if len(columns) != len(first):
+            raise KilnError(f"{path}:1: data.columns names {len(columns)} column(s) ({', '.join(columns)}), the "
+                            f"first row has {len(first)} field(s)")
+        if not header and [c.strip() for c in first] == list(columns):
+            raise KilnError(f"{path}:1: the first row is data.columns itself, so the file has a header row; "
+                            f"remove data.header false")
+        return list(columns), not header
+    if header:
+        return [h.strip() for h in first], False
+    return [str(i) for i in range(len(first))], True
+
+
+def column_hint(names: list[str], header: bool = True, columns: list[str] | None = None) -> str:
+    """What to set when a named column is missing: the delimiter (every row one column), or data.header."""
+    if len(names) == 1 and any(c in names[0] for c in "\t,;|"):
+        return "; every row is a single column: check data.delimiter"
+    if header and not columns:
+        return "; if the file has no header row, set data.header false (columns 0, 1, ...) or data.columns"
+    return ""
 
 
 def _check_head(path: Path, head: bytes) -> None:
@@ -68,8 +207,15 @@ class Corpus:
     """One input source. `single_file` sources (plain text) stream as chunks with `chunks()`;
     the others stream as documents with `documents()`. `bytes_read` grows as the input is read."""
 
-    def __init__(self, source: str, text_field: str = "text"):
+    def __init__(self, source: str, text_field: str = "text", fmt=None):
+        """`fmt`: the data config section (or anything with `encoding`, `header`, `columns`, `delimiter`)."""
         self.source, self.text_field = str(source), text_field
+        self.encoding = getattr(fmt, "encoding", "utf-8") or "utf-8"
+        self.header = getattr(fmt, "header", True)
+        self.columns = [str(c) for c in getattr(fmt, "columns", None) or []]
+        self.delimiter = getattr(fmt, "delimiter", "") or ""
+        codec_of(self.encoding)  # an unknown name or delimiter fails before anything is read
+        delimiter_for(Path(self.source), self.delimiter)
         self.exact_split = self.source in EMBEDDED  # embedded corpus: nanoGPT's exact character split
         path = EMBEDDED.get(self.source)
         if path is None and self.source.startswith("kiln:"):
@@ -87,8 +233,60 @@ class Corpus:
             self.files = [self.path]
         else:
             raise KilnError(f"data source not found: {self.path}")
-        self.nbytes = sum(p.stat().st_size for p in self.files)
+        self.read_path = self.path  # a single file in another encoding is read from a UTF-8 copy
+        if self.kind != "folder":
+            with open(self.path, "rb") as f:
+                head = f.read(SNIFF_BYTES)
+            codec, bom = resolve_encoding(self.path, head, self.encoding)
+            if codec != "utf-8":
+                self.read_path = self._transcode(codec, bom, head)
+        self.nbytes = self.read_path.stat().st_size if self.kind != "folder" else sum(p.stat().st_size for p in self.files)
         self.bytes_read = 0
+
+    def _transcode(self, codec: str, bom: int, head: bytes) -> Path:
+        """Convert the file from `codec` to a temporary UTF-8 copy, streamed, with the checks of decode_bytes:
+        an invalid byte names its offset and line, UTF-8 read as latin-1 is an error (not mojibake)."""
+        import os
+        import tempfile
+        import weakref
+
+        path, encoding = self.path, self.encoding
+        if _wide(codec):
+            check_choice(path, head, codec, encoding, bom)
+        else:
+            _check_head(path, head)
+        fd, name = tempfile.mkstemp(prefix="kiln-", suffix=f".utf8{path.suffix}")
+        weakref.finalize(self, lambda n=name: os.path.exists(n) and os.unlink(n))
+        decoder = codecs.getincrementaldecoder(codec)("strict")
+        utf8 = codecs.getincrementaldecoder("utf-8")("strict")
+        valid_utf8, ascii_only, offset, lines = True, True, bom, 1
+        with open(path, "rb") as f, os.fdopen(fd, "wb") as out:
+            f.seek(bom)
+            while True:
+                data = f.read(CHUNK_BYTES)
+                ascii_only = ascii_only and data.isascii()
+                if valid_utf8:
+                    try:
+                        utf8.decode(data, final=not data)
+                    except UnicodeDecodeError:
+                        valid_utf8 = False
+                try:
+                    text = decoder.decode(data, final=not data)
+                except UnicodeDecodeError as e:
+                    pending = len(decoder.getstate()[0]) if data else 0
+                    at = offset - pending + e.start
+                    line = lines + data[:max(e.start - pending, 0)].decode(codec, errors="replace").count("\n")
+                    byte = f" 0x{data[e.start - pending]:02x}" if 0 <= e.start - pending < len(data) else ""
+                    raise KilnError(f"{path}: not valid {encoding} text (invalid byte{byte} at offset {at}, line "
+                                    f"{line}); check data.encoding") from None
+                lines += text.count("\n")
+                out.write(text.encode("utf-8"))
+                offset += len(data)
+                if not data:
+                    break
+        if valid_utf8 and not ascii_only and not bom and not _wide(codec):
+            raise _garbled(path, encoding)
+        return Path(name)
 
     @property
     def single_file(self) -> bool:
@@ -118,7 +316,7 @@ class Corpus:
             cut = self.nbytes + 1
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
         offset, part = 0, 0
-        with open(path, "rb") as f:
+        with open(self.read_path, "rb") as f:
             _check_head(path, f.read(SNIFF_BYTES))
             f.seek(0)
             while True:
@@ -172,24 +370,24 @@ class Corpus:
                 data = p.read_bytes()
                 self.bytes_read += len(data)
                 if data:
-                    _check_head(p, data[:SNIFF_BYTES])
-                    yield clean_text(_decode(data, p))
+                    yield clean_text(decode_bytes(data, p, self.encoding))
         elif self.kind == "jsonl":
             yield from self._jsonl()
         else:
             yield from self._csv()
 
     def _lines(self, path: Path) -> Iterator[tuple[int, str]]:
-        """(line number, decoded line) of a file, checking for binary data and invalid UTF-8."""
-        with open(path, "rb") as f:
+        """(line number, decoded line) of a file, checking for binary data and invalid UTF-8 (a leading
+        byte-order mark dropped)."""
+        with open(self.read_path if path == self.path else path, "rb") as f:
             _check_head(path, f.read(SNIFF_BYTES))
             f.seek(0)
             offset = 0
             for lineno, raw in enumerate(f, 1):
-                line = _decode(raw, path, offset)
+                line = _decode(raw, path, offset, lineno)
                 offset += len(raw)
                 self.bytes_read += len(raw)
-                yield lineno, line
+                yield lineno, (line[1:] if lineno == 1 and line.startswith("\ufeff") else line)
 
     def _jsonl(self) -> Iterator[str]:
         path, key = self.path, self.text_field
@@ -210,17 +408,19 @@ class Corpus:
     def _csv(self) -> Iterator[str]:
         path, key = self.path, self.text_field
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        delimiter = delimiter_for(path, self.delimiter)
         reader = csv.reader((line for _, line in self._lines(path)), delimiter=delimiter)
         try:
-            header = next(reader, None)
-            if header is None:
+            first = next(reader, None)
+            if first is None:
                 raise KilnError(f"{path}: file is empty")
+            header, first_is_data = column_names(path, first, self.header, self.columns)
             if key not in header:
                 raise KilnError(f"{path}: no column {key!r}{did_you_mean(key, header)}; "
-                                f"columns: {', '.join(header)} (set data.text_field)")
+                                f"columns: {', '.join(header)} (set data.text_field)"
+                                f"{column_hint(header, self.header, self.columns)}")
             col = header.index(key)
-            for row in reader:
+            for row in itertools.chain([first] if first_is_data else [], reader):
                 if col < len(row):
                     yield clean_text(row[col])
         except csv.Error as e:

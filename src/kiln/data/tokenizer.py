@@ -111,6 +111,45 @@ def tokenizer_kind(tok: Tokenizer) -> str:
     return str(model.get("type", "unknown")).lower()
 
 
+def unknown_characters(where: str, chars: Iterable[str], vocab_size: int | None = None) -> KilnError:
+    """One line naming the characters (the first few, in order of appearance) a char vocabulary lacks, and
+    what to do about them."""
+    chars = list(dict.fromkeys(chars))
+    shown = [f"{c!r} (U+{ord(c):04X})" for c in chars[:6]]
+    others = ""
+    if len(chars) > 1:
+        others = f" (nor are {', '.join(shown[1:])}{f' and {len(chars) - 6} more' if len(chars) > 6 else ''})"
+    size = f" of {vocab_size} characters" if vocab_size else ""
+    return KilnError(f"{where}: character {shown[0]} is not in the char tokenizer's vocabulary{size}{others}; "
+                     f"a char-level run knows only the characters of its training text: replace or remove these, "
+                     f"or train on data that has them (data.tokenizer bpe encodes any text)")
+
+
+def cannot_encode(tok: Tokenizer, texts: Iterable[str], where: str, error: Exception) -> KilnError:
+    """The one-line error for texts that `tok` failed to encode: the characters a char vocabulary lacks when
+    that is the reason, else the library's first line."""
+    if tokenizer_kind(tok) == "char":
+        vocab = tok.get_vocab()
+        missing = [c for t in texts for c in (t if isinstance(t, str) else "".join(t)) if c not in vocab]
+        if missing:
+            return unknown_characters(where, missing, len(vocab))
+    return KilnError(f"{where}: the tokenizer cannot encode this text ({str(error).splitlines()[0]})")
+
+
+def encode_text(tok: Tokenizer, text: str, where: str = "input") -> list[int]:
+    """Token ids of one text (a prompt, a --text), or a one-line KilnError naming what the tokenizer cannot
+    represent (the characters outside a char vocabulary) instead of the tokenizers library's exception."""
+    if tokenizer_kind(tok) == "char":
+        vocab = tok.get_vocab()
+        missing = [c for c in text if c not in vocab]
+        if missing:
+            raise unknown_characters(where, missing, len(vocab))
+    try:
+        return tok.encode(text).ids
+    except Exception as e:  # e.g. a WordLevel vocabulary without an unknown token
+        raise KilnError(f"{where}: the tokenizer cannot encode this text ({str(e).splitlines()[0]})") from None
+
+
 class CharEncoder:
     """Fast encoder for char tokenizers: a code point -> id table (same ids as the tokenizer, ~50x faster)."""
 
@@ -126,8 +165,7 @@ class CharEncoder:
         ids = self.table[np.minimum(cps, len(self.table) - 1)]
         bad = (ids < 0) | (cps >= len(self.table))
         if bad.any():
-            c = chr(int(cps[np.argmax(bad)]))
-            raise KilnError(f"{self.where}: character {c!r} (U+{ord(c):04X}) is not in the char tokenizer's vocabulary")
+            raise unknown_characters(self.where, (chr(int(c)) for c in cps[bad][:10_000]), int((self.table >= 0).sum()))
         return ids
 
 

@@ -252,12 +252,18 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     if model is not None and info.is_main:
         from tokenizers import Tokenizer
 
+        from kiln.data.tokenizer import encode_text
+
         tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-        ids = tok.encode(cfg.train.sample_prompt).ids or [0]
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        out = model.generate(torch.tensor([ids], device=device), cfg.train.sample_tokens, temperature=0.8,
-                             top_k=50, generator=g)
-        log("sample:\n" + tok.decode(out[0].tolist()))
+        try:  # the run is trained and saved: a prompt the tokenizer cannot encode skips the sample, one line
+            ids = encode_text(tok, cfg.train.sample_prompt, "train.sample_prompt") or [0]
+        except KilnError as e:
+            log(f"sample skipped: {e}")
+        else:
+            g = torch.Generator(device=device).manual_seed(cfg.seed)
+            out = model.generate(torch.tensor([ids], device=device), cfg.train.sample_tokens, temperature=0.8,
+                                 top_k=50, generator=g)
+            log("sample:\n" + tok.decode(out[0].tolist()))
     if info.is_main:
         lock.release()
     return run_dir
