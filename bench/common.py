@@ -1,4 +1,7 @@
-"""Shared helpers for the side-by-side benchmarks: machine facts and a HF wrapper for kiln's loop."""
+"""Shared helpers for the side-by-side benchmarks: machine facts and a HF wrapper for kiln's loop.
+
+experiments/ imports this file by path (machine, median, emit_json): keep those names.
+"""
 
 from __future__ import annotations
 

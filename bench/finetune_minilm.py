@@ -35,7 +35,7 @@ DATA = Path("/work/shared/data/rotten_tomatoes.csv")
 
 
 class HFClassifier(torch.nn.Module):
-    """transformers' sequence classifier behind kiln's Classifier call signature."""
+    """transformers' sequence classifier behind kiln's SequenceClassifier call signature."""
 
     def __init__(self, hf):
         super().__init__()
@@ -60,10 +60,10 @@ def make_config(args, out: Path):
 
 
 def run_kiln(args, out: Path) -> dict:
-    from kiln.train.classify import run_finetune_classify
+    from kiln import finetune
 
     t0 = time.perf_counter()
-    run = run_finetune_classify(make_config(args, out / "kiln"))
+    run = finetune("classify", make_config(args, out / "kiln"))
     minutes = (time.perf_counter() - t0) / 60
     s = json.loads((run / "eval" / "summary.json").read_text())
     return {"test_accuracy": s["test"]["accuracy"], "test_macro_f1": s["test"]["macro_f1"],
@@ -76,12 +76,16 @@ def run_hf(args, out: Path, steps: int) -> dict:
     import transformers
 
     from kiln.data.tokenizer import load_tokenizer
-    from kiln.eval.classification import classification_metrics
+    from kiln.eval.classification import classification_metrics, val_metrics
     from kiln.model.config import ModelConfig
     from kiln.run.checkpoint import find_checkpoint, load_weights
-    from kiln.train.classify import (ClassificationObjective, ClassifyTrainer, EpochBatches, encode_examples,
-                                     load_splits, predict_probs, prepare_tokenizer, val_metrics)
-    from kiln.run.device import choose_precision
+    from kiln.run.device import choose_precision, resolve_device
+    from kiln.tasks.classify import load_splits
+    from kiln.tasks.finetune import epochs_schedule
+    from kiln.tasks.text import EpochBatches, encode_examples, predict_probs, prepare_tokenizer
+    from kiln.train.callbacks import EarlyStopping
+    from kiln.train.objectives import ClassificationObjective
+    from kiln.train.trainer import Trainer
 
     transformers.logging.set_verbosity_error()
     t0 = time.perf_counter()
@@ -97,21 +101,19 @@ def run_hf(args, out: Path, steps: int) -> dict:
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(labels))
     model = HFClassifier(hf).train()
     tc = cfg.train
-    per_epoch = -(-len(enc["train"]) // tc.batch_size)
-    tc.max_steps = steps or max(1, round(args.epochs * per_epoch))
-    tc.warmup_steps = int(cfg.warmup_fraction * tc.max_steps)
-    tc.eval_every = min(per_epoch, tc.max_steps)
-    tc.save_every = tc.max_steps
-    from kiln.train.pretrain import resolve_device
-
+    per_epoch = -(-len(enc["train"]) // (tc.batch_size * tc.grad_accum))
+    tc.max_steps = steps
+    epochs_schedule(cfg, tc, per_epoch)  # kiln's own schedule: max_steps from epochs, warmup, an eval per epoch
     device = resolve_device(tc.device)
     model.to(device)
     precision, reason = choose_precision(tc.precision, device)
     print(reason, flush=True)
     val = enc["val"]
-    trainer = ClassifyTrainer(model, ClassificationObjective(), tc, out / "hf", EpochBatches(enc["train"], tc.batch_size,
-                              cfg.seed, 0).batch, evaluate=lambda m: val_metrics(predict_probs(m, val, 64, 0, device), val.labels, 2),
-                              device=device, precision=precision, log=print, metric="val_accuracy")
+    trainer = Trainer(model, ClassificationObjective(), tc, out / "hf", EpochBatches(enc["train"], tc.batch_size,
+                      cfg.seed, 0).batch, evaluate=lambda m: val_metrics(predict_probs(m, val, 64, 0, device), val.labels, 2),
+                      device=device, precision=precision, log=print, metric=cfg.metric,
+                      callbacks=[EarlyStopping(cfg.patience)])  # as `kiln finetune` builds it
+    trainer.throughput_unit = "ex"
     result = trainer.fit()
     train_seconds = trainer.train_seconds
     load_weights(model, find_checkpoint(out / "hf", "best") / "model.safetensors")
@@ -130,7 +132,9 @@ def run_hf_plain(args, steps: int) -> dict:
 
     from kiln.data.tokenizer import load_tokenizer
     from kiln.model.config import ModelConfig
-    from kiln.train.classify import EpochBatches, _inputs, encode_examples, load_splits, prepare_tokenizer
+    from kiln.tasks.classify import load_splits
+    from kiln.tasks.text import EpochBatches, encode_examples, prepare_tokenizer
+    from kiln.train.objectives import model_inputs
 
     transformers.logging.set_verbosity_error()
     cfg = make_config(args, Path("/tmp/unused"))
@@ -149,7 +153,7 @@ def run_hf_plain(args, steps: int) -> dict:
         if i == 5:  # the first steps allocate; time the rest
             seen, start = 0, time.perf_counter()
         b = batches.batch(i)
-        loss = model(**_inputs(b), labels=b["labels"]).loss
+        loss = model(**model_inputs(b), labels=b["labels"]).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -157,14 +161,14 @@ def run_hf_plain(args, steps: int) -> dict:
         seen += len(b["labels"])
     speed = seen / (time.perf_counter() - start)
     from kiln.eval.classification import classification_metrics
-    from kiln.train.classify import eval_batches
+    from kiln.tasks.text import eval_batches
 
     test = encode_examples(tok, splits["test"], index, ModelConfig(vocab_size=30522, type_vocab_size=2), "test")
     model.eval()
     probs = np.zeros((len(test), len(labels)))
     with torch.no_grad():
         for pos, b in eval_batches(test, 64, 0):
-            probs[pos] = model(**_inputs(b)).logits.float().softmax(-1).numpy()
+            probs[pos] = model(**model_inputs(b)).logits.float().softmax(-1).numpy()
     m = classification_metrics(test.labels, probs, labels)
     return {"examples_per_second": speed, "steps": steps, "test_accuracy": m["accuracy"],
             "test_macro_f1": m["macro_f1"]}

@@ -1,11 +1,15 @@
-"""The data README's TF-IDF reference on rotten_tomatoes, on kiln's reference split, and how it relates to kiln
+"""Feeds docs/benchmarks.md, section 'Session 8: what the from-scratch classifiers have in common, the TF-IDF bar, a 16k vocabulary'.
+
+Its paragraph "The TF-IDF bar", and the val-picked TF-IDF figure in docs/status.md's from-scratch row.
+
+The data README's TF-IDF reference on rotten_tomatoes, on kiln's reference split, and how it relates to kiln
 classifiers: TF-IDF (1-2-grams) + logistic regression, val and test accuracy over a small grid (sublinear tf,
 C), the cell picked by val accuracy; with --runs, the runs' test
 accuracy (one run, or RUN1,RUN2,... for their ensemble) and on how many test reviews the two are right or
 wrong together.
 
-    python bench/tfidf_baseline.py
-    python bench/tfidf_baseline.py --runs runs/classify-a,runs/classify-b --json bench/out/tfidf.json
+    python experiments/tfidf_baseline.py
+    python experiments/tfidf_baseline.py --runs runs/classify-a,runs/classify-b --json bench/out/tfidf.json
 
 The split is the one `configs/classify-rotten.yaml` uses with `--data.split shuffle --data.split_seed 0` (the
 README's: unique texts, one random.Random(0) shuffle, cut 80/10/10 in order).
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: machine facts, JSON
 from common import emit_json, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +40,7 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
     from kiln.config import ClassifyConfig, load_config
-    from kiln.train.classify import load_splits
+    from kiln.tasks.classify import load_splits
 
     cfg = load_config(ROOT / "configs" / "classify-rotten.yaml", ["--data.train", str(a.data), "--data.split",
                                                                    "shuffle", "--data.split_seed", "0"],
@@ -60,22 +64,24 @@ def main() -> None:
               "tfidf_by_val": {k: best[k] for k in ("sublinear_tf", "C", "val", "test")},
               "tfidf_grid": [{k: g[k] for k in ("sublinear_tf", "C", "val", "test")} for g in grid]}
     if a.runs:
-        from kiln.train.classify import _predict_file, run_folders
-
         import csv
         import tempfile
 
-        with tempfile.TemporaryDirectory() as tmp:  # the test split as a file, through `kiln eval`'s reader
+        from kiln import predict
+
+        with tempfile.TemporaryDirectory() as tmp:  # the test split as a file, through `kiln predict`
             f = Path(tmp) / "test.csv"
             with open(f, "w", newline="", encoding="utf-8") as fh:
                 w = csv.writer(fh)
                 w.writerow(["text", "label"])
                 w.writerows((e.text, e.label) for e in splits["test"])
-            runs = run_folders(a.runs)
-            _, run_labels, _, _, _, probs = _predict_file(runs, f, "best", True, lambda s: None)
-        kiln_pred = np.array([labels.index(run_labels[i]) for i in probs.argmax(1)])
+            out = predict(a.runs, f, Path(tmp) / "predictions.csv", "best", log=lambda s: None)
+            with open(out, newline="", encoding="utf-8") as fh:
+                predicted = [row["prediction"] for row in csv.DictReader(fh)]  # in the file's order
+        assert len(predicted) == len(splits["test"]), (len(predicted), len(splits["test"]))
+        kiln_pred = np.array([labels.index(p) for p in predicted])
         ok_k, ok_t = kiln_pred == y["test"], pred["test"] == y["test"]
-        result["kiln"] = {"runs": [str(r) for r in runs], "test": float(ok_k.mean()),
+        result["kiln"] = {"runs": a.runs.split(","), "test": float(ok_k.mean()),
                           "both_right": int((ok_k & ok_t).sum()), "only_kiln": int((ok_k & ~ok_t).sum()),
                           "only_tfidf": int((~ok_k & ok_t).sum()), "both_wrong": int((~ok_k & ~ok_t).sum())}
     emit_json(result, a.json)

@@ -1,7 +1,11 @@
-"""Large-batch study: the same small GPT at growing global batches, AdamW vs LAMB, LR scaling rules.
+"""Feeds docs/large_batch.md, sections 'Large-batch study', 'Session 2: 4× the token budget', 'Session 4: why, measured — the gradient noise scale'.
 
-    python bench/large_batch.py                       # writes docs/large_batch.png and prints a Markdown table
-    python bench/large_batch.py --tokens 4e6 --batches 16384,65536,262144
+Its plots are docs/large_batch.png and docs/large_batch_50m.png (--plot).
+
+Large-batch study: the same small GPT at growing global batches, AdamW vs LAMB, LR scaling rules.
+
+    python experiments/large_batch.py                       # writes docs/large_batch.png and prints a Markdown table
+    python experiments/large_batch.py --tokens 4e6 --batches 16384,65536,262144
 
 Global batches are emulated by gradient accumulation on one machine (kiln derives grad_accum from
 train.batch_tokens). The baseline (smallest batch, AdamW) trains for --tokens tokens; every other run trains
@@ -20,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: machine facts, JSON
 from common import machine  # noqa: E402
 
 import matplotlib  # noqa: E402

@@ -1,4 +1,6 @@
-"""English -> Spanish on the Bible for a wall-clock budget: BLEU/chrF on >= 1000 held-out verses + the curve.
+"""Feeds docs/benchmarks.md, section 'Translation: English → Spanish Bible verses, encoder-decoder from scratch' (and docs/translate_bleu.png).
+
+English -> Spanish on the Bible for a wall-clock budget: BLEU/chrF on >= 1000 held-out verses + the curve.
 
 Trains configs/translate-en-es.yaml (a small Transformer for 2 CPU cores) on bible_en_es.tsv with
 `kiln finetune seq2seq`, its lr schedule stretched to the time budget (evaluations included; the final test
@@ -6,9 +8,9 @@ decode is not), then decodes the 1000 held-out test verses (identical English ve
 with the best checkpoint (by validation BLEU). Prints the validation BLEU per evaluation and the test scores;
 the run folder holds plots/bleu.png, plots/loss.png, eval/test.json, eval/test_outputs.tsv, samples.txt.
 
-    python bench/translate_bible.py --data /path/to/bible_en_es.tsv                 # 60 minutes
-    python bench/translate_bible.py --data /path/to/bible_en_es.tsv --minutes 3 --num-beams 1   # smoke
-    python bench/translate_bible.py --data ... -- --model.d_model 192 --train.batch_size 32     # overrides
+    python experiments/translate_bible.py --data /path/to/bible_en_es.tsv                 # 60 minutes
+    python experiments/translate_bible.py --data /path/to/bible_en_es.tsv --minutes 3 --num-beams 1   # smoke
+    python experiments/translate_bible.py --data ... -- --model.d_model 192 --train.batch_size 32     # overrides
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: machine facts, JSON
 from common import machine  # noqa: E402
 
 from kiln.config import Seq2SeqConfig, load_config  # noqa: E402
-from kiln.train.seq2seq import run_finetune_seq2seq  # noqa: E402
+from kiln.api import finetune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.out = out
     print(f"machine: {machine()}", flush=True)
     t0 = time.perf_counter()
-    run_dir = run_finetune_seq2seq(cfg)
+    run_dir = finetune("seq2seq", cfg)
     wall = time.perf_counter() - t0
     res = json.loads((run_dir / "eval" / "test.json").read_text())
     train, test = res["train"], res.get("test", {})

@@ -1,4 +1,8 @@
-"""A BERT-style encoder pretrained from scratch by kiln (masked LM), then fine-tuned on rotten_tomatoes.
+"""Feeds docs/benchmarks.md, section 'A BERT-style encoder pretrained from scratch (MLM), then fine-tuned on rotten_tomatoes'.
+
+Its sessions 2-8 subsections and docs/status.md's from-scratch row come from this script.
+
+A BERT-style encoder pretrained from scratch by kiln (masked LM), then fine-tuned on rotten_tomatoes.
 
 The whole user path through the CLI, one step after the other:
 
@@ -9,14 +13,14 @@ CORPUS is a folder of .txt files; by default the embedded corpora of ../shared/d
 Austen's novels and the English side of the Bible pairs (~9 MB). Reference points (data/README.md): majority
 class 57.3%, TF-IDF + logistic regression 79.4%.
 
-    python bench/mlm_then_classify.py --shared /work/shared/data --steps 1500
+    python experiments/mlm_then_classify.py --shared /work/shared/data --steps 1500
 
 --tapt-steps N adds task-adaptive pretraining (Gururangan et al. 2020) between the two: N more MLM steps on the
 review task's training texts alone (labels dropped), from the encoder and with its tokenizer. --encoder RUN
 skips the first pretraining and starts from an existing MLM run; --seeds 0,1,2 fine-tunes once per seed and
 reports each and their mean (one test accuracy moves by about a point with the seed alone).
 
-    python bench/mlm_then_classify.py --encoder runs/.../mlm --tapt-steps 1500 --seeds 0,1,2
+    python experiments/mlm_then_classify.py --encoder runs/.../mlm --tapt-steps 1500 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: machine facts, JSON
 from common import emit_json, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +53,7 @@ def corpus_folder(shared: Path, out: Path, books: list[str], reviews: bool, copi
             (folder / f"{name}.txt").write_bytes((shared / f"{name}.txt").read_bytes())
     if reviews:  # the *training split* of the classification task, labels dropped: no val/test text is seen
         from kiln.config import ClassifyConfig, load_config
-        from kiln.train.classify import load_splits
+        from kiln.tasks.classify import load_splits
 
         cfg = load_config(ROOT / "configs" / "classify-rotten.yaml", ["--data.train", str(shared / "rotten_tomatoes.csv"),
                                                                        "--seed", "0"], cls=ClassifyConfig)

@@ -1,8 +1,10 @@
-"""A shallower MiniLM student for rotten_tomatoes, distilled from a fine-tuned MiniLM teacher: the accuracy /
+"""Feeds docs/benchmarks.md, section 'A distilled 3-layer MiniLM student for rotten_tomatoes (session 3)'.
+
+A shallower MiniLM student for rotten_tomatoes, distilled from a fine-tuned MiniLM teacher: the accuracy /
 size / speed trade-off in one run.
 
     python bench/finetune_minilm.py --skip-hf                       # makes the teacher (runs/bench-minilm-*/kiln)
-    python bench/student_minilm.py --teacher runs/bench-minilm-<time>/kiln --keep 0,2,4
+    python experiments/student_minilm.py --teacher runs/bench-minilm-<time>/kiln --keep 0,2,4
 
 Students start from the chosen blocks of the *pretrained* all-MiniLM-L6-v2 (DistilBERT-style init) and are
 fine-tuned with `kiln finetune classify configs/classify-rotten.yaml --keep_layers ... --distill.teacher ...`
@@ -32,8 +34,8 @@ DATA = Path("/work/shared/data/rotten_tomatoes.csv")
 
 
 def train_student(args, out: Path, alpha: float) -> Path:
+    from kiln import finetune
     from kiln.config import ClassifyConfig, load_config
-    from kiln.train.classify import run_finetune_classify
 
     overrides = ["--init", args.model, "--data.train", str(args.data), "--out", str(out), "--keep_layers", args.keep,
                  "--epochs", str(args.epochs), "--train.lr", str(args.lr), "--train.tensorboard", "false",
@@ -42,19 +44,21 @@ def train_student(args, out: Path, alpha: float) -> Path:
         overrides += ["--distill.teacher", str(args.teacher), "--distill.alpha", str(alpha),
                       "--distill.temperature", str(args.temperature), "--distill.augment", str(args.augment)]
     cfg = load_config(ROOT / "configs" / "classify-rotten.yaml", overrides, cls=ClassifyConfig)
-    return run_finetune_classify(cfg, quiet=True)
+    return finetune("classify", cfg, quiet=True)
 
 
 def measure(runs: dict[str, Path], args) -> dict:
     import torch
 
+    from kiln import load
     from kiln.run.checkpoint import find_checkpoint
-    from kiln.train.classify import encode_examples, load_classifier, load_splits, predict_probs, prepare_tokenizer
     from kiln.run.device import choose_precision
+    from kiln.tasks.classify import load_splits
+    from kiln.tasks.text import encode_examples, predict_probs, prepare_tokenizer
 
     models, rows = {}, {}
     for name, run in runs.items():
-        model, tok, cfg, labels = load_classifier(run)
+        model, tok, cfg, labels = load(run, "best")  # a classify run: (model, tokenizer, config, labels)
         splits, _, _ = load_splits(cfg, lambda s: None)
         enc = encode_examples(prepare_tokenizer(tok, cfg.data.max_length), splits["test"],
                               {n: i for i, n in enumerate(labels)}, cfg.model, "test")

@@ -1,6 +1,8 @@
-"""Dropout and sampling on CPU: kiln's kernels against PyTorch's, forward + backward, median of repeats.
+"""Feeds docs/benchmarks.md, section 'CPU dropout and ELECTRA's sampling (session 5)'.
 
-    python bench/dropout_speed.py [--repeats 20] [--json bench/out/dropout.json]
+Dropout and sampling on CPU: kiln's kernels against PyTorch's, forward + backward, median of repeats.
+
+    python experiments/dropout_speed.py [--repeats 20] [--json bench/out/dropout.json]
 
 - dropout: `F.dropout` (a bernoulli_ mask) vs kiln.model.transformer.dropout (a torch.rand mask), on the shapes
   of the bert-mlm recipe at batch 64 x 128: a residual-stream tensor and the attention weights.
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: machine facts, JSON
 from common import emit_json, machine, median  # noqa: E402
 
 

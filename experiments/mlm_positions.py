@@ -1,4 +1,6 @@
-"""Why a from-scratch MLM stalls: position encodings and the masked-LM plateau, in one loop.
+"""Feeds docs/benchmarks.md, section 'Session 4: rotary positions break the plateau'.
+
+Why a from-scratch MLM stalls: position encodings and the masked-LM plateau, in one loop.
 
 Char-level masked LM on tiny Shakespeare (15% of the characters, 80/10/10), the same loop, data, masks and
 optimizer for every model; masked-token accuracy on fixed held-out masks every `--eval-every` steps:
@@ -11,7 +13,7 @@ A char MLM can only beat the unigram guess (~2.9 nats, ~20% accuracy) by attendi
 masked position's own input is [MASK]. With learned positions the model must first learn where the neighbours
 are, which is the long plateau seen when pretraining BERT-style encoders from scratch.
 
-    python bench/mlm_positions.py --steps 600
+    python experiments/mlm_positions.py --steps 600
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: machine facts, JSON
 from common import emit_json, machine  # noqa: E402
 
 from kiln.model.config import ModelConfig  # noqa: E402

@@ -1,8 +1,10 @@
-"""Distillation study: a small student trained with and without its teacher, same recipe, same steps.
+"""Feeds docs/benchmarks.md, section 'Distillation: a 4.8× smaller student (`kiln distill`)'.
 
-    python bench/distill.py                     # teacher: kiln's default recipe trained here first
-    python bench/distill.py --teacher runs/demo-...   # or an existing decoder run
-    python bench/distill.py --student "--model.n_layer 2 --model.d_model 64"
+Distillation study: a small student trained with and without its teacher, same recipe, same steps.
+
+    python experiments/distill.py                     # teacher: kiln's default recipe trained here first
+    python experiments/distill.py --teacher runs/demo-...   # or an existing decoder run
+    python experiments/distill.py --student "--model.n_layer 2 --model.d_model 64"
 
 Every student run is `kiln distill TEACHER` (the teacher's data and schedule) with distill.alpha 0 (plain
 cross-entropy: the baseline) or the chosen alphas. Prints parameters, final val loss and wall time per run.
@@ -17,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: machine facts, JSON
 from common import machine  # noqa: E402
 
 from kiln.config import load_config  # noqa: E402
