@@ -307,6 +307,10 @@ def test_finetune_classify_and_predict_read_a_headerless_tsv_by_position(run, tm
     assert main(["predict", str(out), str(train)]) == 0  # the run's data.header / columns apply
     assert (out / "predictions" / "reviews.csv").read_text().count("\n") == len(rows) + 1
     capsys.readouterr()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file\n")
+    assert_user_error(capsys, ["predict", out, train, "--out", blocked / "p.csv"], f"cannot write {blocked}: it is a "
+                      "file, not a folder (kiln predict, writing predictions)")
     latin = tmp_path / "latin.tsv"
     latin.write_bytes("the play was très good\tpos\n".encode("latin-1") * 8)
     assert_user_error(capsys, ["finetune", "classify", "--data.train", latin, "--out", tmp_path / "never", *common],
@@ -332,6 +336,10 @@ def test_finetune_seq2seq_and_translate_read_a_headerless_utf16_tsv(tmp_path, ca
     assert main(["translate", str(out), "--file", str(pairs), "--out", str(tmp_path / "out.tsv")]) == 0
     assert (tmp_path / "out.tsv").read_text().count("\n") == 41
     capsys.readouterr()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file\n")
+    assert_user_error(capsys, ["translate", out, "--file", pairs, "--out", blocked / "o.tsv"],
+                      f"cannot write {blocked}", "is a file, not a folder (kiln translate, writing outputs)")
     assert_user_error(capsys, ["finetune", "seq2seq", "--data.train", pairs, "--out", tmp_path / "never",
                                "--data.header", "false", "--data.encoding", "latin-1"],
                       "pairs.tsv: starts with a UTF-16 byte-order mark, but data.encoding is 'latin-1'")

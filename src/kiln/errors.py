@@ -87,7 +87,8 @@ _VERB_WRITES = {"pretrain": "writing the run folder", "distill": "writing the ru
                 "data prepare": "writing the prepared data", "eval": "writing evaluation results",
                 "predict": "writing predictions", "translate": "writing outputs", "prune": "writing the new run folder",
                 "quantize": "writing the new run folder", "export": "writing the exported model",
-                "import": "writing the imported run", "viz attention": "writing a plot", "viz compare": "writing a plot"}
+                "import": "writing the imported run", "viz attention": "writing a plot",
+                "viz compare": "writing a plot"}
 
 
 def _what(path: str, verb: str) -> str:
@@ -166,7 +167,12 @@ def filesystem_error(e: BaseException, verb: str = "", after=None) -> str | None
         action, reason = "cannot write", ("it" if blocker == path else blocker) + " is a file, not a folder"
     elif name == "EISDIR":
         reason = "it is a folder, not a file"
+    elif name == "ENOENT" or (name in ("EACCES", "EPERM") and os.path.exists(path) and not os.access(path, os.R_OK)):
+        action = "cannot read"  # kiln creates the folders it writes into: a missing path was to be read
+    elif name in ("EACCES", "EPERM"):
+        action = "cannot write"  # a readable file or a path not there yet: it was to be written
     hint = {"ENOSPC": "; free some space", "EDQUOT": "; free some space (disk quota)",
             "EROFS": "; choose a writable place"}.get(name, "")
-    doing = f"kiln {verb}, {_what(path, verb)}" if verb else _what(path, verb)
+    doing = _what(path, verb) if action == "cannot write" else ""
+    doing = ", ".join(filter(None, (f"kiln {verb}" if verb else "", doing))) or "kiln"
     return f"{action} {target}: {reason} ({doing}){hint}{after(path, verb) if after else ''}"

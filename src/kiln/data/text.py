@@ -103,8 +103,9 @@ def check_choice(path: Path, data: bytes, codec: str, encoding: str, bom: int) -
             return
         raise _garbled(path, encoding)
     if _wide(codec) and b"\x00" not in data[:SNIFF_BYTES]:
+        todo = "leave data.encoding at utf-8" if _valid_utf8(data) else "check data.encoding"
         raise KilnError(f"{path}: data.encoding is {encoding!r}, but the file has no byte-order mark and no NUL "
-                        f"bytes, so it is not {encoding}; {'leave data.encoding at utf-8' if _valid_utf8(data) else 'check data.encoding'}")
+                        f"bytes, so it is not {encoding}; {todo}")
 
 
 def _garbled(path: Path, encoding: str) -> KilnError:
@@ -240,7 +241,8 @@ class Corpus:
             codec, bom = resolve_encoding(self.path, head, self.encoding)
             if codec != "utf-8":
                 self.read_path = self._transcode(codec, bom, head)
-        self.nbytes = self.read_path.stat().st_size if self.kind != "folder" else sum(p.stat().st_size for p in self.files)
+        self.nbytes = (sum(p.stat().st_size for p in self.files) if self.kind == "folder"
+                       else self.read_path.stat().st_size)
         self.bytes_read = 0
 
     def _transcode(self, codec: str, bom: int, head: bytes) -> Path:
