@@ -118,7 +118,7 @@ def test_mlm_needs_an_encoder(corpus, tmp_path):
 def test_a_rotary_encoder_learns_from_context_not_just_frequencies():
     """A masked position's own input is [MASK]: beating the most-frequent-character guess needs attention to the
     neighbours. With rotary positions (the bert-mlm recipe) a tiny encoder gets there in a few hundred steps;
-    with BERT's learned positions it sits at the unigram plateau far longer (bench/mlm_positions.py)."""
+    with BERT's learned positions it sits at the unigram plateau far longer (experiments/mlm_positions.py)."""
     from importlib.resources import files
 
     from kiln.model.config import ModelConfig

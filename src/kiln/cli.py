@@ -25,7 +25,15 @@ def _config_epilog() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _task_epilog(task) -> str:
+    rows = task.help_rows()
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(["config keys (set in the YAML file or override as --section.key VALUE):"] +
+                     [f"  {flag:<{width}}  {help} [default {default}]" for flag, default, help in rows])
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; `argv` names the command being run, so only its task's help rows are built."""
     p = argparse.ArgumentParser(prog="kiln", description="From raw text to a trained, evaluated Transformer.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -119,35 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
     ft_sub = ft.add_subparsers(dest="finetune_verb", metavar="TASK")
-    from kiln.config import ClassifyConfig, config_help
+    from kiln import tasks
 
-    train_defaults, notes = ClassifyConfig().train, {"max_steps": "; 0 = from epochs", "warmup_steps":
-                                                     "; 0 = warmup_fraction", "eval_every": "; 0 = once per epoch",
-                                                     "save_every": "; 0 = at evaluations and the end"}
-    rows = [(f, repr(getattr(train_defaults, f[8:])) if f.startswith("--train.") else d,
-             h + notes.get(f[8:], "") if f.startswith("--train.") else h)
-            for f, d, h in config_help(ClassifyConfig) if not f.startswith("--model.")  # model: from init
-            and f[8:] not in ("batch_tokens", "lr_scaling", "reference_batch_tokens", "eval_batches",
-                              "sample_tokens", "sample_prompt", "target_loss", "muon_lr")]
-    width = max(len(r[0]) for r in rows)
-    epilog = "\n".join(["config keys (set in the YAML file or override as --section.key VALUE):"] +
-                       [f"  {flag:<{width}}  {help} [default {default}]" for flag, default, help in rows])
-    fc = ft_sub.add_parser("classify", help="text classification from a CSV/TSV/JSONL file",
-                           formatter_class=fmt, epilog=epilog,
-                           description="kiln finetune classify [CONFIG.yaml] --data.train FILE --init RUN_OR_HF_DIR "
-                                       "[--section.key VALUE ...]")
-    fc.add_argument("config", nargs="?", help="recipe YAML (e.g. configs/classify-rotten.yaml)")
-    from kiln.config import Seq2SeqConfig
-
-    s2s_rows = config_help(Seq2SeqConfig)
-    s2s_width = max(len(r[0]) for r in s2s_rows)
-    fs = ft_sub.add_parser("seq2seq", help="train an encoder-decoder on source/target pairs (translate, summarize)",
-                           formatter_class=fmt, epilog="\n".join(
-                               ["config keys (set in the YAML file or override as --section.key VALUE):"] +
-                               [f"  {flag:<{s2s_width}}  {help} [default {default}]" for flag, default, help in s2s_rows]),
-                           description="kiln finetune seq2seq [CONFIG.yaml] --data.train FILE --seq2seq.source_field en "
-                                       "--seq2seq.target_field es [--section.key VALUE ...]")
-    fs.add_argument("config", nargs="?", help="recipe YAML (e.g. configs/translate-en-es.yaml)")
+    for name, (_, summary) in tasks.REGISTRY.items():
+        # the task's module (and its config's help rows) only for the task named: `kiln --help` stays light
+        task = tasks.get(name) if (argv or [])[:2] == ["finetune", name] else None
+        sp = ft_sub.add_parser(name, help=summary, formatter_class=fmt, epilog=_task_epilog(task) if task else None,
+                               description=task.usage if task else None)
+        sp.add_argument("config", nargs="?", help=f"recipe YAML (e.g. {task.example})" if task else "recipe YAML")
     tr = sub.add_parser("translate", help="outputs of a seq2seq run for texts or a file")
     tr.add_argument("run_dir", help="a `kiln finetune seq2seq` run folder")
     tr.add_argument("--text", action="append", help="a source text (repeatable)")
@@ -192,14 +179,11 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     top = {f.name for f in fields(RunConfig)} - {"out"}
     if argv[:2] == ["data", "prepare"]:
         top.discard("out")
-    elif argv[:2] == ["finetune", "seq2seq"]:
-        from kiln.config import Seq2SeqConfig
-
-        top = {f.name for f in fields(Seq2SeqConfig)}
     elif argv[:1] == ["finetune"]:
-        from kiln.config import ClassifyConfig
+        from kiln import tasks
 
-        top = {f.name for f in fields(ClassifyConfig)}
+        top = {f.name for f in fields(tasks.get(argv[1]).config_cls)} if argv[1:2] and argv[1] in tasks.REGISTRY \
+            else set()
     elif argv[:1] in (["pretrain"], ["distill"]):
         top.add("out")
     rest, overrides, i = [], [], 0
@@ -238,7 +222,7 @@ def _torchrun_error_file(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(argv)
     if argv[:1] in (["pretrain"], ["data"], ["finetune"], ["distill"]):
         argv, extra = split_overrides(argv)
         args = parser.parse_args(argv)

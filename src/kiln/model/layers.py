@@ -20,7 +20,7 @@ from kiln.model.config import ModelConfig
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout, except on CPU, where the mask comes from torch.rand: PyTorch's CPU bernoulli_ made dropout
-    1.3-1.7x slower, forward + backward, on [64, 128, 256] and [64, 4, 128, 128] tensors (bench/dropout_speed.py)."""
+    1.3-1.7x slower, forward + backward, on [64, 128, 256] and [64, 4, 128, 128] tensors (experiments/dropout_speed.py)."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:

@@ -10,17 +10,17 @@ import importlib
 
 from kiln.errors import KilnError, did_you_mean
 
-# kind -> module holding TASK (a kiln.tasks.base.Task)
+# kind -> (module holding TASK, a kiln.tasks.base.Task; one line for `kiln finetune --help`)
 REGISTRY = {
-    "classify": "kiln.tasks.classify",
-    "seq2seq": "kiln.tasks.seq2seq",
+    "classify": ("kiln.tasks.classify", "text classification from a CSV/TSV/JSONL file"),
+    "seq2seq": ("kiln.tasks.seq2seq", "train an encoder-decoder on source/target pairs (translate, summarize)"),
 }
 
 
 def get(kind: str):
     if kind not in REGISTRY:
         raise KilnError(f"unknown task {kind!r}{did_you_mean(kind, REGISTRY)}; tasks: {', '.join(REGISTRY)}")
-    return importlib.import_module(REGISTRY[kind]).TASK
+    return importlib.import_module(REGISTRY[kind][0]).TASK
 
 
 def for_run(run_dir):

@@ -61,6 +61,14 @@ class Task:
     config_file: str = ""
     throughput_unit: str = "ex"  # what the progress line counts per second
     time_budget_minutes: Callable | None = None  # cfg -> minutes of wall time (0 = off), where the task has one
+    usage: str = ""    # `kiln finetune NAME --help`: the command line
+    example: str = ""  # a shipped recipe
+
+    def help_rows(self) -> list[tuple[str, str, str]]:
+        """(flag, default, help) of every config key, for --help (from the config dataclass's metadata)."""
+        from kiln.config import config_help
+
+        return config_help(self.config_cls)
 
     def check(self, cfg) -> None:
         pass

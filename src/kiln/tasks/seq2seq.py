@@ -41,6 +41,9 @@ CONFIG_FILE, META_FILE = "seq2seq.yaml", "seq2seq.json"
 class Seq2SeqTask(Task):
     name, config_cls, config_file = "seq2seq", Seq2SeqConfig, CONFIG_FILE
     throughput_unit = "tok"
+    usage = ("kiln finetune seq2seq [CONFIG.yaml] --data.train FILE --seq2seq.source_field en "
+             "--seq2seq.target_field es [--section.key VALUE ...]")
+    example = "configs/translate-en-es.yaml"
 
     @staticmethod
     def time_budget_minutes(cfg) -> float:

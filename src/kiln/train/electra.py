@@ -123,7 +123,7 @@ class ReplacedTokenDetection:
 
 def sample_rows(logits: torch.Tensor) -> torch.Tensor:
     """One token per row from softmax(logits), by inverting the CDF: one uniform number per row, where
-    torch.multinomial draws one per vocabulary entry (6.8x slower on CPU for 1,900 x 8,192: bench/dropout_speed.py)."""
+    torch.multinomial draws one per vocabulary entry (6.8x slower on CPU for 1,900 x 8,192: experiments/dropout_speed.py)."""
     cdf = logits.softmax(-1).cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
