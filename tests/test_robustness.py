@@ -340,6 +340,8 @@ def test_finetune_seq2seq_and_translate_read_a_headerless_utf16_tsv(tmp_path, ca
     blocked.write_text("a file\n")
     assert_user_error(capsys, ["translate", out, "--file", pairs, "--out", blocked / "o.tsv"],
                       f"cannot write {blocked}", "is a file, not a folder (kiln translate, writing outputs)")
+    assert_user_error(capsys, ["translate", out, "--text", "the word 3", "--out", tmp_path / "nowhere" / "o.tsv"],
+                      f"cannot open {tmp_path}/nowhere/o.tsv: the folder {tmp_path}/nowhere does not exist")
     assert_user_error(capsys, ["finetune", "seq2seq", "--data.train", pairs, "--out", tmp_path / "never",
                                "--data.header", "false", "--data.encoding", "latin-1"],
                       "pairs.tsv: starts with a UTF-16 byte-order mark, but data.encoding is 'latin-1'")

@@ -167,8 +167,13 @@ def filesystem_error(e: BaseException, verb: str = "", after=None) -> str | None
         action, reason = "cannot write", ("it" if blocker == path else blocker) + " is a file, not a folder"
     elif name == "EISDIR":
         reason = "it is a folder, not a file"
+    elif name == "ENOENT" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        missing = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(os.path.dirname(missing)):
+            missing = os.path.dirname(missing)
+        reason = f"the folder {missing} does not exist"
     elif name == "ENOENT" or (name in ("EACCES", "EPERM") and os.path.exists(path) and not os.access(path, os.R_OK)):
-        action = "cannot read"  # kiln creates the folders it writes into: a missing path was to be read
+        action = "cannot read"  # a missing file in a folder that exists was to be read
     elif name in ("EACCES", "EPERM"):
         action = "cannot write"  # a readable file or a path not there yet: it was to be written
     hint = {"ENOSPC": "; free some space", "EDQUOT": "; free some space (disk quota)",
