@@ -293,7 +293,13 @@ def test_finetune_translate_end_to_end_and_translate_cli(tmp_path, capsys):
     assert {"val_loss", "val_bleu", "val_chrf"} <= set(header)
     assert (run / "plots" / "bleu.png").stat().st_size > 0 and (run / "plots" / "loss.png").is_file()
     result = json.loads((run / "eval" / "test.json").read_text())
-    assert result["test"]["examples"] == 12 and 0.0 <= result["test"]["bleu"] <= 100.0
+    import sacrebleu  # the test BLEU is sacrebleu's corpus BLEU of the outputs written beside it, pair by pair
+
+    decoded = list(csv.DictReader(open(run / "eval" / "test_outputs.tsv", encoding="utf-8"), delimiter="\t"))
+    assert result["test"]["examples"] == len(decoded) == 12
+    assert {(o["source"], o["reference"]) for o in decoded} <= {(r[1], r[2]) for r in rows}  # real held-out pairs
+    assert result["test"]["bleu"] == pytest.approx(
+        sacrebleu.corpus_bleu([o["output"] for o in decoded], [[o["reference"] for o in decoded]]).score)
     assert [h["step"] for h in result["train"]["history"]] == [6, 12]
     splits = json.loads((run / "data.json").read_text())["splits"]
     assert (splits["train"]["pairs"], splits["val"]["pairs"], splits["test"]["pairs"]) == (96, 12, 12)
