@@ -19,6 +19,7 @@ from kiln.train.distributed import broadcast, env_world, init_distributed, leave
     resolve_backend, wrap_model
 from kiln.run.checkpoint import load_weights, weights_prefix
 from kiln.train.objectives import CausalLM, evaluate_lm
+from kiln.train.pretrain_objectives import objective_for
 from kiln.run.device import choose_precision, resolve_device
 from kiln.run.folder import RunLock, RunLog, create_run, default_run_dir, write_run_json
 from kiln.train.trainer import Trainer
@@ -95,8 +96,9 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     train_cfg, batch_line = scale_batch_and_lr(cfg, world)
     if world > 1:
         resolve_backend(cfg.train.backend, device)
-    if cfg.objective == "electra" and not 0.0 < cfg.electra.generator_fraction <= 1.0:
-        raise KilnError(f"electra.generator_fraction must be in (0, 1], got {cfg.electra.generator_fraction}")
+    spec = objective_for(cfg)
+    if cfg.objective == "electra":
+        spec.check(cfg)  # a pure config check, before any work (the arch check waits for init's shape)
     notes: list[str] = []  # what init/distill decided, logged once the run folder exists
     init_ckpt, init_prefix = _init_from(cfg, notes) if cfg.init and resume is None else (None, "")
     teacher_dir = _distill_data(cfg, notes) if cfg.distill.teacher else None
@@ -133,18 +135,8 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     elif cfg.model.vocab_size < int(manifest["vocab_size"]):
         raise KilnError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                         f"{manifest['vocab_size']}")
-    mlm = None
-    if cfg.objective in ("mlm", "electra"):
-        if cfg.model.arch != "encoder":
-            raise KilnError(f"objective {cfg.objective} trains an encoder: set model.arch encoder (got "
-                            f"{cfg.model.arch!r}), e.g. configs/bert-mlm.yaml")
-        if cfg.data.mixture:
-            raise KilnError(f"objective {cfg.objective} with data.mixture is not supported yet: prepare one dataset")
-        from kiln.train.mlm import from_tokenizer
-
-        mlm = from_tokenizer(run_dir / "tokenizer.json", int(manifest["vocab_size"]), cfg.mlm.mask_prob, cfg.seed)
-        if cfg.model.vocab_size < mlm.vocab_size:  # room for an appended [MASK]
-            cfg.model.vocab_size = mlm.vocab_size
+    spec.check(cfg)
+    plan = spec.prepare(cfg, run_dir, manifest)
     cfg.model.resolve()
     precision, reason = broadcast(info, choose_precision(cfg.train.precision, device))  # measured: ranks agree on rank 0's
     if info.is_main:
@@ -168,13 +160,7 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         load_weights(model, init_ckpt / "model.safetensors", prefix=init_prefix)
         log(f"init: weights from {init_ckpt}")
     n_params = model.num_parameters()
-    if cfg.objective == "electra":
-        from kiln.train.electra import Electra, generator_config
-
-        gen_cfg = generator_config(cfg.model, cfg.electra.generator_fraction)
-        model = Electra(model, gen_cfg).to(device)
-        log(f"electra: generator d_model {gen_cfg.d_model}, {gen_cfg.n_head} head(s), "
-            f"{model.generator.num_parameters() / 1e6:.2f}M parameters; detection loss weight {cfg.electra.weight:g}")
+    model = spec.wrap(cfg, model, device, log)
     T, B = cfg.model.context_length, cfg.train.batch_size
     objective = CausalLM()
 
@@ -209,29 +195,17 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         train_objective = _teacher_objective(cfg, teacher_dir, run_dir, device, precision, n_params, log)
     model = wrap_model(model, info, cfg.train.parallel, device, cfg.train.activation_checkpointing)
     next_batch = batches.batch
-    if mlm is not None:
-        train_objective = mlm
-        whole = cfg.mlm.whole_word
+    if plan.objective is not None:  # the objective's own loss, batches and validation (kiln.train.pretrain_objectives)
+        train_objective = plan.objective
 
-        def next_batch(i):  # noqa: F811  masks are a function of (seed, micro-batch index): exact resume
-            return mlm.mask(batches.batch(i), i, whole)
-
-        def val_windows():
-            return (b.to(device) for b in eval_windows(val_src, T, B, cfg.train.eval_batches))
+        def next_batch(i):  # noqa: F811
+            return plan.batch(batches.batch(i), i)
 
         def evaluate(m) -> dict:  # noqa: F811
-            return mlm.evaluate(m, val_windows, whole)
-        if cfg.objective == "electra":
-            from kiln.train.electra import ReplacedTokenDetection
-
-            train_objective = rtd = ReplacedTokenDetection(mlm, cfg.electra.weight, whole)
-
-            def evaluate(m) -> dict:  # noqa: F811
-                return rtd.evaluate(m, val_windows)
+            return plan.evaluate(m, lambda: (b.to(device) for b in eval_windows(val_src, T, B, cfg.train.eval_batches)))
     trainer = Trainer(model, train_objective, train_cfg, run_dir, next_batch, evaluate=evaluate,
                       device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main)
-    if mlm is not None:  # the trainer counts targets: here the masked tokens, ~mask_prob of the input
-        trainer.throughput_unit = "masked tok"
+    trainer.throughput_unit = plan.unit  # the trainer counts targets: for MLM the masked tokens, ~15% of the input
     if train_cfg.batch_ramp_tokens:
         from kiln.train.ramp import BatchRamp
 
