@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # below; sibling groups of one layer stay independent of each other
 LAYERS = [
     ("leaves", [["kiln._version", "kiln.errors", "kiln.constants", "kiln.hardware", "kiln.model.config"]]),
-    ("config", [["kiln.config"]]),
+    ("config", [["kiln.configlib", "kiln.config"]]),
     ("model | data | report", [["kiln.model"], ["kiln.data"], ["kiln.report"]]),
     ("run", [["kiln.run"]]),
     ("train", [["kiln.train"]]),

@@ -582,7 +582,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options), profile
 
 
-def test_playground_in_a_headless_browser(server, lm_run, expected, clf_server):
+def test_playground_in_a_headless_browser(server, lm_run, expected, clf_server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -605,8 +605,9 @@ def test_playground_in_a_headless_browser(server, lm_run, expected, clf_server):
         api = server.client().completions.create(model=lm_run.name, prompt="ROMEO:", max_tokens=32, temperature=0)
         assert shown == api.choices[0].text and "ROMEO:" + shown == expected[("ROMEO:", 32)]
         assert "32 tokens" in browser.find_element(By.ID, "status").text
-        (ROOT / "docs").mkdir(exist_ok=True)
-        browser.save_screenshot(str(ROOT / "docs" / "serve_playground.png"))
+        # the screenshots go to the test's folder; KILN_DOCS_SCREENSHOTS=1 refreshes the ones in docs/
+        shots = ROOT / "docs" if os.environ.get("KILN_DOCS_SCREENSHOTS") == "1" else tmp_path
+        browser.save_screenshot(str(shots / "serve_playground.png"))
 
         browser.get(clf_server.url + "/")  # a classifier run: a text in, class probabilities as bars
         wait.until(lambda b: b.execute_script("return document.body.dataset.ready") == "1")
@@ -617,7 +618,7 @@ def test_playground_in_a_headless_browser(server, lm_run, expected, clf_server):
                 for e in browser.find_elements(By.CSS_SELECTOR, "#bars .bar")}
         code, res, _ = post(f"{clf_server.url}/v1/classify", {"input": "a lovely film"})
         assert bars == pytest.approx(res["data"][0]["probabilities"], abs=1e-9)
-        browser.save_screenshot(str(ROOT / "docs" / "serve_playground_classify.png"))
+        browser.save_screenshot(str(shots / "serve_playground_classify.png"))
     finally:
         browser.quit()
         shutil.rmtree(profile, ignore_errors=True)

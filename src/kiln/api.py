@@ -35,17 +35,9 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
     (the returned text ends right before it). num_beams > 1: beam search (sampling settings ignored; stop
     strings cut the best beam's text afterwards)."""
     from kiln.data.tokenizer import encode_text
-    from kiln.run.device import resolve_device
-    from kiln.run.device import choose_precision
+    from kiln.run.load import load_for_decoding
 
-    if device == "auto" and checkpoint_meta(find_checkpoint(Path(run_dir), which)).get("quantization"):
-        device = "cpu"  # int8 weight-only kernels (kiln quantize) are CPU kernels
-    device = resolve_device(device, what="device")
-    model, tokenizer, cfg = load(run_dir, which, device=device)
-    if choose_precision(precision, device)[0] == "bf16":  # decoding is memory-bound: half the bytes per token
-        for p in model.parameters():  # parameters only: position tables (RoPE, sinusoids) stay fp32
-            if p.is_floating_point():  # int8 weights of a quantized run stay int8
-                p.data = p.data.to(torch.bfloat16)
+    model, tokenizer, cfg, device, _ = load_for_decoding(run_dir, which, device, precision)
     if tokenizer is None:
         raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
     ids = encode_text(tokenizer, prompt, "--prompt")

@@ -87,3 +87,21 @@ def load(run_dir: str | Path, which: str = "latest", device: str = "cpu", quanti
     load_weights(model, ckpt / "model.safetensors", prefix=weights_prefix(cfg))
     model.eval()
     return model, load_tokenizer_of(ckpt.parent.parent), cfg
+
+
+def load_for_decoding(run_dir: str | Path, which: str = "latest", device: str = "auto", precision: str = "auto"):
+    """(model, tokenizer, RunConfig, device, precision) of a run, set up to generate: a quantized run on the CPU
+    (its int8 kernels are CPU kernels), bf16 parameters where the device computes bf16 natively (decoding is
+    memory-bound: half the bytes per token; position tables and int8 weights stay as they are)."""
+    from kiln.run.device import choose_precision, resolve_device
+
+    if device == "auto" and checkpoint_meta(find_checkpoint(Path(run_dir), which)).get("quantization"):
+        device = "cpu"
+    device = resolve_device(device, what="device")
+    model, tokenizer, cfg = load(run_dir, which, device=device)
+    precision = choose_precision(precision, device)[0]
+    if precision == "bf16":
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+    return model, tokenizer, cfg, device, precision

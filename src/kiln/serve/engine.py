@@ -140,47 +140,20 @@ class JobQueue:
 # ----------------------------------------------------------------------------------------------- backends
 
 
-def _device_tools():
-    try:
-        from kiln.run.device import choose_precision, resolve_device
-    except ImportError:  # the layout before kiln.run
-        from kiln.train.precision import choose_precision
-        from kiln.train.pretrain import resolve_device
-    return resolve_device, choose_precision
-
-
-def _checkpoint_is_quantized(run_dir: Path, which: str) -> bool:
-    from kiln import api
-
-    meta = getattr(api, "checkpoint_meta", None) or getattr(api, "_checkpoint_meta")
-    return bool(meta(api.find_checkpoint(run_dir, which)).get("quantization"))
-
-
 class LMBackend:
     """A language-model (pretraining) run loaded as `kiln.api.sample` loads it: same device, same precision."""
 
     kind = "complete"
 
     def __init__(self, run_dir: Path, which: str = "latest", device: str = "auto", precision: str = "auto"):
-        import torch
+        from kiln.run.load import load_for_decoding
 
-        import kiln
-
-        resolve_device, choose_precision = _device_tools()
-        if device == "auto" and _checkpoint_is_quantized(run_dir, which):
-            device = "cpu"  # int8 weight-only kernels (kiln quantize) are CPU kernels
-        self.device = resolve_device(device, what="--device")
-        model, tokenizer, cfg = kiln.load(run_dir, which, device=self.device)
+        model, tokenizer, cfg, self.device, self.precision = load_for_decoding(run_dir, which, device, precision)
         if cfg.model.arch != "decoder":
             raise KilnError(f"{run_dir} is a {cfg.model.arch} run: it does not generate text, and kiln serve "
                             "serves language-model (decoder) runs and classifier runs")
         if tokenizer is None:
             raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
-        self.precision = choose_precision(precision, self.device)[0]
-        if self.precision == "bf16":  # as kiln.api.sample: parameters only, int8 weights stay int8
-            for p in model.parameters():
-                if p.is_floating_point():
-                    p.data = p.data.to(torch.bfloat16)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.context_length = cfg.model.context_length
         self.info = {"kind": "completion", "context_length": self.context_length,
@@ -190,12 +163,10 @@ class LMBackend:
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a prompt, as kiln.api.sample encodes it; ValueError (a message for the user) if the
         tokenizer cannot encode it."""
+        from kiln.data.tokenizer import encode_text
+
         try:
-            from kiln.data.tokenizer import encode_text
-        except ImportError:  # older layout
-            encode_text = None
-        try:
-            ids = encode_text(self.tokenizer, prompt, "prompt") if encode_text else self.tokenizer.encode(prompt).ids
+            ids = encode_text(self.tokenizer, prompt, "prompt")
         except KilnError as e:
             raise ValueError(str(e).removeprefix("prompt: ")) from None
         except Exception as e:  # e.g. a character-level vocabulary without [UNK] meeting an unseen character
@@ -314,16 +285,13 @@ def load_classifier_backend(run_dir: Path, which: str, device: str):
     """Everything `kiln serve` needs of a classifier run: (label names, whether it reads text pairs,
     predict(texts, pairs) -> class probabilities [n, n_classes] as `kiln predict` computes them, a model
     description). The only place kiln.serve touches the classification task's internals."""
-    import kiln
     from kiln.data import tasks
+    from kiln.run.device import resolve_device
+    from kiln.tasks.classify_files import load_classifier
+    from kiln.tasks.text import encode_examples, predict_probs, prepare_tokenizer
 
-    try:
-        from kiln.tasks.text import encode_examples, predict_probs, prepare_tokenizer
-    except ImportError:  # the layout before kiln.tasks
-        from kiln.train.classify import encode_examples, predict_probs, prepare_tokenizer
-    resolve_device, _ = _device_tools()
     device = resolve_device(device, what="--device")
-    model, tokenizer, cfg, labels = kiln.load(run_dir, which, device=device)  # a classify run's (model, tok, cfg, labels)
+    model, tokenizer, cfg, labels = load_classifier(run_dir, which, device=device)
     tok = prepare_tokenizer(tokenizer, cfg.data.max_length)
     pad = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
     batch_size = max(2 * cfg.train.batch_size, 16)  # as kiln predict
