@@ -23,7 +23,7 @@ import torch
 
 from kiln.errors import KilnError
 
-IGNORE = -100
+from kiln.constants import IGNORE_INDEX as IGNORE  # noqa: E402
 
 
 def read_tokens(file: str | Path, tokenizer, text_field: str = "text") -> tuple[np.ndarray, int, int]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.constants import IGNORE_INDEX
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -59,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None, ignore_index: int = -100,
+                         bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                          chunk: int = 0) -> torch.Tensor:
     """sum over rows of cross_entropy(h @ weight.T + bias, targets), ignoring `ignore_index`; fp32 scalar.
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kiln.constants import IGNORE_INDEX
 from kiln.model.config import ModelConfig
 from kiln.model.heads import MLMTransform, Pooler
 from kiln.model.layers import (  # noqa: F401  (re-exported: kiln.model.transformer.Block etc. are public)
@@ -151,7 +152,7 @@ class Transformer(nn.Module):
         if labels is not None:
             h, labels = h.flatten(0, 1), labels.flatten()
             if sparse_labels:
-                keep = labels != -100
+                keep = labels != IGNORE_INDEX
                 h, labels = h[keep], labels[keep]
             if self.head_transform is not None:
                 h = self.head_transform(h)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from kiln.model.config import ModelConfig
 from kiln.model.transformer import Transformer
-from kiln.train.mlm import IGNORE, MaskedLM
+from kiln.constants import IGNORE_INDEX as IGNORE
+from kiln.train.mlm import MaskedLM
 
 def generator_config(cfg: ModelConfig, fraction: float) -> ModelConfig:
     """The generator: the encoder's depth, vocabulary and positions at `fraction` of its width and heads."""

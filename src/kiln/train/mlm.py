@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kiln.errors import KilnError
 from kiln.run.checkpoint import unwrap
 
-IGNORE = -100
+from kiln.constants import IGNORE_INDEX as IGNORE  # noqa: E402  (the one ignore index, kiln.constants)
 
 
 class MaskedLM:
