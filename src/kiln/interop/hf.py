@@ -116,18 +116,20 @@ def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False)
     missing = [m for m in missing if m not in tied]
     assert not missing and not unexpected, (missing, unexpected)  # the family map covers the whole model
 
+    from kiln.run.folder import RunLock, write_run_json
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire()  # one writer, as for every run folder
     if (src / "tokenizer.json").is_file():
         shutil.copyfile(src / "tokenizer.json", run_dir / "tokenizer.json")
         run.data.tokenizer = str(run_dir / "tokenizer.json")
     shutil.copyfile(src / "config.json", run_dir / HF_CONFIG_COPY)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
-    from kiln.run.folder import write_run_json
-
     write_run_json(run_dir, "pretrain", "config.yaml", imported_from=str(src.resolve()),
                    hf_model_type=hf_config.get("model_type"))
     save_checkpoint(run_dir, model, 0, trainer_state=None,
                     meta={"imported_from": str(src.resolve()), "hf_model_type": hf_config.get("model_type")})
+    lock.release()
     return run_dir
 
 
