@@ -498,3 +498,27 @@ def test_token_mask_bad_input_is_one_line_and_leaves_no_run_folder(trained, caps
                             *extra, *FAST], message)
         assert not out.exists()
 
+
+
+def test_run_json_names_the_task_and_an_older_folder_without_it_loads_the_same(trained, capsys, tmp_path):
+    """kiln eval / predict / kiln.load dispatch on run.json's kind; a run folder from before run.json (only
+    classify.yaml) reaches the same task through the fallback and gives the same probabilities."""
+    import shutil
+
+    import kiln
+    from kiln.tasks.classify_files import load_classifier
+
+    root, run, _ = trained
+    info = json.loads((run / "run.json").read_text())
+    assert info["kind"] == "classify" and info["config"] == "classify.yaml" and info["labels"] == ["neg", "pos"]
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    (old / "run.json").unlink()
+    new = write_csv(tmp_path / "new.csv", [("pos", "a lovely film"), ("neg", "the plot was awful")])
+    outs = []
+    for r in (run, old):
+        assert main(["predict", str(r), str(new), "--out", str(tmp_path / f"{r.name}.csv")]) == 0
+        outs.append((tmp_path / f"{r.name}.csv").read_text())
+    assert outs[0] == outs[1]
+    model, tok, cfg, labels = kiln.load(old, "best")
+    assert labels == ["neg", "pos"] and type(model) is type(load_classifier(run)[0])
