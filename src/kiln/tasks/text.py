@@ -9,6 +9,7 @@ import torch
 
 from kiln.data import tasks
 from kiln.data.batches import EpochSampler, by_length
+from kiln.data.tokenizer import cannot_encode
 from kiln.errors import KilnError
 from kiln.run.device import autocast
 from kiln.train.objectives import model_inputs
@@ -50,8 +51,8 @@ def encode_examples(tok, examples: list[tasks.Example], label_index: dict[str, i
     texts = [(e.text, e.pair) if e.pair is not None else e.text for e in examples]
     try:
         out = tok.encode_batch(texts)
-    except Exception as e:
-        raise KilnError(f"{where}: the tokenizer cannot encode this data ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # the characters a char vocabulary lacks, named; else the library's first line
+        raise cannot_encode(tok, texts, where, e) from None
     ids = [e.ids or [0] for e in out]
     truncated = sum(1 for e in out if e.overflowing)
     top = max((max(x) for x in ids), default=0)
