@@ -120,10 +120,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     imp.add_argument("format", choices=["hf"])
     imp.add_argument("src")
     imp.add_argument("run_dir")
-    exp = sub.add_parser("export", help="export a run to another format")
-    exp.add_argument("format", choices=["hf"])
+    exp = sub.add_parser("export", help="export a run to another format: hf (transformers folder) or onnx (a "
+                         "classifier or language model for onnxruntime, checked and measured: OUT/report.json)")
+    exp.add_argument("format", choices=["hf", "onnx"])
     exp.add_argument("run_dir")
     exp.add_argument("out_dir")
+    exp.add_argument("--int8", action="store_true", help="onnx: also model.int8.onnx (onnxruntime quantize_dynamic)")
+    exp.add_argument("--checkpoint", default=None, help="best, latest or a checkpoint folder (default: latest; onnx: "
+                     "best for a classifier)")
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
     ft_sub = ft.add_subparsers(dest="finetune_verb", metavar="TASK")
@@ -369,10 +373,16 @@ def _dispatch(args, extra: list[str]) -> int | None:
         import_hf(args.src, args.run_dir)
         print(f"imported {args.src} -> {args.run_dir}")
         return 0
+    if args.verb == "export" and args.format == "onnx":
+        from kiln.interop.onnx import export_onnx
+        from kiln.tasks.classify import load_splits  # the classifier's own reading of its data (test accuracy)
+
+        export_onnx(args.run_dir, args.out_dir, int8=args.int8, which=args.checkpoint, read_splits=load_splits)
+        return 0
     if args.verb == "export":
         from kiln.interop.hf import export_hf
 
-        export_hf(args.run_dir, args.out_dir)
+        export_hf(args.run_dir, args.out_dir, which=args.checkpoint or "latest")
         print(f"exported {args.run_dir} -> {args.out_dir}")
         return 0
     if args.verb == "translate":
