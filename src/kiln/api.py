@@ -8,7 +8,6 @@ import torch
 
 from kiln.config import RunConfig, load_config
 from kiln.errors import KilnError
-from kiln.run.checkpoint import find_checkpoint
 from kiln.run.load import checkpoint_meta, load_run_config  # noqa: F401  (the public face of run loading)
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -97,6 +96,10 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
     if world > 1:
         resolve_backend(cfg.train.backend, device)
     spec = objective_for(cfg)
+    if cfg.train.lora.rank and (cfg.objective == "electra" or not cfg.init):
+        raise KilnError(f"train.lora.rank {cfg.train.lora.rank}: LoRA is for continued pretraining of a model "
+                        + ("with objective clm or mlm (ELECTRA trains a new generator beside it)"
+                           if cfg.objective == "electra" else "given by init (a kiln run folder)"))
     if cfg.objective == "electra":
         spec.check(cfg)  # a pure config check, before any work (the arch check waits for init's shape)
     notes: list[str] = []  # what init/distill decided, logged once the run folder exists
@@ -160,6 +163,10 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         load_weights(model, init_ckpt / "model.safetensors", prefix=init_prefix)
         log(f"init: weights from {init_ckpt}")
     n_params = model.num_parameters()
+    if cfg.train.lora.rank:  # continued pretraining with adapters: the init weights stay frozen
+        from kiln.model.lora import lora_from_config
+
+        lora_from_config(model, cfg.train.lora, log)
     model = spec.wrap(cfg, model, device, log)
     T, B = cfg.model.context_length, cfg.train.batch_size
     objective = CausalLM()
