@@ -16,17 +16,19 @@ from pathlib import Path
 import torch
 
 from kiln.errors import KilnError
-from kiln.interop import bart, bert, gpt2, llama
+from kiln.interop import bart, bert, gpt2, llama, marian
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert, "bart": bart}
+FAMILIES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert, "bart": bart, "marian": marian}
 ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
     "LlamaForCausalLM": "llama", "LlamaModel": "llama", "MistralForCausalLM": "mistral", "MistralModel": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen2Model": "qwen2",
     "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
     "BartForConditionalGeneration": "bart", "BartModel": "bart",
+    "MarianMTModel": "marian", "MarianModel": "marian",
 }
 HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, kept in the run folder (token ids for export)
+SEQ2SEQ_CONFIG, SEQ2SEQ_META = "seq2seq.yaml", "seq2seq.json"  # a `kiln finetune seq2seq` run (kiln.tasks.seq2seq)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -142,13 +144,16 @@ def family_for(cfg):
         return bert
     if cfg.arch == "encoder-decoder" and cfg.position == "learned":
         return bart
+    if cfg.arch == "encoder-decoder" and cfg.position == "sinusoidal" and cfg.sinusoid_layout == "halves":
+        return marian
     if cfg.arch == "decoder" and cfg.position == "learned":
         return gpt2
     if cfg.arch == "decoder" and cfg.position == "rope":
         return llama
     raise KilnError(f"cannot export model.arch={cfg.arch} with model.position={cfg.position}: no matching "
                     "Hugging Face family (kiln exports decoder+learned -> gpt2, decoder+rope -> llama/qwen2, "
-                    "encoder -> bert)")
+                    "encoder -> bert, encoder-decoder+learned -> bart, encoder-decoder+sinusoidal with "
+                    "model.sinusoid_layout halves -> marian)")
 
 
 SPECIAL_TOKENS = {  # token text -> tokenizer_config.json roles
@@ -172,6 +177,18 @@ def _tokenizer_config(tokenizer_json: Path, cfg) -> dict:
     return out
 
 
+def _load_seq2seq(run_dir: Path, which: str):
+    """(model, None, Seq2SeqConfig) of a `kiln finetune seq2seq` run folder (the model alone: no codec)."""
+    from kiln.config import Seq2SeqConfig, load_config
+    from kiln.run.checkpoint import find_checkpoint, load_weights
+    from kiln.run.load import build_model
+
+    cfg = load_config(run_dir / SEQ2SEQ_CONFIG, cls=Seq2SeqConfig)
+    model = build_model(cfg.model, "cpu")
+    load_weights(model, find_checkpoint(run_dir, which) / "model.safetensors")
+    return model.eval(), None, cfg
+
+
 def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -> Path:
     """Write config.json, model.safetensors, tokenizer.json (+ tokenizer_config.json) for transformers."""
     from safetensors.torch import save_file
@@ -180,14 +197,20 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -
     from kiln.run.load import load
 
     run_dir, out = Path(run_dir), Path(out_dir)
-    model, _, run = load(run_dir, which, quantized_ok=False)
+    seq2seq = (run_dir / SEQ2SEQ_META).is_file()  # a fine-tuned seq2seq run: its best checkpoint, its codec's ids
+    model, _, run = (_load_seq2seq(run_dir, "best" if which == "latest" else which) if seq2seq
+                     else load(run_dir, which, quantized_ok=False))
     root = run_dir if (run_dir / "config.yaml").is_file() else find_checkpoint(run_dir, which).parent.parent
     cfg = run.model
     family = family_for(cfg)
     hf_config = family.config_to_hf(cfg)
     if (root / HF_CONFIG_COPY).is_file():  # imported: keep the special token ids HF generate relies on
         src = _read_json(root / HF_CONFIG_COPY)
-        hf_config.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in src})
+        hf_config.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                 "decoder_start_token_id") if k in src})
+    if seq2seq:
+        ids = _read_json(run_dir / SEQ2SEQ_META)
+        hf_config.update(decoder_start_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"])
     state = family.state_to_hf(model.state_dict(), cfg)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,10 @@ class ModelConfig:
     type_vocab_size: int = field(default=0, metadata={"help": "token-type (segment) embeddings, BERT; 0 = none", "range": ">= 0"})
     pad_token_id: int = field(default=-1, metadata={"help": "padding token id; -1 = none", "range": ">= -1"})
     embed_scale: bool = field(default=False, metadata={"help": "multiply embeddings by sqrt(d_model) (original Transformer)"})
+    sinusoid_layout: str = field(default="interleaved", metadata={
+        "help": "sinusoidal positions: interleaved (sin and cos alternate, the original Transformer) | halves (sin "
+                "in the first half of each vector, cos in the second: Marian)", "choices": ("interleaved", "halves")})
+    head_bias: bool = field(default=False, metadata={"help": "a bias on the LM head (Marian's final_logits_bias)"})
     init_std: float = field(default=0.02, metadata={"help": "std of the normal init", "range": ">= 0"})
 
     def resolve(self) -> "ModelConfig":

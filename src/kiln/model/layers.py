@@ -52,7 +52,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+def sinusoidal_table(length: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
+    """Fixed positions [length, dim]: sin/cos interleaved (the original Transformer), or `halves`: the sines of
+    every frequency, then the cosines (Marian; computed in float64 as transformers does)."""
+    if layout == "halves":
+        j = torch.arange(dim, dtype=torch.float64)
+        angle = torch.arange(length, dtype=torch.float64)[:, None] / 10000.0 ** (2 * (j // 2) / dim)
+        return torch.cat([angle[:, 0::2].sin(), angle[:, 1::2].cos()], 1).float()
     position = torch.arange(length, dtype=torch.float32)[:, None]
     div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(length, dim)
@@ -219,7 +225,8 @@ class Embeddings(nn.Module):
         self.tokens = tokens
         self.positions = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
-            self.register_buffer("sinusoid", sinusoidal_table(cfg.context_length, cfg.d_model), persistent=False)
+            self.register_buffer("sinusoid", sinusoidal_table(cfg.context_length, cfg.d_model, cfg.sinusoid_layout),
+                                 persistent=False)
         self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
         self.dropout = Dropout(cfg.dropout)

@@ -95,7 +95,7 @@ class Transformer(nn.Module):
             self.decoder = Stack(cfg, tokens, cfg.n_layer, causal=cfg.arch == "decoder", cross=False)
         self.head_transform = MLMTransform(cfg) if cfg.mlm_head else None
         self.pooler = Pooler(cfg) if cfg.pooler else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.mlm_head)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.mlm_head or cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = tokens.weight
         self.init_weights()

@@ -39,7 +39,7 @@ def rebuild_buffers(model: torch.nn.Module, cfg: ModelConfig) -> None:
             cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
             stack.rope_cos, stack.rope_sin = cos, sin
         if cfg.position == "sinusoidal":
-            stack.embed.sinusoid = sinusoidal_table(cfg.context_length, cfg.d_model)
+            stack.embed.sinusoid = sinusoidal_table(cfg.context_length, cfg.d_model, cfg.sinusoid_layout)
 
 
 def build_model(cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:
