@@ -1,7 +1,7 @@
 """Source/target pairs for seq2seq (translation, summarization): reading, dedup, a leak-free split, and the
 codec that turns both sides into ids (one shared tokenizer, or two with the target ids offset).
 
-Rows are read by kiln.data.tasks (CSV/TSV/JSONL, the same bad-row handling as labelled text); a .txt file is
+Rows are read by kiln.data.tasks (CSV/TSV/JSONL/Parquet, the same bad-row handling as labelled text); a .txt file is
 one source per line.
 """
 
@@ -51,7 +51,7 @@ def read_pairs(path: str | Path, source_field: str, target_field: str | None,
     columns present; a non-UTF-8 file is a one-line error. `fmt`: the data config section (data.encoding,
     header, columns, delimiter; None = the defaults)."""
     path = Path(path)
-    text = tasks._read_text(path, fmt)
+    text = tasks._read_text(path, fmt) if path.suffix.lower() != ".parquet" else ""
     report = PairReport(str(path))
     if path.suffix.lower() == ".txt":
         out = []
@@ -64,14 +64,13 @@ def read_pairs(path: str | Path, source_field: str, target_field: str | None,
                 report.empty_source += 1
                 report.empty_lines.append(lineno)
         return out, report
-    rows, header = (tasks._jsonl_rows(path, text) if path.suffix.lower() == ".jsonl"
-                    else tasks._table_rows(path, text, fmt))
+    rows, header = tasks.read_rows(path, fmt, [source_field, target_field], text)
     if not rows:
         raise KilnError(f"{path}: no data rows")
     for what, name, key in (("source", source_field, "source_field"), ("target", target_field, "target_field")):
         if name and name not in header and (what == "source" or require_target):
             cols = ", ".join(repr(c) for c in header) or "(none)"
-            hint = "" if path.suffix.lower() == ".jsonl" else column_hint(header, getattr(fmt, "header", True),
+            hint = "" if path.suffix.lower() in (".jsonl", ".parquet") else column_hint(header, getattr(fmt, "header", True),
                                                                           getattr(fmt, "columns", None))
             raise KilnError(f"{path}: no {what} column {name!r}{did_you_mean(name, header)}; columns present: "
                             f"{cols} (set seq2seq.{key}){hint}")

@@ -1,4 +1,4 @@
-"""Task datasets: labelled examples read from CSV/TSV/JSONL, label vocabularies and leak-free splits.
+"""Task datasets: labelled examples read from CSV/TSV/JSONL/Parquet, label vocabularies and leak-free splits.
 
     rows, report = read_examples("reviews.csv", text_field="text", label_field="label")
     labels = label_names(rows)
@@ -10,6 +10,7 @@ Rules (each a one-line KilnError or a counted, reported skip):
   too (never mojibake);
 - CSV/TSV: the first row names the columns unless data.header is false (then they are 0, 1, ... or
   data.columns); data.delimiter overrides the extension's (.tsv/.txt tab, else comma);
+- Parquet (pyarrow): only the named columns are read; a row's "line" is its row number (1 = the first row);
 - the named columns must exist (the error lists the columns present);
 - a CSV/TSV row with the wrong number of fields is an error naming the file and the line;
 - a row whose text is empty (after stripping) is skipped and counted in the report;
@@ -28,7 +29,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.data.text import clean_text, column_hint, column_names, decode_bytes, delimiter_for, json_object
+from kiln.data.text import clean_text, column_hint, column_names, decode_bytes, delimiter_for, json_object, parquet_file
 from kiln.errors import KilnError, did_you_mean
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".txt": "tsv"}
@@ -74,7 +75,7 @@ def _read_text(path: Path, fmt=None) -> str:
 
 def _missing_column(path: Path, what: str, name: str, columns: list[str], key: str, fmt=None) -> KilnError:
     cols = ", ".join(repr(c) for c in columns) or "(none)"
-    hint = "" if path.suffix.lower() == ".jsonl" else column_hint(columns, getattr(fmt, "header", True),
+    hint = "" if path.suffix.lower() in (".jsonl", ".parquet") else column_hint(columns, getattr(fmt, "header", True),
                                                                  getattr(fmt, "columns", None))
     return KilnError(f"{path}: no {what} column {name!r}{did_you_mean(name, columns)}; columns present: {cols} "
                      f"(set data.{key}){hint}")
@@ -122,6 +123,33 @@ def _jsonl_rows(path: Path, text: str):
     return rows, header
 
 
+def _parquet_rows(path: Path, fields=None):
+    """(row number, dict row) of the named columns the file has (None: all of them), and all its column names."""
+    import pyarrow as pa
+
+    if not path.is_file():
+        raise KilnError(f"data file not found: {path}")
+    pf = parquet_file(path)
+    header = pf.schema_arrow.names
+    wanted = header if fields is None else [f for f in dict.fromkeys(fields) if f and f in header]
+    try:
+        table = pf.read(columns=wanted)
+    except (pa.ArrowException, OSError) as e:
+        raise KilnError(f"{path}: cannot read Parquet data ({str(e).splitlines()[0][:160]})") from None
+    cols = {name: table.column(name).to_pylist() for name in wanted}
+    return [(i + 1, {k: v[i] for k, v in cols.items()}) for i in range(table.num_rows)], header
+
+
+def read_rows(path: Path, fmt=None, fields=None, text: str | None = None):
+    """(line, dict row) and the column names of a CSV/TSV, JSONL or Parquet file (`fields`: the columns to
+    read from a Parquet file; `text`: a CSV/JSONL file's text when already read)."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        return _parquet_rows(path, fields)
+    text = _read_text(path, fmt) if text is None else text
+    return _jsonl_rows(path, text) if path.suffix.lower() == ".jsonl" else _table_rows(path, text, fmt)
+
+
 def _field(path: Path, lineno: int, row: dict, name: str) -> str:
     v = row.get(name)
     if v is None:
@@ -133,14 +161,11 @@ def _field(path: Path, lineno: int, row: dict, name: str) -> str:
 
 def read_examples(path: str | Path, text_field: str = "text", label_field: str | None = "label",
                   text_pair_field: str = "", require_label: bool = True, fmt=None) -> tuple[list[Example], ReadReport]:
-    """Examples of a CSV/TSV/JSONL file. `label_field` None (or a missing column with require_label False)
-    reads texts only (prediction). `fmt`: the data config section (data.encoding, header, columns, delimiter)."""
+    """Examples of a CSV/TSV/JSONL/Parquet file. `label_field` None (or a missing column with require_label
+    False) reads texts only (prediction). `fmt`: the data config section (data.encoding, header, columns,
+    delimiter)."""
     path = Path(path)
-    text = _read_text(path, fmt)
-    if path.suffix.lower() == ".jsonl":
-        rows, header = _jsonl_rows(path, text)
-    else:
-        rows, header = _table_rows(path, text, fmt)
+    rows, header = read_rows(path, fmt, [text_field, text_pair_field, label_field])
     if not rows:
         raise KilnError(f"{path}: no data rows")
     if text_field not in header:

@@ -1,7 +1,8 @@
 """Reading raw text as a stream of cleaned documents.
 
 Inputs: a plain text file (one document, read ~1 MB of lines at a time), a folder of .txt files
-(one document per file), .jsonl (one document per row) or .csv/.tsv (one document per row).
+(one document per file), .jsonl (one document per row), .csv/.tsv (one document per row) or .parquet (a file,
+or a folder of them: one document per row of the text column, streamed in record batches with pyarrow).
 "kiln:tinyshakespeare" is the embedded corpus. Anything wrong with the input is a KilnError of one
 line that names the file and the problem.
 """
@@ -17,11 +18,13 @@ import unicodedata
 from pathlib import Path
 from typing import Iterator
 
-from kiln.errors import KilnError, did_you_mean
+from kiln.errors import KilnError, did_you_mean, require
 
 EMBEDDED = {"kiln:tinyshakespeare": Path(__file__).resolve().parent.parent / "assets" / "tinyshakespeare.txt"}
 CHUNK_BYTES = 1 << 20          # plain text files are read ~1 MB of whole lines at a time
 SNIFF_BYTES = 8192             # a NUL byte in the first 8 KB means "binary file"
+PARQUET_BATCH_ROWS = 1024      # rows per record batch read from a .parquet file
+PARQUET_BUFFER = 1 << 20       # column chunks are read through a buffer of this size (not whole)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode Cc minus \t and \n
 
 
@@ -193,6 +196,31 @@ def _check_head(path: Path, head: bytes) -> None:
         raise KilnError(f"{path}: looks like a binary file (NUL bytes in the first 8 KB), expected UTF-8 text")
 
 
+def parquet_file(path: Path):
+    """pyarrow's ParquetFile for `path` (only its footer is read), or a one-line KilnError: pyarrow missing, not
+    a Parquet file."""
+    pq = require("pyarrow.parquet", "parquet", "reading .parquet files")
+    try:
+        return pq.ParquetFile(str(path), buffer_size=PARQUET_BUFFER)
+    except Exception as e:  # pyarrow.ArrowInvalid (no magic bytes, a bad footer), OSError
+        raise KilnError(f"{path}: not a Parquet file ({str(e).splitlines()[0][:160]})") from None
+
+
+def parquet_text_column(path: Path, pf, name: str) -> None:
+    """A corpus's text column must exist (did-you-mean + the columns present) and hold strings."""
+    import pyarrow as pa
+
+    names = pf.schema_arrow.names
+    if name not in names:
+        raise KilnError(f"{path}: no column {name!r}{did_you_mean(name, names)}; columns present: "
+                        f"{', '.join(repr(n) for n in names) or '(none)'} (set data.text_field)")
+    t = pf.schema_arrow.field(name).type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or str(t) == "string_view"):
+        raise KilnError(f"{path}: column {name!r} holds {t}, expected strings (set data.text_field)")
+
+
 def json_object(path: Path, lineno: int, line: str, expected: str = "a JSON object") -> dict:
     """One JSONL row as a dict, or a one-line KilnError naming the file and line."""
     try:
@@ -224,24 +252,31 @@ class Corpus:
                             f"available: {', '.join(EMBEDDED)}")
         self.path = path or Path(self.source).expanduser()
         if self.path.is_dir():
-            self.kind = "folder"
             self.files = sorted(p for p in self.path.rglob("*.txt") if p.is_file())
+            parquet = sorted(p for p in self.path.rglob("*.parquet") if p.is_file())
+            if self.files and parquet:
+                raise KilnError(f"{self.path}: folder holds both .txt and .parquet files; point data.source at a "
+                                "folder of one kind")
+            self.kind, self.files = ("parquet", parquet) if parquet else ("folder", self.files)
             if not self.files:
-                raise KilnError(f"{self.path}: folder has no .txt files")
+                raise KilnError(f"{self.path}: folder has no .txt files (nor .parquet files)")
         elif self.path.is_file():
             suffix = self.path.suffix.lower()
-            self.kind = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "csv"}.get(suffix, "text")
+            self.kind = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}.get(suffix, "text")
             self.files = [self.path]
         else:
             raise KilnError(f"data source not found: {self.path}")
         self.read_path = self.path  # a single file in another encoding is read from a UTF-8 copy
-        if self.kind != "folder":
+        if self.kind == "parquet":  # every file's footer and column checked before anything is read
+            for p in self.files:
+                parquet_text_column(p, parquet_file(p), self.text_field)
+        elif self.kind != "folder":
             with open(self.path, "rb") as f:
                 head = f.read(SNIFF_BYTES)
             codec, bom = resolve_encoding(self.path, head, self.encoding)
             if codec != "utf-8":
                 self.read_path = self._transcode(codec, bom, head)
-        self.nbytes = (sum(p.stat().st_size for p in self.files) if self.kind == "folder"
+        self.nbytes = (sum(p.stat().st_size for p in self.files) if self.kind in ("folder", "parquet")
                        else self.read_path.stat().st_size)
         self.bytes_read = 0
 
@@ -375,6 +410,8 @@ class Corpus:
                     yield clean_text(decode_bytes(data, p, self.encoding))
         elif self.kind == "jsonl":
             yield from self._jsonl()
+        elif self.kind == "parquet":
+            yield from self._parquet()
         else:
             yield from self._csv()
 
@@ -406,6 +443,30 @@ class Corpus:
             if not isinstance(text, str):
                 raise KilnError(f"{path}:{lineno}: field {key!r} is {type(text).__name__}, expected a string")
             yield clean_text(text)
+
+    def _parquet(self) -> Iterator[str]:
+        """The text column of each file, a record batch at a time (memory: one batch and a read buffer);
+        null values are skipped. bytes_read grows with the share of rows read."""
+        import pyarrow as pa
+
+        for path in self.files:
+            pf = parquet_file(path)
+            size, rows, done, counted = path.stat().st_size, max(pf.metadata.num_rows, 1), 0, 0
+            batches = pf.iter_batches(columns=[self.text_field], batch_size=PARQUET_BATCH_ROWS)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (pa.ArrowException, OSError) as e:
+                    raise KilnError(f"{path}: cannot read Parquet data ({str(e).splitlines()[0][:160]})") from None
+                if batch is None:
+                    break
+                texts = batch.column(0).to_pylist()
+                done += len(texts)
+                self.bytes_read += size * done // rows - counted
+                counted = size * done // rows
+                for text in texts:
+                    if text is not None:
+                        yield clean_text(str(text))
 
     def _csv(self) -> Iterator[str]:
         path, key = self.path, self.text_field
