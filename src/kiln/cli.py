@@ -116,13 +116,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("run_dir")
     q.add_argument("--out", required=True, help="new run folder for the quantized model")
     q.add_argument("--checkpoint", default="latest", help="latest, best, or a checkpoint folder")
+    mg = sub.add_parser("merge", help="fold a LoRA run's adapters into its frozen base: a run folder with full "
+                        "weights that loads, evaluates, exports and serves like any run", formatter_class=fmt)
+    mg.add_argument("run_dir", help="a run trained with train.lora.rank > 0")
+    mg.add_argument("--out", required=True, help="new run folder for the merged model")
+    mg.add_argument("--checkpoint", default="best", help="best (the newest when the run has none), latest, or a "
+                    "checkpoint folder")
     imp = sub.add_parser("import", help="import a checkpoint from another format")
     imp.add_argument("format", choices=["hf"])
     imp.add_argument("src")
     imp.add_argument("run_dir")
     exp = sub.add_parser("export", help="export a run to another format: hf (transformers folder) or onnx (a "
                          "classifier or language model for onnxruntime, checked and measured: OUT/report.json)")
-    exp.add_argument("format", choices=["hf", "onnx"])
+    exp.add_argument("format", choices=["hf", "onnx", "peft"], help="peft: a LoRA run's adapters (adapter_config.json "
+                     "+ adapter_model.safetensors) and its frozen base in OUT/base (transformers)")
     exp.add_argument("run_dir")
     exp.add_argument("out_dir")
     exp.add_argument("--int8", action="store_true", help="onnx: also model.int8.onnx (onnxruntime quantize_dynamic)")
@@ -372,6 +379,17 @@ def _dispatch(args, extra: list[str]) -> int | None:
 
         import_hf(args.src, args.run_dir)
         print(f"imported {args.src} -> {args.run_dir}")
+        return 0
+    if args.verb == "merge":
+        from kiln.compress.merge import merge_run
+
+        merge_run(args.run_dir, args.out, which=args.checkpoint)
+        return 0
+    if args.verb == "export" and args.format == "peft":
+        from kiln.interop.peft import export_peft
+
+        export_peft(args.run_dir, args.out_dir, which=args.checkpoint or "best")
+        print(f"exported the adapters of {args.run_dir} -> {args.out_dir} (its base model: {args.out_dir}/base)")
         return 0
     if args.verb == "export" and args.format == "onnx":
         from kiln.interop.onnx import export_onnx

@@ -6,6 +6,8 @@ run_dir/
   checkpoints/step_000500/    model.safetensors, trainer.pt (optimizer, step, RNG), meta.json
   checkpoints/latest          text file naming the newest complete checkpoint
   checkpoints/best            text file naming the one with the lowest val loss
+  lora/base.safetensors       a LoRA run (train.lora.rank > 0): the frozen base, written once; its checkpoints
+                              hold only what trains (adapters, the task head) and name this file and its sha256
 
 A checkpoint is written into a hidden temp folder, every file fsynced, then renamed into place: a crash or
 SIGKILL at any instant leaves either the old set of checkpoints or the new one, never half of one.
@@ -20,13 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from kiln._version import __version__
 from kiln.errors import KilnError
 
 CHECKPOINTS = "checkpoints"
+LORA_BASE = "lora/base.safetensors"  # a LoRA run's frozen base, relative to the run folder
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,8 +98,12 @@ def load_weights(model: torch.nn.Module, path: Path, prefix: str = "") -> None:
     under it (e.g. an ELECTRA run's `discriminator.`), without the prefix."""
     try:
         state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            info = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise KilnError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
+    if "lora" in info:  # adapters + head only: the frozen base beside, merged unless the model has adapters
+        state = _with_lora_base(Path(path), state, info, model)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     model = unwrap(model)
@@ -128,7 +135,14 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, step: int, trai
     tmp.mkdir()
     meta = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
             "kiln": __version__, **(meta or {})}
-    save_weights(model, tmp / "model.safetensors", {"step": step}, state=weights)
+    info = {"step": step}
+    from kiln.model.lora import spec_of
+
+    if spec_of(unwrap(model)) is not None:  # LoRA: only what trains; the frozen base once, beside
+        weights, lora_info = _lora_weights(Path(run_dir), model, weights)
+        info.update(lora_info)
+        meta.update(lora=json.loads(lora_info["lora"]), lora_base=LORA_BASE)
+    save_weights(model, tmp / "model.safetensors", info, state=weights)
     files = [tmp / "model.safetensors"]
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer.pt")
@@ -151,6 +165,98 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, step: int, trai
         atomic_write_text(root / "best", name + "\n")
     _prune(root, keep_last)
     return final
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _lora_weights(run_dir: Path, model: torch.nn.Module, state: dict | None) -> tuple[dict, dict]:
+    """A LoRA model's checkpoint tensors (those that train) and metadata; the base (the model as training began,
+    adapters aside) is written once to run_dir/lora/base.safetensors: a resume finds it, every checkpoint names
+    its sha256."""
+    from kiln.model.lora import base_state, spec_of, trainable_names
+
+    plain = unwrap(model)
+    state = model_state(model) if state is None else state
+    train = trainable_names(plain)
+    base = run_dir / LORA_BASE
+    if not base.is_file():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tmp = base.with_name(f".{base.name}.tmp-{os.getpid()}")
+        save_file(base_state(plain, state), str(tmp), metadata={"kind": "lora-base"})
+        _fsync_file(tmp)
+        os.replace(tmp, base)
+        _fsync_dir(base.parent)
+    info = {"lora": spec_of(plain).to_json(), "lora_base": LORA_BASE, "lora_base_sha256": _sha256(base)}
+    return {k: v for k, v in state.items() if k in train}, info
+
+
+def _lora_base(path: Path, info: dict) -> dict[str, torch.Tensor]:
+    """The frozen base a LoRA checkpoint (path: run/checkpoints/step_N/model.safetensors) names, checked."""
+    base_file = path.parent.parent.parent / info.get("lora_base", LORA_BASE)
+    if not base_file.is_file():
+        raise KilnError(f"{path}: a LoRA checkpoint whose frozen base {base_file} is missing (it lives in the run "
+                        "folder beside checkpoints/)")
+    if info.get("lora_base_sha256") and _sha256(base_file) != info["lora_base_sha256"]:
+        raise KilnError(f"{path}: the frozen base {base_file} is not the one this checkpoint was trained on "
+                        "(sha256 differs)")
+    try:
+        return load_file(str(base_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KilnError(f"{base_file}: cannot read weights ({str(e).splitlines()[0]})") from None
+
+
+def _with_lora_base(path: Path, state: dict, info: dict, model: torch.nn.Module) -> dict:
+    """The full state of a LoRA checkpoint: its frozen base + its tensors; for a model without adapters (eval,
+    predict, export, merge) the adapters folded into the weights (kiln.model.lora.merge_state)."""
+    from kiln.model.lora import LoraSpec, merge_state, spec_of
+
+    full = {**_lora_base(path, info), **state}
+    return full if spec_of(unwrap(model)) is not None else merge_state(full, LoraSpec.from_json(info["lora"]))
+
+
+def read_lora_checkpoint(ckpt_dir: Path):
+    """(kiln.model.lora.LoraSpec, frozen base state, trained state) of a LoRA checkpoint folder."""
+    from kiln.model.lora import LoraSpec
+
+    path = Path(ckpt_dir) / "model.safetensors"
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            info = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KilnError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
+    if "lora" not in info:
+        raise KilnError(f"{ckpt_dir} holds full weights, not LoRA adapters (train.lora.rank was 0)")
+    return LoraSpec.from_json(info["lora"]), _lora_base(path, info), state
+
+
+def checkpoint_lora(ckpt_dir: Path):
+    """The kiln.model.lora.LoraSpec of a checkpoint folder's weights, or None (full weights)."""
+    try:
+        with safe_open(str(Path(ckpt_dir) / "model.safetensors"), "pt") as f:
+            text = (f.metadata() or {}).get("lora")
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if text is None:
+        return None
+    from kiln.model.lora import LoraSpec
+
+    return LoraSpec.from_json(text)
 
 
 def _prune(root: Path, keep_last: int) -> None:

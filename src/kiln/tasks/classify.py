@@ -48,7 +48,9 @@ class ClassifyTask(Task):
                                                 "save_every": "; 0 = at evaluations and the end"}
         skip = ("batch_tokens", "lr_scaling", "reference_batch_tokens", "eval_batches", "sample_tokens",
                 "sample_prompt", "target_loss", "muon_lr")
-        return [(f, repr(getattr(train, f[8:])) if f.startswith("--train.") else d,
+        from operator import attrgetter  # dotted: train.lora.rank
+
+        return [(f, repr(attrgetter(f[8:])(train)) if f.startswith("--train.") else d,
                  h + notes.get(f[8:], "") if f.startswith("--train.") else h)
                 for f, d, h in config_help(ClassifyConfig) if not f.startswith("--model.") and f[8:] not in skip]
 

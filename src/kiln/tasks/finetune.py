@@ -31,6 +31,10 @@ def finetune(task: Task, cfg, quiet: bool = False) -> Path:
     """Train `task` as `cfg` says; returns the run folder."""
     task.check(cfg)
     tc = cfg.train
+    lora = getattr(tc, "lora", None)
+    if lora is not None and lora.rank and not getattr(cfg, "init", ""):
+        raise KilnError(f"train.lora.rank {lora.rank}: LoRA adapts a pretrained model, and finetune {task.name} "
+                        "has no init here (set init to a kiln run or Hugging Face folder, or train.lora.rank 0)")
     if tc.batch_size < 1 or tc.grad_accum < 1:
         raise KilnError("train.batch_size and train.grad_accum must be >= 1")
     run_dir = default_run_dir(cfg.name, cfg.out)
@@ -51,6 +55,10 @@ def finetune(task: Task, cfg, quiet: bool = False) -> Path:
     device = resolve_device(tc.device)
     try:  # errors found once the backbone is loaded: leave no run folder behind
         prep = task.prepare(cfg, run_dir, data, device, log)
+        if lora is not None and lora.rank:  # freeze the backbone, adapters on it; the task's head trains in full
+            from kiln.model.lora import lora_from_config
+
+            lora_from_config(prep.model, lora, log)
     except KilnError:
         lock.release()
         if created:

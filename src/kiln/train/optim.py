@@ -80,6 +80,16 @@ def _decay_groups(named, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu") -> OptimizerGroup:
+    opt = _build_optimizer(model, cfg, device)
+    if getattr(model, "lora_spec", None) is not None:  # LoRA: few kinds of trainable tensors, so groups may be
+        # empty; drop them (and optimizers left with none) so the name-keyed state resumes (DSD allows one)
+        for o in opt.optimizers:
+            o.param_groups[:] = [g for g in o.param_groups if g["params"]]
+        opt.optimizers = [o for o in opt.optimizers if o.param_groups]
+    return opt
+
+
+def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu") -> OptimizerGroup:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not 0.0 < cfg.layer_lr_decay <= 1.0:
         raise KilnError(f"train.layer_lr_decay must be in (0, 1], got {cfg.layer_lr_decay}")
@@ -97,7 +107,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu
         from kiln.train.lamb import Lamb
 
         return OptimizerGroup([Lamb(_decay_groups(named, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))])
-    # muon: hidden 2-D matrices with Muon, everything else with AdamW
+    # muon: hidden 2-D matrices with Muon, everything else with AdamW (LoRA's low-rank A and B too: only the
+    # parameters that train are here, kiln.model.lora freezes the rest)
+    embeddings |= {id(p) for n, p in named if n.endswith((".lora_A", ".lora_B"))}
     hidden = [p for p in decay if id(p) not in embeddings]
     rest_decay = [p for p in decay if id(p) in embeddings]
     groups = [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.lr}]

@@ -179,7 +179,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.bf16_weights:
-            _master_to_copy(self.model, self.compute_model)
+            _master_to_copy(self.model, self.compute_model, trainable_only=True)
         mean_loss = loss_sum / total * self.world_size
         if self.world_size > 1:
             torch.distributed.all_reduce(mean_loss)
@@ -288,7 +288,8 @@ def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
 
     twin = copy.deepcopy(model)
     for p in twin.parameters():  # parameters only: buffers such as RoPE tables stay fp32
-        p.data = p.data.to(torch.bfloat16)
+        if p.is_floating_point():  # int8 weights (a LoRA run's int8 base) stay int8
+            p.data = p.data.to(torch.bfloat16)
     return twin
 
 
@@ -300,5 +301,9 @@ def _grads_to_master(compute: torch.nn.Module, master: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def _master_to_copy(master: torch.nn.Module, compute: torch.nn.Module) -> None:
-    torch._foreach_copy_(list(compute.parameters()), list(master.parameters()))
+def _master_to_copy(master: torch.nn.Module, compute: torch.nn.Module, trainable_only: bool = False) -> None:
+    """trainable_only: after an optimizer step, only what it moved (a LoRA run's frozen base never changes)."""
+    pairs = [(c, m) for c, m in zip(compute.parameters(), master.parameters(), strict=True)
+             if m.requires_grad or not trainable_only]
+    if pairs:
+        torch._foreach_copy_([c for c, _ in pairs], [m for _, m in pairs])
