@@ -289,6 +289,11 @@ class Seq2SeqConfig:
     seed: int = _f(1337, "random seed for the splits, init, data order and dropout", range=">= 0")
     model_preset: str = _f("", "start from a named encoder-decoder preset (see `kiln models`); model.* keys "
                            "override it")
+    init: str = _f("", "start from a pretrained encoder-decoder: a Hugging Face Marian/BART folder (imported into "
+                   "<run>/base), a kiln run made from one by `kiln import hf`, or a seq2seq run; its model shape and "
+                   "tokenizer (tokenizer.json, shared by both sides) replace model.* and seq2seq.tokenizer; empty = "
+                   "train from scratch")
+    init_checkpoint: str = _f("latest", "checkpoint of a kiln run used as init: latest | best | a folder")
     data: Seq2SeqDataConfig = field(default_factory=Seq2SeqDataConfig)
     seq2seq: Seq2SeqTaskConfig = field(default_factory=Seq2SeqTaskConfig)
     model: ModelConfig = field(default_factory=_seq2seq_model_defaults)

@@ -131,19 +131,25 @@ def fingerprint(pairs: list[Pair]) -> str:
 class PairCodec:
     """Text <-> ids for both sides. Shared: one tokenizer. Separate: target ids are offset by the source
     vocabulary (one embedding table, disjoint rows); decoding never emits a source id.
-    The tokenizer's end-of-text token is decoder start, eos and padding."""
+    The tokenizer's end-of-text token (<|endoftext|>, [SEP], else </s>) is decoder start, eos and padding,
+    unless `ids` (bos_id = decoder start, eos_id, pad_id) name them: a pretrained model's own (Marian: start =
+    <pad>, eos = </s>). `source_eos`: sources end with eos too (Marian's tokenizer appends </s>)."""
 
-    def __init__(self, src_tok, tgt_tok=None):
+    def __init__(self, src_tok, tgt_tok=None, ids: dict | None = None, source_eos: bool = False):
         from kiln.data.tokenizer import eot_id, vocab_size
 
         self.src_tok, self.tgt_tok = src_tok, tgt_tok or src_tok
         self.separate = tgt_tok is not None
         self.offset = vocab_size(src_tok) if self.separate else 0
+        ids = ids or {}
         eot = eot_id(self.tgt_tok)
-        if eot is None:
-            raise KilnError("the tokenizer has no end-of-text token (<|endoftext|> or [SEP]) to start and end "
+        eot = self.tgt_tok.token_to_id("</s>") if eot is None else eot
+        if eot is None and "eos_id" not in ids:
+            raise KilnError("the tokenizer has no end-of-text token (<|endoftext|>, [SEP] or </s>) to start and end "
                             "targets; use seq2seq.tokenizer shared or separate (BPE)")
-        self.bos = self.eos = self.pad = self.offset + eot
+        self.eos = ids.get("eos_id", self.offset + (eot or 0))
+        self.bos, self.pad = ids.get("bos_id", self.eos), ids.get("pad_id", self.eos)
+        self.source_eos = source_eos
         self.vocab_size = self.offset + vocab_size(self.tgt_tok)
 
     @staticmethod
@@ -156,13 +162,15 @@ class PairCodec:
             raise cannot_encode(tok, texts, where, e) from None
 
     def encode_source(self, texts: list[str], where: str = "source") -> list[list[int]]:
-        return self._ids(self.src_tok, texts, where)
+        ids = self._ids(self.src_tok, texts, where)
+        return [x + [self.eos] for x in ids] if self.source_eos else ids
 
     def encode_target(self, texts: list[str], where: str = "target") -> list[list[int]]:
         return [[i + self.offset for i in ids] for ids in self._ids(self.tgt_tok, texts, where)]
 
     def decode_target(self, ids: list[int]) -> str:
-        return self.tgt_tok.decode([i - self.offset for i in ids if i >= self.offset and i != self.eos]).strip()
+        special = {self.eos, self.pad, self.bos}
+        return self.tgt_tok.decode([i - self.offset for i in ids if i >= self.offset and i not in special]).strip()
 
     def suppress_source(self):
         """A log-prob processor forbidding source ids (separate tokenizers), else None."""
@@ -184,15 +192,18 @@ class PairCodec:
         else:
             self.src_tok.save(str(run_dir / "tokenizer.json"))
         return {"tokenizer": "separate" if self.separate else "shared", "offset": self.offset, "bos_id": self.bos,
-                "eos_id": self.eos, "pad_id": self.pad, "vocab_size": self.vocab_size}
+                "eos_id": self.eos, "pad_id": self.pad, "vocab_size": self.vocab_size, "source_eos": self.source_eos}
 
     @classmethod
     def load(cls, run_dir: Path, meta: dict) -> "PairCodec":
         from kiln.data.tokenizer import load_tokenizer
 
+        ids = {k: meta[k] for k in ("bos_id", "eos_id", "pad_id") if isinstance(meta.get(k), int)}
+        kw = dict(ids=ids, source_eos=bool(meta.get("source_eos")))
         if meta.get("tokenizer") == "separate":
-            return cls(load_tokenizer(run_dir / "tokenizer_source.json"), load_tokenizer(run_dir / "tokenizer_target.json"))
-        return cls(load_tokenizer(run_dir / "tokenizer.json"))
+            return cls(load_tokenizer(run_dir / "tokenizer_source.json"), load_tokenizer(run_dir / "tokenizer_target.json"),
+                       **kw)
+        return cls(load_tokenizer(run_dir / "tokenizer.json"), **kw)
 
 
 def build_codec(cfg: Seq2SeqConfig, train: list[Pair], log) -> PairCodec:

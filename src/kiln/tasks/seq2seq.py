@@ -7,7 +7,9 @@ The task on the shared driver (kiln.tasks.finetune): read, dedup and split the p
 (kiln.data.pairs) -> BPE tokenizer(s) trained on the train split -> an encoder-decoder from the config ->
 teacher forcing with label smoothing (kiln.train.objectives.Seq2SeqLM) -> at each evaluation the val loss and
 a fixed val subset decoded (greedy or beam) and scored (BLEU + chrF for `translate`, ROUGE for `summarize`),
-samples logged, the metric plotted -> the best checkpoint decodes the test split.
+samples logged, the metric plotted -> the best checkpoint decodes the test split. With `init` (a Hugging Face
+Marian/BART folder, a kiln run imported from one, or a seq2seq run) the model, its tokenizer.json and its token
+ids come from there instead of a new BPE and a random model; `kiln export hf` writes the result back.
 
 Run folder: seq2seq.yaml, run.json (kind seq2seq), seq2seq.json (special ids, fields, tokenizer layout),
 tokenizer.json (shared) or tokenizer_source.json + tokenizer_target.json, data.json, samples.txt,
@@ -16,8 +18,10 @@ checkpoints/, metrics.csv, plots/loss.png + bleu.png | rouge.png, eval/test.json
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -26,11 +30,13 @@ from kiln.data.pairs import Pair, PairCodec, build_codec, load_pair_splits, read
 from kiln.data.text import clean_text
 from kiln.errors import KilnError
 from kiln.eval.text_metrics import HEADLINE, TASK_METRICS, text_metrics
+from kiln.interop.hf import HF_CONFIG_COPY
 from kiln.model.transformer import Transformer
 from kiln.report.plots import metric_curve
 from kiln.run.checkpoint import find_checkpoint, load_weights, unwrap
 from kiln.run.load import build_model
 from kiln.tasks.base import Data, Prepared, Task
+from kiln.tasks.finetune import load_backbone
 from kiln.tasks.seq2seq_decode import Encoded, PairBatches, decode_ids, decode_options, encode_pairs, mean_loss, \
     write_outputs
 from kiln.train.objectives import Seq2SeqLM
@@ -52,12 +58,15 @@ class Seq2SeqTask(Task):
     def check(self, cfg: Seq2SeqConfig) -> None:
         cfg.model.resolve()
         m, d = cfg.model, cfg.data
-        if m.arch != "encoder-decoder":
+        if cfg.init and cfg.seq2seq.tokenizer != "shared":
+            raise KilnError(f"seq2seq.tokenizer {cfg.seq2seq.tokenizer!r} does not apply with init: the init's own "
+                            "tokenizer is used")
+        if m.arch != "encoder-decoder" and not cfg.init:
             raise KilnError(f"model.arch must be encoder-decoder for seq2seq, got {m.arch!r}")
         if d.max_source_length < 1 or d.max_target_length < 2:
             raise KilnError("data.max_source_length must be >= 1 and data.max_target_length >= 2")
         need = max(d.max_source_length, d.max_target_length)
-        if m.context_length < need:
+        if m.context_length < need and not cfg.init:  # with init: checked once its model is loaded
             raise KilnError(f"model.context_length {m.context_length} is shorter than data.max_source_length / "
                             f"max_target_length ({need}); raise it or lower those")
         s = cfg.seq2seq
@@ -75,7 +84,17 @@ class Seq2SeqTask(Task):
 
     def prepare(self, cfg: Seq2SeqConfig, run_dir: Path, data: Data, device: str, log) -> Prepared:
         splits, report, d, s, tc = data.splits, data.report, cfg.data, cfg.seq2seq, cfg.train
-        codec = build_codec(cfg, splits["train"], log)
+        model, init_info, hf_file = None, {}, None
+        if cfg.init:  # the pretrained model, its tokenizer and token ids; its shape is the run's model config
+            model, codec, init_info, hf_file = init_model(cfg, run_dir, log)
+            cfg.model = copy.deepcopy(model.config)
+            if max(d.max_source_length, d.max_target_length) > cfg.model.context_length:
+                log(f"note: data.max_source_length / max_target_length ({d.max_source_length} / "
+                    f"{d.max_target_length}) cut to init's context_length {cfg.model.context_length}")
+                d.max_source_length = min(d.max_source_length, cfg.model.context_length)
+                d.max_target_length = min(d.max_target_length, cfg.model.context_length)
+        else:
+            codec = build_codec(cfg, splits["train"], log)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = codec.vocab_size
         elif cfg.model.vocab_size < codec.vocab_size:
@@ -88,16 +107,19 @@ class Seq2SeqTask(Task):
                     f"{d.max_source_length} / max_target_length {d.max_target_length} tokens and were cut")
         log("splits: " + ", ".join(f"{n} {len(p)} pairs ({report['splits'][n]['unique_sources']} unique sources)"
                                    for n, p in splits.items()) + f"; seed {cfg.seed}")
-        model = Transformer(cfg.model)
-        notes = [f"encoder-decoder {cfg.model.n_layer}+{cfg.model.n_decoder_layer} layers, d_model {cfg.model.d_model}, "
+        model = model if model is not None else Transformer(cfg.model)
+        notes = [f"init {cfg.init}"] if cfg.init else []
+        notes += [f"encoder-decoder {cfg.model.n_layer}+{cfg.model.n_decoder_layer} layers, d_model {cfg.model.d_model}, "
                  f"vocab {cfg.model.vocab_size}", f"label smoothing {s.label_smoothing}"]
         if s.time_budget:
             notes.append(f"time budget {s.time_budget:g} min")
         meta = {"task": s.task, "source_field": s.source_field, "target_field": s.target_field,
-                "max_source_length": d.max_source_length, "max_target_length": d.max_target_length}
+                "max_source_length": d.max_source_length, "max_target_length": d.max_target_length, **init_info}
 
         def save(run_dir: Path) -> None:
             meta.update(codec.save(run_dir), **meta)
+            if hf_file is not None:  # the pretrained model's HF config: `kiln export hf` keeps its settings
+                shutil.copyfile(hf_file, run_dir / HF_CONFIG_COPY)
             (run_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
         # the fixed validation subset decoded at every evaluation, and the val-loss subset
@@ -189,6 +211,41 @@ def metric_name(cfg: Seq2SeqConfig) -> str:
         raise KilnError(f"seq2seq.metric {m!r} is not a {cfg.seq2seq.task} metric (auto, val_loss, "
                         f"{', '.join(TASK_METRICS[cfg.seq2seq.task])})")
     return f"val_{name}"
+
+
+def init_model(cfg: Seq2SeqConfig, run_dir: Path, log):
+    """(model, codec, info, HF config file or None) of `init`: a seq2seq run (its model and codec), or an
+    encoder-decoder kiln run / HF folder (kiln.tasks.finetune.load_backbone) whose tokenizer.json is the shared
+    codec, with the decoder start, eos and pad ids of its HF config (Marian: <pad>, </s>, <pad>)."""
+    path = Path(cfg.init).expanduser()
+    if (path / CONFIG_FILE).is_file():
+        model, codec, _, _ = load_seq2seq(path, cfg.init_checkpoint)
+        hf = path / HF_CONFIG_COPY
+        return model, codec, {"init": str(path), "init_kind": "seq2seq"}, hf if hf.is_file() else None
+    if not (path / "tokenizer.json").is_file() and any((path / f).is_file() for f in ("config.json", "config.yaml")):
+        raise KilnError(f"init {path} has no tokenizer.json: seq2seq fine-tuning needs the model's own tokenizer as "
+                        "a tokenizers JSON file with the model's ids (for BART, transformers' fast tokenizer "
+                        "save_pretrained writes one; Marian ships SentencePiece source.spm/target.spm + vocab.json, "
+                        "which kiln does not read: convert them to a tokenizer.json with vocab.json's ids)")
+    backbone, tok, info = load_backbone(cfg.init, cfg.init_checkpoint, run_dir, log)
+    if backbone.config.arch != "encoder-decoder":
+        raise KilnError(f"init {path} is a {backbone.config.arch} model; seq2seq needs an encoder-decoder "
+                        "(a Marian or BART model, or a seq2seq run)")
+    hf = Path(info.get("imported_to", path)) / HF_CONFIG_COPY
+    h = json.loads(hf.read_text(encoding="utf-8")) if hf.is_file() else {}
+    first = lambda v: v[0] if isinstance(v, list) and v else v  # noqa: E731  (eos may be a list)
+    ids = {k: first(h.get(name)) for k, name in (("eos_id", "eos_token_id"), ("pad_id", "pad_token_id"),
+                                                  ("bos_id", "decoder_start_token_id"))}
+    codec = PairCodec(tok, ids={k: v for k, v in ids.items() if isinstance(v, int)},
+                      source_eos=h.get("model_type") == "marian")
+    for name, i in (("eos", codec.eos), ("decoder start", codec.bos), ("pad", codec.pad)):
+        if not 0 <= i < backbone.config.vocab_size or (i < codec.vocab_size and tok.id_to_token(i) is None):
+            raise KilnError(f"init {path}: the {name} id {i} is not a token of its tokenizer.json / model "
+                            f"(vocab {backbone.config.vocab_size}); the tokenizer does not belong to this model")
+    log(f"tokenizer: init's tokenizer.json ({codec.vocab_size} ids), shared by source and target; decoder start "
+        f"{tok.id_to_token(codec.bos)!r}, eos {tok.id_to_token(codec.eos)!r}")
+    info = {("init_kind" if k == "kind" else k): v for k, v in info.items()}  # run.json has its own kind
+    return backbone, codec, info, hf if hf.is_file() else None
 
 
 def load_seq2seq(run_dir: str | Path, which: str = "best", device: str = "cpu"):
