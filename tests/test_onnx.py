@@ -244,3 +244,16 @@ def test_bad_input_is_one_line(tmp_path, capsys, classifier):
     assert (busy / "keep.txt").read_text() == "mine" and sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_kiln_quantize_run_is_refused(tmp_path, capsys):
+    from conftest import SHAKESPEARE
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:5_000])
+    run, q = tmp_path / "run", tmp_path / "q"
+    assert main(["pretrain", "--data.source", str(corpus), "--out", str(run), *TINY, "--train.max_steps", "2"]) == 0
+    assert main(["quantize", str(run), "--out", str(q)]) == 0
+    capsys.readouterr()
+    assert_user_error(capsys, ["export", "onnx", q, tmp_path / "o"], "kiln quantize's int8 weights", str(run), "--int8")
+    assert not (tmp_path / "o").exists()

@@ -186,13 +186,17 @@ def _load_classifier(run_dir: Path, which: str) -> Exported:
 def _load_language_model(run_dir: Path, which: str) -> Exported:
     from kiln.data.tokenizer import eot_id
     from kiln.run.checkpoint import find_checkpoint
-    from kiln.run.load import load
+    from kiln.run.load import checkpoint_meta, load
 
+    ckpt = find_checkpoint(run_dir, which) if which in ("best", "latest") else find_checkpoint(which)
+    if checkpoint_meta(ckpt).get("quantization"):
+        source = checkpoint_meta(ckpt).get("source") or "its source run"
+        raise KilnError(f"{run_dir} holds kiln quantize's int8 weights, which the ONNX graph does not take: export "
+                        f"{source} instead, with --int8 for onnxruntime's own int8 quantization")
     model, tokenizer, run_cfg = load(run_dir, which, quantized_ok=False)
     cfg = run_cfg.model
     if cfg.arch == "encoder-decoder":
         raise KilnError(f"{run_dir} is an encoder-decoder language model: kiln export onnx exports {EXPORTABLE}")
-    ckpt = find_checkpoint(run_dir, which) if which in ("best", "latest") else find_checkpoint(which)
     kind = "decoder" if cfg.arch == "decoder" else "encoder"
     info = {"vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
             "eot_token_id": eot_id(tokenizer) if tokenizer is not None else None,
