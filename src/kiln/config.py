@@ -27,9 +27,9 @@ _DELIMITER_HELP = ("CSV/TSV field separator: one character, or tab | comma | sem
 
 @dataclass
 class DataConfig:
-    source: str = _f("kiln:tinyshakespeare", "text file, folder of .txt files, .jsonl or .csv; "
+    source: str = _f("kiln:tinyshakespeare", "text file, folder of .txt (or .parquet) files, .jsonl, .csv or .parquet; "
                      "'kiln:tinyshakespeare' is the embedded corpus")
-    text_field: str = _f("text", "field holding the text in JSONL/CSV input")
+    text_field: str = _f("text", "field holding the text in JSONL/CSV/Parquet input")
     tokenizer: str = _f("char", "char | bpe | wordpiece | path to an existing tokenizer.json")
     vocab_size: int = _f(8192, "vocabulary size when training a bpe/wordpiece tokenizer", range=">= 1")
     lowercase: bool = _f(False, "a bpe/wordpiece tokenizer that lowercases (like BERT uncased): the normalizer is "
@@ -169,7 +169,7 @@ def default_recipe_train() -> TrainConfig:
 
 @dataclass
 class ClassifyDataConfig:
-    train: str = _f("", "training file: .csv, .tsv or .jsonl with a text column and a label column")
+    train: str = _f("", "training file: .csv, .tsv, .jsonl or .parquet with a text column and a label column")
     val: str = _f("", "validation file; empty = split off from train (deduplicated, stratified, seeded)")
     test: str = _f("", "test file; empty = split off from train")
     text_field: str = _f("text", "column holding the text")
@@ -227,7 +227,7 @@ class ClassifyConfig:
 
 @dataclass
 class Seq2SeqDataConfig:
-    train: str = _f("", "pair file: .tsv, .csv or .jsonl with a source and a target column")
+    train: str = _f("", "pair file: .tsv, .csv, .jsonl or .parquet with a source and a target column")
     val: str = _f("", "validation pair file; empty = split off from train (seeded; identical sources stay together)")
     test: str = _f("", "test pair file; empty = split off from train")
     val_fraction: float = _f(0.05, "share of the unique sources held out for validation when data.val is empty", range="[0, 1)")
