@@ -185,3 +185,106 @@ def test_unsupported_marian_configs_are_one_line_errors(tmp_path):
         marian.config_to_hf(ModelConfig(arch="encoder-decoder", vocab_size=V, position="sinusoidal"))
     with pytest.raises(KilnError, match="marian"):  # the interleaved table has no HF family
         hf.family_for(ModelConfig(arch="encoder-decoder", vocab_size=V, position="sinusoidal"))
+
+
+# ----------------------------------------------------------------------------------------------- kiln finetune seq2seq --init
+
+
+def marian_folder(path, seed=5) -> tuple[Path, int, int]:
+    """An HF Marian folder as opus-mt's look once their tokenizer is converted: config.json, model.safetensors
+    and a tokenizer.json (a small Unigram over the verses: </s> = 0, <unk> = 1, <pad> = the last id and the
+    decoder start token). Returns (folder, vocab, pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    rows = list(csv.reader(open(BIBLE, encoding="utf-8"), delimiter="\t"))[1:]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=160, special_tokens=["</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    tok.train_from_iterator((x for r in rows for x in r[1:3]), trainer)
+    tok.add_special_tokens(["<pad>"])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 0)])
+    pad = tok.token_to_id("<pad>")
+    make_marian(path, seed=seed, vocab=pad + 1, pad=pad)
+    tok.save(str(path / "tokenizer.json"))
+    return path, pad + 1, pad
+
+
+FAST = ["--seq2seq.source_field", "en", "--seq2seq.target_field", "es", "--data.limit", "120",
+        "--data.val_size", "6", "--data.test_size", "4", "--data.max_source_length", "40",
+        "--data.max_target_length", "40", "--train.max_steps", "4", "--train.batch_size", "8",
+        "--train.eval_every", "4", "--train.warmup_steps", "1", "--train.lr", "2e-3", "--train.log_every", "2",
+        "--seq2seq.eval_examples", "3", "--seq2seq.num_beams", "1", "--seq2seq.max_new_tokens", "8",
+        "--seq2seq.test_examples", "3", "--train.threads", "1", "--train.tensorboard", "false",
+        "--train.precision", "fp32"]
+
+
+def finetune(init, out, *extra) -> int:
+    return main([str(a) for a in ["finetune", "seq2seq", "--init", init, "--data.train", BIBLE, "--out", out,
+                                  *FAST, *extra]])
+
+
+def test_finetune_seq2seq_init_from_marian_then_export_loads_in_transformers(tmp_path, capsys):
+    from kiln.tasks.seq2seq import load_seq2seq, translate
+    from kiln.tasks.seq2seq_decode import collate
+
+    folder, vocab, pad = marian_folder(tmp_path / "opus-mt-tiny")
+    run = tmp_path / "ft"
+    assert finetune(folder, run) == 0
+    meta = json.loads((run / "seq2seq.json").read_text())
+    assert (meta["bos_id"], meta["eos_id"], meta["pad_id"], meta["source_eos"], meta["vocab_size"]) == \
+        (pad, EOS, pad, True, vocab)  # Marian's ids: start = <pad>, eos = </s>; sources end with </s>
+    assert meta["init"] == str(folder) and meta["init_kind"] == "huggingface"
+    assert (run / "base" / "config.yaml").is_file() and (run / "hf_config.json").is_file()
+    model, codec, cfg, _ = load_seq2seq(run)
+    assert cfg.model.sinusoid_layout == "halves" and cfg.model.vocab_size == vocab
+    start = transformers.MarianMTModel.from_pretrained(folder).eval()
+    assert not torch.equal(model.lm_head.bias, start.final_logits_bias[0])  # it trained, the head's bias too
+    assert json.loads((run / "eval" / "summary.json").read_text())["train"]["steps"] == 4
+
+    capsys.readouterr()
+    assert main(["export", "hf", str(run), str(tmp_path / "exported")]) == 0
+    back = transformers.MarianMTModel.from_pretrained(tmp_path / "exported").eval()
+    pairs = list(csv.reader(open(BIBLE, encoding="utf-8"), delimiter="\t"))[1:5]
+    batch = collate(codec.encode_source([p[1] for p in pairs]), codec.encode_target([p[2] for p in pairs]),
+                    codec.pad, codec.bos, codec.eos)
+    with torch.no_grad():
+        got = model(batch["decoder_input_ids"], src=batch["input_ids"], src_mask=batch["attention_mask"])
+        want = back(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
+                    decoder_input_ids=batch["decoder_input_ids"]).logits
+    print(f"fine-tuned marian export: max |HF - kiln| logit = {delta(got, want):.2e}")
+    assert delta(got, want) <= TOL
+    assert (back.config.decoder_start_token_id, back.config.eos_token_id, back.config.pad_token_id) == (pad, EOS, pad)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")  # the shared tokenizer.json
+    assert (hf_tok.eos_token, hf_tok.pad_token) == ("</s>", "<pad>")
+    assert hf_tok(pairs[0][1])["input_ids"] == codec.encode_source([pairs[0][1]])[0]  # ... </s>, as Marian's
+    assert isinstance(translate(run, ["God saw the light."], num_beams=1)[0], str)
+
+    # --init an imported Marian run, and a seq2seq run (its codec kept)
+    assert main(["import", "hf", str(folder), str(tmp_path / "imported")]) == 0
+    assert finetune(tmp_path / "imported", tmp_path / "ft2", "--train.max_steps", "2") == 0
+    assert json.loads((tmp_path / "ft2" / "seq2seq.json").read_text())["bos_id"] == pad
+    assert finetune(run, tmp_path / "ft3", "--train.max_steps", "2", "--init_checkpoint", "best") == 0
+    again = json.loads((tmp_path / "ft3" / "seq2seq.json").read_text())
+    assert again["init_kind"] == "seq2seq" and {k: again[k] for k in ("bos_id", "eos_id", "pad_id", "source_eos")} \
+        == {k: meta[k] for k in ("bos_id", "eos_id", "pad_id", "source_eos")}
+
+
+def test_init_errors_are_one_line(tmp_path, capsys):
+    make_marian(tmp_path / "no_tok")  # opus-mt as downloaded: SentencePiece files, no tokenizer.json
+    (tmp_path / "no_tok" / "source.spm").write_bytes(b"")
+    capsys.readouterr()  # drop transformers' progress output
+    assert_user_error(capsys, ["finetune", "seq2seq", "--init", tmp_path / "no_tok", "--data.train", BIBLE,
+                               "--out", tmp_path / "r1", *FAST], "no tokenizer.json", "source.spm", "vocab.json")
+    assert not (tmp_path / "r1").exists()
+    folder, _, _ = marian_folder(tmp_path / "tiny")
+    capsys.readouterr()
+    assert_user_error(capsys, ["finetune", "seq2seq", "--init", folder, "--data.train", BIBLE, "--out",
+                               tmp_path / "r2", *FAST, "--seq2seq.tokenizer", "separate"], "does not apply with init")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=V))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "gpt2" / "tokenizer.json").write_text((folder / "tokenizer.json").read_text())
+    capsys.readouterr()
+    assert_user_error(capsys, ["finetune", "seq2seq", "--init", tmp_path / "gpt2", "--data.train", BIBLE, "--out",
+                               tmp_path / "r3", *FAST], "decoder model", "encoder-decoder")
+    assert not (tmp_path / "r3").exists()
