@@ -143,3 +143,11 @@ def state_to_hf(kiln_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     if not cfg.mlm_head:
         out = {k.removeprefix(PREFIX): v for k, v in out.items()}
     return out
+
+
+# Task heads (kiln.interop.hf.import_task_hf / export_task_hf): HF class -> (the kiln run kind, {HF head tensor:
+# kiln tensor}); the encoder is `bert.` in HF and `backbone.` in the kiln task model (kiln.model.heads).
+HEADS = {
+    "BertForQuestionAnswering": ("qa", {"qa_outputs.weight": "head.weight", "qa_outputs.bias": "head.bias"}),
+    "BertForTokenClassification": ("tokens", {"classifier.weight": "head.weight", "classifier.bias": "head.bias"}),
+}

@@ -24,6 +24,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "LlamaModel": "llama", "MistralForCausalLM": "mistral", "MistralModel": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen2Model": "qwen2",
     "BertModel": "bert", "BertForMaskedLM": "bert", "BertForPreTraining": "bert",
+    "BertForQuestionAnswering": "bert", "BertForTokenClassification": "bert",
     "BartForConditionalGeneration": "bart", "BartModel": "bart",
     "MarianMTModel": "marian", "MarianModel": "marian",
 }
@@ -102,6 +103,9 @@ def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False)
     hf_config = _read_json(src / "config.json")
     family = family_of(hf_config, str(src / "config.json"))
     hf_state = read_hf_weights(src)
+    task_arch = next((a for a in hf_config.get("architectures") or [] if a in getattr(family, "HEADS", {})), None)
+    if task_arch:  # a task head (BertForQuestionAnswering, ...): a fine-tuned task run (kind qa, tokens, ...)
+        return import_task_hf(src, run_dir, hf_config, hf_state, family, task_arch, overwrite)
     cfg = (family.config_from_hf(hf_config, list(hf_state)) if family is bert
            else family.config_from_hf(hf_config))
     try:
@@ -197,6 +201,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -
     from kiln.run.load import load
 
     run_dir, out = Path(run_dir), Path(out_dir)
+    if (run_dir / "run.json").is_file() and json.loads((run_dir / "run.json").read_text()).get("kind") in TASK_RUNS:
+        return export_task_hf(run_dir, out, "best" if which == "latest" else which)  # head + backbone
     seq2seq = (run_dir / SEQ2SEQ_META).is_file()  # a fine-tuned seq2seq run: its best checkpoint, its codec's ids
     model, _, run = (_load_seq2seq(run_dir, "best" if which == "latest" else which) if seq2seq
                      else load(run_dir, which, quantized_ok=False))
@@ -219,5 +225,106 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -
     if (root / "tokenizer.json").is_file():
         shutil.copyfile(root / "tokenizer.json", out / "tokenizer.json")
         tok_cfg = _tokenizer_config(root / "tokenizer.json", cfg)
+        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- task heads
+#
+# A fine-tuned task run <-> an HF *For<Task> folder. A family module lists its heads in HEADS: HF class ->
+# (kiln run kind, {HF head tensor: kiln tensor}); the backbone is the family's base model, under its PREFIX in
+# HF and under `backbone.` in the kiln task model (kiln.model.heads). TASK_RUNS gives each kind's config
+# (class, file): the task's `load` reads what import_task_hf writes.
+
+
+def _task_config(kind: str):
+    if kind == "qa":
+        from kiln.data.squad import CONFIG_FILE, QAConfig
+
+        return QAConfig, CONFIG_FILE
+    from kiln.data.conll import CONFIG_FILE, TokensConfig
+
+    return TokensConfig, CONFIG_FILE
+
+
+TASK_RUNS = ("qa", "tokens")
+
+
+def import_task_hf(src: Path, run_dir: Path, hf_config: dict, hf_state: dict, family, arch: str,
+                   overwrite: bool = False) -> Path:
+    """An HF task model folder -> a kiln run of the task's kind (its config file, run.json with the labels,
+    tokenizer.json, checkpoints/step_000000 holding backbone.* + the head)."""
+    from kiln.config import dump_yaml
+    from kiln.run.checkpoint import atomic_write_text, save_checkpoint
+    from kiln.run.folder import holds_run, write_run_json
+    from kiln.run.load import build_model
+
+    kind, names = family.HEADS[arch]
+    if holds_run(run_dir) and not overwrite:
+        raise KilnError(f"{run_dir} already holds a kiln run; pick another folder or pass overwrite=True")
+    state = dict(hf_state)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise KilnError(f"{src}: {arch} checkpoint without its head weight {missing[0]!r}")
+    head = {kiln: state.pop(name) for name, kiln in names.items()}
+    cfg = family.config_from_hf(hf_config, list(state))
+    try:
+        cfg.validate()
+    except KilnError as e:
+        raise KilnError(f"{src / 'config.json'}: {e}") from None
+    backbone = build_model(cfg, "cpu")
+    backbone.load_state_dict(family.state_from_hf(state, cfg), strict=False)
+    weights = {f"backbone.{k}": v for k, v in backbone.state_dict().items() if k != "lm_head.weight"} | head
+    meta = {"imported_from": str(src.resolve()), "hf_model_type": hf_config.get("model_type"), "hf_class": arch}
+    n_out = next(iter(head.values())).shape[0]
+    if kind != "qa":  # a label per output of the head, in id order
+        id2label = hf_config.get("id2label") or {}
+        meta["labels"] = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n_out)]
+    else:
+        meta["null_answers"] = False
+    config_cls, config_file = _task_config(kind)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (src / "tokenizer.json").is_file():
+        shutil.copyfile(src / "tokenizer.json", run_dir / "tokenizer.json")
+    shutil.copyfile(src / "config.json", run_dir / HF_CONFIG_COPY)
+    atomic_write_text(run_dir / config_file, dump_yaml(config_cls(name=src.resolve().name, out=str(run_dir),
+                                                                  init=str(src), model=cfg)))
+    write_run_json(run_dir, kind, config_file, **meta)
+    save_checkpoint(run_dir, backbone, 0, weights=weights, meta=meta, is_best=True)
+    return run_dir
+
+
+def export_task_hf(run_dir: Path, out: Path, which: str = "best") -> Path:
+    """A fine-tuned task run (kind qa / tokens) -> the HF *For<Task> folder of its family (config.json with
+    the class and labels, model.safetensors, tokenizer files). The backbone's pooler / MLM head are left out:
+    HF's task classes have none."""
+    from safetensors.torch import load_file, save_file
+
+    from kiln.config import load_config
+    from kiln.run.checkpoint import find_checkpoint
+    from kiln.run.folder import read_run_json
+
+    info = read_run_json(run_dir)
+    config_cls, config_file = _task_config(info["kind"])
+    cfg = load_config(run_dir / config_file, cls=config_cls).model.with_(pooler=False, mlm_head=False)
+    family = family_for(cfg)
+    arch = next((a for a, (k, _) in getattr(family, "HEADS", {}).items() if k == info["kind"]), None)
+    if arch is None:
+        raise KilnError(f"cannot export a {info['kind']} run with a {family.FAMILY} backbone: no Hugging Face class")
+    weights = load_file(str(find_checkpoint(run_dir, which) / "model.safetensors"))
+    backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+    prefix = getattr(family, "PREFIX", "")
+    state = {(k if k.startswith(prefix) else prefix + k): v for k, v in family.state_to_hf(backbone, cfg).items()}
+    state.update({name: weights[kiln].contiguous() for name, kiln in family.HEADS[arch][1].items()})
+    hf_config = {**family.config_to_hf(cfg), "architectures": [arch]}
+    if info.get("labels"):
+        hf_config["id2label"] = {str(i): name for i, name in enumerate(info["labels"])}
+        hf_config["label2id"] = {name: i for i, name in enumerate(info["labels"])}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if (run_dir / "tokenizer.json").is_file():
+        shutil.copyfile(run_dir / "tokenizer.json", out / "tokenizer.json")
+        tok_cfg = _tokenizer_config(run_dir / "tokenizer.json", cfg)
         (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return out

@@ -75,3 +75,40 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         return self.head(self.dropout(self.features(input_ids, attention_mask, token_type_ids)))
+
+
+def token_states(backbone: nn.Module, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+    """The backbone's last hidden states [B, T, d_model] (an encoder-decoder's encoder)."""
+    if backbone.config.arch == "decoder":
+        return backbone.hidden(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    return backbone.encode(input_ids, src_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+class SpanHead(nn.Module):
+    """Extractive QA (BertForQuestionAnswering's `qa_outputs`): a linear layer on every token's hidden state ->
+    start and end logits [B, T, 2]."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.d_model, 2)
+        nn.init.normal_(self.head.weight, std=backbone.config.init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.head(token_states(self.backbone, input_ids, attention_mask, token_type_ids))
+
+
+class TokenClassifier(nn.Module):
+    """A label per token (BertForTokenClassification: dropout + `classifier`): logits [B, T, n_labels]."""
+
+    def __init__(self, backbone: nn.Module, n_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.config.d_model, n_labels)
+        nn.init.normal_(self.head.weight, std=backbone.config.init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.head(self.dropout(token_states(self.backbone, input_ids, attention_mask, token_type_ids)))

@@ -14,6 +14,8 @@ from kiln.errors import KilnError, did_you_mean
 REGISTRY = {
     "classify": ("kiln.tasks.classify", "text classification from a CSV/TSV/JSONL file"),
     "seq2seq": ("kiln.tasks.seq2seq", "train an encoder-decoder on source/target pairs (translate, summarize)"),
+    "qa": ("kiln.tasks.qa", "extractive question answering from SQuAD v1.1/v2.0 JSON or JSONL"),
+    "tokens": ("kiln.tasks.tokens", "token classification (NER, POS) from CoNLL column files or JSONL"),
 }
 
 
