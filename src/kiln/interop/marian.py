@@ -104,6 +104,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "dropout": cfg.dropout, "attention_dropout": 0.0, "activation_dropout": 0.0, "init_std": cfg.init_std,
         "share_encoder_decoder_embeddings": True, "tie_word_embeddings": cfg.tie_embeddings,
         "is_encoder_decoder": True, "pad_token_id": pad, "decoder_start_token_id": pad, "dtype": "float32",
+        "forced_eos_token_id": None,  # MarianConfig's default (0) is opus-mt's eos, not necessarily this model's
     }
 
 
