@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from kiln.errors import KilnError
-from kiln.interop import bart, bert, gpt2, llama, marian
+from kiln.interop import bart, bert, gpt2, llama, marian, vit
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert, "bart": bart, "marian": marian}
+FAMILIES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert, "bart": bart, "marian": marian, "vit": vit}
 ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
     "LlamaForCausalLM": "llama", "LlamaModel": "llama", "MistralForCausalLM": "mistral", "MistralModel": "mistral",
@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "BertForQuestionAnswering": "bert", "BertForTokenClassification": "bert",
     "BartForConditionalGeneration": "bart", "BartModel": "bart",
     "MarianMTModel": "marian", "MarianModel": "marian",
+    "ViTModel": "vit", "ViTForImageClassification": "vit",
 }
 HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, kept in the run folder (token ids for export)
 SEQ2SEQ_CONFIG, SEQ2SEQ_META = "seq2seq.yaml", "seq2seq.json"  # a `kiln finetune seq2seq` run (kiln.tasks.seq2seq)
@@ -106,7 +107,9 @@ def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False)
     task_arch = next((a for a in hf_config.get("architectures") or [] if a in getattr(family, "HEADS", {})), None)
     if task_arch:  # a task head (BertForQuestionAnswering, ...): a fine-tuned task run (kind qa, tokens, ...)
         return import_task_hf(src, run_dir, hf_config, hf_state, family, task_arch, overwrite)
-    cfg = (family.config_from_hf(hf_config, list(hf_state)) if family is bert
+    if family is vit and vit.is_classifier(hf_state):  # ViTForImageClassification: a `kiln finetune image` run
+        return vit.import_classifier(src, run_dir, hf_config, hf_state, overwrite)
+    cfg = (family.config_from_hf(hf_config, list(hf_state)) if family in (bert, vit)
            else family.config_from_hf(hf_config))
     try:
         cfg.validate()
@@ -130,6 +133,8 @@ def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False)
         shutil.copyfile(src / "tokenizer.json", run_dir / "tokenizer.json")
         run.data.tokenizer = str(run_dir / "tokenizer.json")
     shutil.copyfile(src / "config.json", run_dir / HF_CONFIG_COPY)
+    if (src / vit.PREPROCESSOR).is_file():  # image models: the pixel normalisation (kiln finetune image reads it)
+        shutil.copyfile(src / vit.PREPROCESSOR, run_dir / vit.PREPROCESSOR)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
     write_run_json(run_dir, "pretrain", "config.yaml", imported_from=str(src.resolve()),
                    hf_model_type=hf_config.get("model_type"))
@@ -144,6 +149,8 @@ def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False)
 
 def family_for(cfg):
     """The HF family a kiln ModelConfig exports to."""
+    if cfg.channels:
+        return vit
     if cfg.arch == "encoder":
         return bert
     if cfg.arch == "encoder-decoder" and cfg.position == "learned":
@@ -201,6 +208,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -
     from kiln.run.load import load
 
     run_dir, out = Path(run_dir), Path(out_dir)
+    if (run_dir / "run.json").is_file() and json.loads((run_dir / "run.json").read_text()).get("kind") == "image":
+        # a fine-tuned image classifier: ViTForImageClassification, from the checkpoint kiln eval scores
+        return vit.export_classifier(run_dir, out, "best" if which == "latest" else which)
     if (run_dir / "run.json").is_file() and json.loads((run_dir / "run.json").read_text()).get("kind") in TASK_RUNS:
         return export_task_hf(run_dir, out, "best" if which == "latest" else which)  # head + backbone
     seq2seq = (run_dir / SEQ2SEQ_META).is_file()  # a fine-tuned seq2seq run: its best checkpoint, its codec's ids

@@ -43,6 +43,14 @@ class ModelConfig:
                 "in the first half of each vector, cos in the second: Marian)", "choices": ("interleaved", "halves")})
     head_bias: bool = field(default=False, metadata={"help": "a bias on the LM head (Marian's final_logits_bias)"})
     init_std: float = field(default=0.02, metadata={"help": "std of the normal init", "range": ">= 0"})
+    channels: int = field(default=0, metadata={"help": "image channels (1 grayscale, 3 RGB): a Vision Transformer, pixels cut "
+                                               "into patches (kiln.model.vision); 0 = a text model (token ids)", "range": ">= 0"})
+    image_size: int = field(default=0, metadata={"help": "image models: side of the square input image in pixels (0 in "
+                                                 "`kiln finetune image`: the training images' size)", "range": ">= 0"})
+    patch_size: int = field(default=16, metadata={"help": "image models: side of a square patch; image_size must be a multiple",
+                                                  "range": ">= 1"})
+    class_token: bool = field(default=True, metadata={"help": "image models: a learned class token before the patches (ViT); "
+                                                      "false = patches only"})
 
     def resolve(self) -> "ModelConfig":
         """Fill the derived values left at 0 ("auto"). Called once the config is final."""
@@ -52,6 +60,10 @@ class ModelConfig:
             self.d_ff = 4 * self.d_model
         if self.n_decoder_layer == 0:
             self.n_decoder_layer = self.n_layer
+        if self.channels:  # an image model: no token embedding to tie; its sequence is the patches (+ class token)
+            self.tie_embeddings = False
+            if self.image_size and self.image_size % self.patch_size == 0:
+                self.context_length = (self.image_size // self.patch_size) ** 2 + int(self.class_token)
         return self
 
     @property
@@ -62,7 +74,9 @@ class ModelConfig:
         from kiln.errors import KilnError
 
         self.resolve()
-        if self.vocab_size <= 0:
+        if self.channels:
+            self._validate_image()
+        elif self.vocab_size <= 0:
             raise KilnError(f"model.vocab_size must be positive, got {self.vocab_size}")
         if self.d_model % self.n_head:
             raise KilnError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
@@ -70,6 +84,21 @@ class ModelConfig:
             raise KilnError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if self.position == "rope" and self.head_dim % 2:
             raise KilnError(f"rotary positions need an even head dimension, got {self.head_dim}")
+
+    def _validate_image(self) -> None:
+        from kiln.errors import KilnError
+
+        if self.arch != "encoder":
+            raise KilnError(f"an image model (model.channels {self.channels}) is an encoder: model.arch must be encoder, "
+                            f"got {self.arch}")
+        if self.image_size < 1 or self.image_size % self.patch_size:
+            raise KilnError(f"model.image_size ({self.image_size}) must be a positive multiple of model.patch_size "
+                            f"({self.patch_size})")
+        if self.position not in ("learned", "sinusoidal"):
+            raise KilnError(f"image models take model.position learned or sinusoidal (2-D sin-cos), got {self.position}")
+        for key in ("mlm_head", "embedding_norm", "type_vocab_size", "embed_scale"):
+            if getattr(self, key):
+                raise KilnError(f"model.{key} is for text models; an image model (model.channels > 0) has no tokens")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

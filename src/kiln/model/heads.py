@@ -77,6 +77,43 @@ class SequenceClassifier(nn.Module):
         return self.head(self.dropout(self.features(input_ids, attention_mask, token_type_ids)))
 
 
+class ImageClassifier(nn.Module):
+    """An image model (kiln's Transformer with model.channels > 0) + pooling + dropout + linear layer:
+    pixels [B, C, H, W] -> logits [B, n_classes]. HF's ViTForImageClassification is pooling cls, no dropout.
+
+    pooling: cls (the class token), mean (over the patches), pooler (dense+tanh on the class token, ViTModel's)."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int, pooling: str = "auto", dropout: float = 0.0):
+        super().__init__()
+        cfg = backbone.config
+        if pooling == "auto":
+            pooling = "cls" if cfg.class_token else "mean"
+        if pooling in ("cls", "pooler") and not cfg.class_token:
+            from kiln.errors import KilnError
+
+            raise KilnError(f"pooling {pooling!r} needs a class token (model.class_token true); use mean")
+        if pooling == "pooler" and backbone.pooler is None:
+            from kiln.errors import KilnError
+
+            raise KilnError("pooling 'pooler' needs a backbone with a pooler (model.pooler); use cls or mean")
+        self.backbone, self.pooling = backbone, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(cfg.d_model, n_classes)
+        nn.init.normal_(self.head.weight, std=cfg.init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        h = self.backbone.encode(pixel_values)
+        if self.pooling == "cls":
+            return h[:, 0]
+        if self.pooling == "pooler":
+            return self.backbone.pooler(h)
+        return h[:, int(self.backbone.config.class_token):].mean(1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(pixel_values)))
+
+
 def token_states(backbone: nn.Module, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
     """The backbone's last hidden states [B, T, d_model] (an encoder-decoder's encoder)."""
     if backbone.config.arch == "decoder":

@@ -17,6 +17,7 @@ from kiln.model.layers import (  # noqa: F401  (re-exported: kiln.model.transfor
     Attention, Block, Dropout, Embeddings, FeedForward, KVCache, apply_rope, dropout, make_norm, rope_tables,
     sinusoidal_table)
 from kiln.model.losses import linear_cross_entropy
+from kiln.model.vision import PatchEmbedding
 
 __all__ = ["Attention", "Block", "Dropout", "Embeddings", "FeedForward", "KVCache", "Stack", "Transformer",
            "apply_rope", "build_mask", "dropout", "make_norm", "rope_tables", "sinusoidal_table"]
@@ -26,12 +27,13 @@ __all__ = ["Attention", "Block", "Dropout", "Embeddings", "FeedForward", "KVCach
 
 
 class Stack(nn.Module):
-    """Embeddings, a stack of blocks and the final norm: an encoder, a decoder, or one side of a seq2seq."""
+    """Embeddings, a stack of blocks and the final norm: an encoder, a decoder, or one side of a seq2seq. In an
+    image model (cfg.channels > 0) the embedding is kiln.model.vision.PatchEmbedding and `idx` is pixels."""
 
-    def __init__(self, cfg: ModelConfig, tokens: nn.Embedding, n_layer: int, causal: bool, cross: bool):
+    def __init__(self, cfg: ModelConfig, tokens: nn.Embedding | None, n_layer: int, causal: bool, cross: bool):
         super().__init__()
         self.cfg, self.causal = cfg, causal
-        self.embed = Embeddings(cfg, tokens)
+        self.embed = PatchEmbedding(cfg) if cfg.channels else Embeddings(cfg, tokens)
         self.blocks = nn.ModuleList(Block(cfg, cross=cross) for _ in range(n_layer))
         self.norm = make_norm(cfg) if (cfg.pre_norm and cfg.final_norm) else None
         if cfg.position == "rope":
@@ -41,6 +43,11 @@ class Stack(nn.Module):
 
     def forward(self, idx, attention_mask=None, position_ids=None, token_type_ids=None, caches=None,
                 memory=None, memory_mask=None, cross_caches=None):
+        if self.cfg.channels:  # pixels [B, C, H, W] -> patches [B, N, d]: no padding, no cache, no rope
+            x = self.embed(idx)
+            for block in self.blocks:
+                x = block(x)
+            return self.norm(x) if self.norm is not None else x
         B, T = idx.shape
         offset = caches[0].length if caches else 0
         if position_ids is None:
@@ -86,7 +93,7 @@ class Transformer(nn.Module):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        tokens = nn.Embedding(cfg.vocab_size, cfg.d_model) if not cfg.channels else None  # images: patches
         if cfg.arch == "encoder-decoder":
             self.encoder = Stack(cfg, tokens, cfg.n_layer, causal=False, cross=False)
             self.decoder = Stack(cfg, tokens, cfg.n_decoder_layer, causal=True, cross=True)
@@ -95,7 +102,8 @@ class Transformer(nn.Module):
             self.decoder = Stack(cfg, tokens, cfg.n_layer, causal=cfg.arch == "decoder", cross=False)
         self.head_transform = MLMTransform(cfg) if cfg.mlm_head else None
         self.pooler = Pooler(cfg) if cfg.pooler else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.mlm_head or cfg.head_bias)
+        # an image model has no LM head: kiln.model.heads.ImageClassifier sits on its hidden states
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.mlm_head or cfg.head_bias) if not cfg.channels else None
         if cfg.tie_embeddings:
             self.lm_head.weight = tokens.weight
         self.init_weights()
@@ -118,7 +126,7 @@ class Transformer(nn.Module):
                 # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
                 scale = (2 * self.config.n_layer) ** -0.5 if name.endswith(("out_proj.weight", "down_proj.weight")) else 1.0
                 nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith("bias"):
+            elif name.endswith(("bias", "cls_token")):
                 nn.init.zeros_(p)
             else:  # norm weights
                 nn.init.ones_(p)
@@ -149,6 +157,8 @@ class Transformer(nn.Module):
         if self.is_seq2seq and memory is None and src is not None:
             memory = self.encode(src, src_mask)
         h = self.hidden(idx, attention_mask, position_ids, token_type_ids, caches, memory, src_mask, cross_caches)
+        if self.lm_head is None:  # an image model (idx: pixels [B, C, H, W]): its hidden states [B, N, d]
+            return h
         if labels is not None:
             h, labels = h.flatten(0, 1), labels.flatten()
             if sparse_labels:

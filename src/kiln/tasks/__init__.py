@@ -16,6 +16,7 @@ REGISTRY = {
     "seq2seq": ("kiln.tasks.seq2seq", "train an encoder-decoder on source/target pairs (translate, summarize)"),
     "qa": ("kiln.tasks.qa", "extractive question answering from SQuAD v1.1/v2.0 JSON or JSONL"),
     "tokens": ("kiln.tasks.tokens", "token classification (NER, POS) from CoNLL column files or JSONL"),
+    "image": ("kiln.tasks.images", "image classification with a Vision Transformer (image folders, IDX, CSV)"),
 }
 
 

@@ -1,0 +1,81 @@
+"""The input path of an image model: pixels -> patch embeddings, the sequence kiln's encoder Stack runs on.
+
+A Vision Transformer (Dosovitskiy et al. 2020) is kiln's one Transformer with `arch: encoder` and
+`model.channels > 0`: its Stack's embedding is a PatchEmbedding instead of token embeddings
+(kiln.model.transformer), the blocks and the final norm are the same. The patchify is a linear layer over the
+flattened P x P x C patches (a stride-P convolution written as a matmul; the weight is the convolution's,
+flattened in its (C, P, P) order), then an optional learned class token, then positions: learned (ViT) or
+fixed 2-D sin-cos (MAE, "simple ViT"; the class token gets position zero).
+
+A leaf of kiln.model beside layers.py: it imports nothing from kiln but the model config and the dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from kiln.model.config import ModelConfig
+from kiln.model.layers import Dropout
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid * grid, dim] fixed positions: half the channels encode the row, half the column (sin, cos each)."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need d_model divisible by 4, got {dim}")
+    omega = 1.0 / (10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                          indexing="ij")
+    y, x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+
+
+def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/P) * (W/P), C * P * P]: patches in row-major order, each flattened as (C, P, P)."""
+    B, C, H, W = pixels.shape
+    x = pixels.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // patch) * (W // patch), C * patch * patch)
+
+
+class PatchEmbedding(nn.Module):
+    """[B, C, H, W] pixels -> [B, N (+1), d_model]: linear patchify, class token, positions, dropout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.channels, self.size, self.patch = cfg.channels, cfg.image_size, cfg.patch_size
+        self.grid = cfg.image_size // cfg.patch_size
+        self.n_patches = self.grid * self.grid
+        self.proj = nn.Linear(cfg.channels * cfg.patch_size ** 2, cfg.d_model)
+        self.cls_token = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.class_token else None
+        n = self.n_patches + int(cfg.class_token)
+        self.positions = nn.Embedding(n, cfg.d_model) if cfg.position == "learned" else None
+        self.sincos = cfg.position == "sinusoidal"
+        if self.sincos and cfg.d_model % 4:
+            from kiln.errors import KilnError
+
+            raise KilnError(f"2-D sin-cos positions (model.position sinusoidal) need model.d_model divisible by 4, "
+                            f"got {cfg.d_model}")
+        self._table: torch.Tensor | None = None  # the sin-cos table, made on first use (never in a checkpoint)
+        self.dropout = Dropout(cfg.dropout)
+
+    def _sincos(self, device, dtype) -> torch.Tensor:
+        if self._table is None or self._table.device != device:
+            t = sincos_2d(self.grid, self.proj.out_features)
+            if self.cls_token is not None:
+                t = torch.cat([torch.zeros(1, t.shape[1]), t])
+            self._table = t.to(device)
+        return self._table.to(dtype)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (self.channels, self.size, self.size):
+            raise ValueError(f"expected pixels [B, {self.channels}, {self.size}, {self.size}], got "
+                             f"{list(pixels.shape)}")
+        w = self.proj.weight
+        x = self.proj(patchify(pixels.to(w.dtype), self.patch))
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        if self.positions is not None:
+            x = x + self.positions.weight.to(x.dtype)
+        elif self.sincos:
+            x = x + self._sincos(x.device, x.dtype)
+        return self.dropout(x)

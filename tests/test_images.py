@@ -1,0 +1,338 @@
+"""Image classification with a Vision Transformer (`kiln finetune image`): the readers (image folders, IDX as
+Fashion-MNIST ships it, CSV) and their one-line errors through the CLI, seeded augmentation, the patch embedding
+on kiln's one encoder, the pipeline end to end (a tiny ViT learns; eval/predict; the misclassified grid), HF
+ViT import/export parity (ViTForImageClassification and ViTModel, logits within 1e-4 both ways) and --init from
+an HF folder.
+
+Images are generated in the test or come from tests/assets (200 + 100 Fashion-MNIST images, MIT): no network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_user_error as user_error
+from kiln.cli import main
+from kiln.data import images as imdata
+from kiln.errors import KilnError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ASSETS = Path(__file__).parent / "assets"
+FM_TRAIN = ASSETS / "fashion_mnist_train-images-idx3-ubyte.gz"
+FM_TEST = ASSETS / "fashion_mnist_test-images-idx3-ubyte.gz"
+FAST = ["--train.threads", "1", "--train.precision", "fp32", "--train.tensorboard", "false", "--train.log_every", "5",
+        "--seed", "0"]
+TINY = ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.d_ff", "64"]
+TOL = 1e-4
+
+
+def pattern(label: str, size: int, rng, rgb: bool = False):
+    """A PIL image of class 'top' (bright upper half) or 'bottom' (bright lower half), with noise."""
+    from PIL import Image
+
+    a = rng.integers(0, 60, (size, size)).astype(np.uint8)
+    half = slice(0, size // 2) if label == "top" else slice(size // 2, size)
+    a[half] = rng.integers(180, 255, a[half].shape)
+    if rgb:
+        return Image.fromarray(np.stack([a, a // 2, 255 - a], -1), "RGB")
+    return Image.fromarray(a, "L")
+
+
+def image_folder(root: Path, n: int = 24, size: int = 12, seed: int = 0, odd: bool = False) -> Path:
+    """root/{top,bottom}/*.png; odd=True adds an RGB image and one of another size (converted and resized)."""
+    rng = np.random.default_rng(seed)
+    for label in ("top", "bottom"):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            pattern(label, size, rng).save(root / label / f"{i}.png")
+        if odd:
+            pattern(label, size, rng, rgb=True).save(root / label / "rgb.png")
+            pattern(label, 2 * size, rng).save(root / label / "big.jpg")
+    (root / "top" / "notes.txt").write_text("not an image\n")
+    return root
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def finetune(*args) -> int:
+    return main(["finetune", "image", *map(str, args), *FAST])
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+
+def test_idx_files_gzipped_or_not_and_the_fashion_mnist_subset(tmp_path):
+    items = imdata.scan(FM_TRAIN)
+    assert len(items) == 200 and items.kind == "idx" and items.idx.shape == (200, 28, 28)
+    assert sorted(set(items.labels), key=int) == [str(i) for i in range(10)]
+    raw = np.arange(3 * 4 * 4).reshape(3, 4, 4) % 256
+    write_idx(tmp_path / "x-images-idx3-ubyte", raw, gz=False)
+    write_idx(tmp_path / "x-labels-idx1-ubyte", np.array([0, 1, 1]), gz=False)
+    it = imdata.scan(tmp_path)  # a folder holding one IDX pair
+    assert it.labels == ["0", "1", "1"] and np.array_equal(imdata.load(it, 4, 1)[..., 0], raw)
+    named = imdata.scan(tmp_path / "x-images-idx3-ubyte", label_names=["shirt", "shoe"])
+    assert named.labels == ["shirt", "shoe", "shoe"]
+    rgb = imdata.load(it, 8, 3)  # converted to RGB and resized
+    assert rgb.shape == (3, 8, 8, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_folder_and_csv_mixed_sizes_and_modes_are_converted_and_resized(tmp_path):
+    root = image_folder(tmp_path / "imgs", n=3, odd=True)
+    items = imdata.scan(root)
+    assert len(items) == 10 and items.skipped == 1 and set(items.labels) == {"top", "bottom"}
+    lines = []
+    size, channels = imdata.target_shape(items, 0, 0, 4, lines.append)
+    assert (size, channels) == (12, 3)  # most images are 12x12; one is RGB
+    x = imdata.load(items, 12, 1, lines.append)
+    assert x.shape == (10, 12, 12, 1)
+    assert any("2 resized to 12x12" in line and "2 converted to grayscale" in line for line in lines), lines
+    csv_file = tmp_path / "imgs" / "list.csv"
+    csv_file.write_text("path,label\ntop/0.png,top\nbottom/1.png,bottom\n")
+    c = imdata.scan(csv_file)
+    assert c.labels == ["top", "bottom"] and imdata.load(c, 12, 1).shape == (2, 12, 12, 1)
+
+
+def test_split_is_stratified_and_seeded():
+    labels = ["a"] * 50 + ["b"] * 30
+    tr, va, te = imdata.stratified_split(labels, 0.1, 0.2, seed=3)
+    assert sorted(tr + va + te) == list(range(80)) and not set(tr) & set(va) | set(va) & set(te)
+    assert [labels[i] for i in va].count("a") == 5 and [labels[i] for i in te].count("b") == 6
+    assert imdata.stratified_split(labels, 0.1, 0.2, seed=3) == [tr, va, te]
+
+
+def test_batches_are_a_pure_function_of_seed_and_index_augmentation_included():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (50, 8, 8, 1)).astype(np.uint8)
+    y = np.arange(50) % 3
+    a = imdata.ImageBatches(x, y, 8, seed=1, mean=[0.5], std=[0.25], crop_padding=2, flip=True)
+    b = imdata.ImageBatches(x, y, 8, seed=1, mean=[0.5], std=[0.25], crop_padding=2, flip=True)
+    for i in (9, 0, 9, 17):  # any order, as a resume would ask for them
+        assert torch.equal(a.batch(i)["pixel_values"], b.batch(i)["pixel_values"])
+    assert a.batch(0)["pixel_values"].shape == (8, 1, 8, 8)
+    assert not torch.equal(a.batch(0)["pixel_values"], a.batch(7)["pixel_values"])  # epoch 1: new order, new crops
+    plain = imdata.ImageBatches(x, y, 8, seed=1, mean=[0.5], std=[0.25])
+    assert not torch.equal(a.batch(3)["pixel_values"], plain.batch(3)["pixel_values"])
+    img = np.zeros((1, 4, 4, 1), np.uint8)
+    img[0, :, 0] = 255  # a bright left column
+    flips = [imdata.augment(img, np.random.default_rng(s), 0, True)[0, :, :, 0] for s in range(8)]
+    assert any(f[:, 3].all() and not f[:, 0].any() for f in flips) and any(f[:, 0].all() for f in flips)
+
+
+def test_bad_inputs_are_one_line_errors_through_the_cli_and_nothing_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    empty = tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)
+    (empty / "cat" / "readme.txt").write_text("x")
+    user_error(capsys, ["finetune", "image", "--data.train", empty, "--out", out], str(empty / "cat"), "no images")
+    (tmp_path / "none").mkdir()
+    user_error(capsys, ["finetune", "image", "--data.train", tmp_path / "none", "--out", out], "no images")
+    root = image_folder(tmp_path / "imgs", n=2)
+    (root / "top" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    user_error(capsys, ["finetune", "image", "--data.train", root, "--out", out], "broken.png", "cannot read the image")
+    write_idx(tmp_path / "d-images-idx3-ubyte.gz", np.zeros((5, 4, 4)))
+    write_idx(tmp_path / "d-labels-idx1-ubyte.gz", np.zeros(4))
+    user_error(capsys, ["finetune", "image", "--data.train", tmp_path / "d-images-idx3-ubyte.gz", "--out", out],
+               "d-labels-idx1-ubyte.gz", "4 labels", "5 images")
+    (tmp_path / "t-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"not gzip")
+    user_error(capsys, ["finetune", "image", "--data.train", tmp_path / "t-images-idx3-ubyte.gz", "--out", out],
+               "t-images-idx3-ubyte.gz", "cannot read")
+    write_idx(tmp_path / "w-images-idx3-ubyte", np.zeros(7), gz=False)  # a labels file named as images
+    user_error(capsys, ["finetune", "image", "--data.train", tmp_path / "w-images-idx3-ubyte", "--out", out],
+               "not an IDX images (idx3) file")
+    bad_csv = tmp_path / "l.csv"
+    bad_csv.write_text("path,label\nnope.png,cat\n")
+    user_error(capsys, ["finetune", "image", "--data.train", bad_csv, "--out", out], "l.csv:2", "nope.png", "not found")
+    (root / "top" / "broken.png").unlink()
+    user_error(capsys, ["finetune", "image", "--data.train", root, "--data.test", FM_TEST, "--out", out],
+               "label '9'", "not one of the 2 classes")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def test_patch_embedding_is_a_strided_convolution_on_the_one_encoder():
+    import torch.nn.functional as F
+
+    from kiln.model.config import ModelConfig
+    from kiln.model.heads import ImageClassifier
+    from kiln.model.transformer import Transformer
+
+    cfg = ModelConfig(arch="encoder", channels=3, image_size=8, patch_size=4, d_model=16, n_head=2, n_layer=1)
+    model = Transformer(cfg)
+    assert model.lm_head is None and cfg.context_length == 5 and not cfg.tie_embeddings
+    x = torch.randn(2, 3, 8, 8)
+    emb = model.decoder.embed
+    conv = F.conv2d(x, emb.proj.weight.view(16, 3, 4, 4), emb.proj.bias, stride=4).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        want = torch.cat([emb.cls_token.expand(2, 1, 16), conv], 1) + emb.positions.weight
+        assert torch.allclose(emb(x), want, atol=1e-6)
+        assert model.encode(x).shape == (2, 5, 16) and torch.equal(model(x), model.encode(x))
+    sincos = Transformer(cfg.with_(position="sinusoidal", class_token=False))
+    assert sincos.encode(x).shape == (2, 4, 16) and "decoder.embed.positions.weight" not in sincos.state_dict()
+    head = ImageClassifier(sincos, 5)
+    assert head.pooling == "mean" and head(x).shape == (2, 5)
+    with pytest.raises(KilnError, match="class token"):
+        ImageClassifier(sincos, 5, "cls")
+    with pytest.raises(KilnError, match="multiple of model.patch_size"):
+        Transformer(cfg.with_(image_size=10))
+    with torch.device("meta"):  # the recipe's model, built without memory, on a Fashion-MNIST-sized batch
+        from kiln.config import load_config
+        from kiln.data.images import ImageConfig
+
+        recipe = load_config(Path(__file__).parents[1] / "configs" / "vit-fashion-mnist.yaml", cls=ImageConfig)
+        m = recipe.model.with_(channels=1, image_size=28)
+        logits = ImageClassifier(Transformer(m), len(recipe.data.label_names))(torch.zeros(4, 1, 28, 28))
+    assert logits.shape == (4, 10) and m.context_length == 49  # 7 x 7 patches, no class token
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def test_finetune_eval_predict_end_to_end(tmp_path, capsys):
+    root = image_folder(tmp_path / "train", n=24, odd=True)
+    held = image_folder(tmp_path / "held", n=6, seed=5)
+    run = tmp_path / "run"
+    assert finetune("--data.train", root, "--out", run, *TINY, "--train.batch_size", "8", "--epochs", "6",
+                    "--train.lr", "3e-3", "--augment.crop_padding", "1", "--data.val_fraction", "0.2",
+                    "--data.test_fraction", "0.2") == 0
+    log = (run / "log.txt").read_text()
+    assert "model.channels 3 (RGB training images)" in log and "augmentation: random crop" in log  # one is RGB
+    assert "(train split): 2 resized to 12x12 (bilinear) and 31 converted to RGB of 32 images" in log, log
+    assert log.count("skipped 1 file(s) that are not images") == 1
+    info = json.loads((run / "run.json").read_text())
+    assert info["kind"] == "image" and info["labels"] == ["bottom", "top"] and info["channels"] == 3
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["test"]["accuracy"] >= 0.9, summary
+    for f in ("test_confusion.png", "test_misclassified.png", "val.json"):
+        assert (run / "eval" / f).is_file() or f == "test_misclassified.png"  # nothing wrong: no grid
+    capsys.readouterr()
+    assert main(["eval", str(run), str(held)]) == 0
+    m = json.loads((run / "eval" / "held.json").read_text())
+    assert m["n"] == 12 and m["accuracy"] >= 0.9 and len(m["confusion_matrix"]) == 2
+    assert main(["predict", str(run), str(held / "top")]) == 0  # a folder of images without classes
+    rows = (run / "predictions" / "top.csv").read_text().splitlines()
+    assert rows[0] == "image,prediction,p_bottom,p_top" and len(rows) == 7
+    assert sum(r.split(",")[1] == "top" for r in rows[1:]) >= 5
+    user_error(capsys, ["eval", run, held / "top"], "no labels")
+
+
+def test_fashion_mnist_subset_learns_and_the_misclassified_grid(tmp_path, capsys):
+    run = tmp_path / "fm"
+    simple_vit = ["--model.patch_size", "7", "--model.class_token", "false", "--model.position", "sinusoidal"]
+    assert finetune("--data.train", FM_TRAIN, "--data.test", FM_TEST, "--out", run, *simple_vit, "--model.n_layer", "2",
+                    "--model.d_model", "64", "--model.n_head", "2", "--model.d_ff", "128", "--train.batch_size", "20",
+                    "--epochs", "8", "--train.lr", "3e-3", "--data.val_fraction", "0.1", "--augment.crop_padding", "2",
+                    "--augment.flip", "true") == 0
+    test = json.loads((run / "eval" / "test.json").read_text())
+    assert test["n"] == 100 and test["accuracy"] >= 0.3, test["accuracy"]  # chance 0.1; 0.39 measured (180 images)
+    grid = test["misclassified_png"]
+    assert grid and Path(grid).is_file()
+    from PIL import Image
+
+    assert Image.open(grid).size[0] > 500
+    capsys.readouterr()
+    assert main(["eval", str(run), str(FM_TEST)]) == 0
+    assert (run / "eval" / "fashion_mnist_test-images-idx3-ubyte_misclassified.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- HF interop
+
+
+def _hf_vit(path: Path, cls: str, labels=None, seed: int = 0, channels: int = 3, size: int = 8):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    kw = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}) if labels else {}
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=size, patch_size=4, num_channels=channels, hidden_act="gelu", **kw)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # HF inits biases at 0 and norms at 1, which would hide a swapped name
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(path)
+    return model
+
+
+def test_vit_classifier_import_export_parity(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from kiln.interop.hf import export_hf, import_hf
+    from kiln.tasks.images import load_image_run
+
+    ref = _hf_vit(tmp_path / "hf", "ViTForImageClassification", labels=["cat", "dog", "eel"])
+    assert main(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    model, cfg, labels, info = load_image_run(tmp_path / "run")
+    assert labels == ["cat", "dog", "eel"] and info["kind"] == "image" and cfg.model.channels == 3
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = model(x)
+        assert (got - ref(x).logits).abs().max().item() <= TOL
+        out = export_hf(tmp_path / "run", tmp_path / "export")
+        back = transformers.ViTForImageClassification.from_pretrained(out).eval()
+        assert (back(x).logits - got).abs().max().item() <= TOL
+        assert back.config.id2label == {0: "cat", 1: "dog", 2: "eel"}
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [0.5, 0.5, 0.5]
+    capsys.readouterr()
+    user_error(capsys, ["import", "hf", tmp_path / "hf", tmp_path / "run"], "already holds a kiln run")
+
+
+def test_vit_backbone_import_export_parity(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from kiln.api import load
+    from kiln.interop.hf import export_hf, import_hf
+
+    ref = _hf_vit(tmp_path / "hf", "ViTModel")
+    model, tok, cfg = load(import_hf(tmp_path / "hf", tmp_path / "run"))
+    assert tok is None and cfg.model.pooler and cfg.model.channels == 3 and cfg.model.image_size == 8
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(x)
+        h = model.encode(x)
+        assert (h - want.last_hidden_state).abs().max().item() <= TOL
+        assert (model.pooler(h) - want.pooler_output).abs().max().item() <= TOL
+        back = transformers.ViTModel.from_pretrained(export_hf(tmp_path / "run", tmp_path / "export")).eval()(x)
+        assert (back.last_hidden_state - h).abs().max().item() <= TOL
+        assert (back.pooler_output - want.pooler_output).abs().max().item() <= TOL
+
+
+def test_init_from_an_hf_vit_keeps_its_head_and_a_trained_run_exports(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from kiln.interop.hf import export_hf
+    from kiln.tasks.images import load_image_run
+
+    _hf_vit(tmp_path / "hf", "ViTForImageClassification", labels=["bottom", "top"], channels=1, size=12)
+    root = image_folder(tmp_path / "imgs", n=10)
+    run = tmp_path / "run"
+    assert finetune("--data.train", root, "--init", tmp_path / "hf", "--out", run, "--train.batch_size", "8",
+                    "--epochs", "2", "--data.test_fraction", "0") == 0
+    log = (run / "log.txt").read_text()
+    assert "head: the init's classifier" in log and "(the init's)" in log  # preprocessor mean/std: 0.5 (HF default)
+    assert (run / "base" / "image.yaml").is_file()
+    model, cfg, labels, info = load_image_run(run)
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        back = transformers.ViTForImageClassification.from_pretrained(export_hf(run, tmp_path / "exp")).eval()
+        assert (back(x).logits - model(x)).abs().max().item() <= TOL
+    capsys.readouterr()
+    mean_run = tmp_path / "mean"
+    assert finetune("--data.train", root, "--out", mean_run, *TINY, "--pooling", "mean", "--train.max_steps", "2") == 0
+    user_error(capsys, ["export", "hf", mean_run, tmp_path / "e2"], "pools by 'mean'", "pooling cls")
+    user_error(capsys, ["finetune", "image", "--data.train", root, "--init", tmp_path / "nope", "--out", tmp_path / "x"],
+               "init not found")
+    assert not (tmp_path / "x").exists()
