@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TINY, assert_user_error, run_until_crash
@@ -17,16 +16,34 @@ from kiln.model.config import ModelConfig
 from kiln.model.heads import SequenceClassifier
 from kiln.model.lora import LoraLinear, LoraInt8Linear, LoraSpec, apply_lora, merge_state
 from kiln.model.transformer import Transformer
-from kiln.run.checkpoint import find_checkpoint, load_weights, save_checkpoint
+from kiln.run.checkpoint import checkpoint_lora, find_checkpoint, load_weights, save_checkpoint
 from kiln.run.load import build_model
 from kiln.train.pretrain import run_pretrain
-from test_classify import FAST, reviews, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORDS = ["good", "great", "superb", "lovely", "fine", "bad", "awful", "poor", "dull", "boring", "the", "movie",
          "was", "plot", "actors", "really", "quite", "and", "a", "story", "film", "long"]
 LORA = ["--train.lora.rank", "4", "--train.lora.alpha", "8", "--train.lora.dropout", "0.1"]
+FAST = ["--train.threads", "1", "--train.precision", "fp32", "--train.tensorboard", "false", "--train.log_every", "5",
+        "--seed", "0"]
+
+
+def write_reviews(path: Path, n: int) -> Path:
+    """A bag-of-words sentiment task: a positive or negative word among filler words."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(("label", "text"))
+        for i in range(n):
+            label = "pos" if i % 2 else "neg"
+            words = rng.sample(WORDS[10:], rng.randint(2, 4)) + [rng.choice(WORDS[:5] if i % 2 else WORDS[5:10])]
+            rng.shuffle(words)
+            w.writerow((label, " ".join(words)))
+    return path
 
 
 def encoder_backbone(path: Path, pooler: bool = False) -> Path:
@@ -53,7 +70,7 @@ def encoder_backbone(path: Path, pooler: bool = False) -> Path:
 def classify(tmp: Path, backbone: Path, name: str, *extra) -> Path:
     data = tmp / "reviews.csv"
     if not data.is_file():
-        write_csv(data, reviews(120))
+        write_reviews(data, 120)
     code = main(["finetune", "classify", "--data.train", str(data), "--init", str(backbone), "--out", str(tmp / name),
                  "--data.max_length", "8", "--epochs", "3", "--train.batch_size", "8", "--train.lr", "2e-2",
                  *map(str, extra), *FAST])
@@ -66,8 +83,7 @@ def lora_classifier(run: Path) -> torch.nn.Module:
     cfg = load_config(run / "classify.yaml", cls=ClassifyConfig)
     meta = json.loads((run / "labels.json").read_text())
     ckpt = find_checkpoint(run, "best")
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        spec = LoraSpec.from_json(f.metadata()["lora"])
+    spec = checkpoint_lora(ckpt)
     model = SequenceClassifier(build_model(cfg.model), len(meta["labels"]), meta["pooling"], cfg.head_dropout)
     apply_lora(model, spec)
     load_weights(model, ckpt / "model.safetensors")
@@ -216,6 +232,46 @@ def test_peft_loads_the_exported_bert_classifier_adapters(tmp_path, capsys, pool
             got = pooled @ head["weight"].T + head["bias"]
             assert json.loads((out / "head.json").read_text())["pooling"] == "mean"
     assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
+
+
+def test_classifier_with_adapters_and_head_resumes_bit_for_bit(tmp_path):
+    """The trainer's checkpoint of a LoRA classifier (adapters + head, their Adam moments, the RNG of both
+    dropouts) continues exactly: a run stopped at step 5 and resumed equals the uninterrupted one."""
+    import csv
+
+    from kiln.model.lora import lora_from_config
+    from kiln.train.objectives import ClassificationObjective
+    from kiln.train.trainer import Trainer
+
+    cfg = ModelConfig(arch="encoder", vocab_size=30, n_layer=2, n_head=2, d_model=16, context_length=16,
+                      pre_norm=False, final_norm=False, embedding_norm=True, type_vocab_size=2)
+    tc = TrainConfig(max_steps=12, batch_size=4, save_every=5, warmup_steps=2, lr=1e-2, log_every=1,
+                     tensorboard=False, precision="fp32", optimizer="adamw")
+    tc.lora.rank, tc.lora.dropout = 2, 0.1
+
+    def batch(i):
+        g = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(0, 30, (4, 6), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
+
+    def trainer(run):
+        torch.manual_seed(0)
+        model = SequenceClassifier(Transformer(cfg), 2, "mean", 0.1)
+        lora_from_config(model, tc.lora, log=lambda line: None)
+        return Trainer(model, ClassificationObjective(), tc, run, batch, log=lambda *a: None)
+
+    trainer(tmp_path / "full").fit()
+    run_until_crash(lambda: trainer(tmp_path / "part").fit(), 5)
+    trainer(tmp_path / "part").fit(resume_from=tmp_path / "part")
+
+    def losses(run):
+        with open(run / "metrics.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert len(a) == len(b) == 12 and a == b, (a, b)
+    assert set(load_file(str(find_checkpoint(tmp_path / "part") / "model.safetensors"))) == {
+        f"backbone.decoder.blocks.{i}.attn.{m}.lora_{x}" for i in (0, 1) for m in ("qkv_proj", "out_proj")
+        for x in "AB"} | {"head.weight", "head.bias"}
 
 
 # ----------------------------------------------------------------------------------------------- pretraining
