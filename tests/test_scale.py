@@ -397,7 +397,8 @@ def test_fsdp_two_ranks_match_one_process_and_resume_across_world_sizes(single, 
     part = resume_copy(single, tmp_path / "1-to-fsdp", 10)
     r = torchrun(2, "--resume", str(part), "--train.parallel", "fsdp", restored=tmp_path / "restored-2.pt")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in (part / "log.txt").read_text() and "fsdp" in (part / "log.txt").read_text()
+    log = (part / "log.txt").read_text()
+    assert "resumed from" in log and "distributed: 2 ranks, backend gloo, fsdp" in log
     assert_restored_exactly(tmp_path / "restored-2.pt", single, 10)
     assert sorted(losses(part)) == list(range(1, 21)) and abs(losses(part)[11] / losses(single)[11] - 1) <= RTOL
 
