@@ -36,6 +36,8 @@ from kiln.tasks.finetune import epochs_schedule, is_hf_folder
 
 PRETRAIN_ONLY = ("batch_tokens", "lr_scaling", "reference_batch_tokens", "batch_ramp_tokens", "eval_batches",
                  "sample_tokens", "sample_prompt", "target_loss", "muon_lr")
+TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "embedding_norm", "mlm_head",
+             "tie_embeddings", "type_vocab_size", "pad_token_id", "embed_scale", "sinusoid_layout", "head_bias")
 
 
 class ImageObjective:
@@ -62,7 +64,8 @@ class ImageTask(Task):
     def help_rows(self) -> list[tuple[str, str, str]]:
         from kiln.config import config_help
 
-        return [r for r in config_help(ImageConfig) if not (r[0].startswith("--train.") and r[0][8:] in PRETRAIN_ONLY)]
+        return [r for r in config_help(ImageConfig) if not (r[0].startswith("--train.") and r[0][8:] in PRETRAIN_ONLY)
+                and not (r[0].startswith("--model.") and r[0][8:] in TEXT_ONLY)]
 
     def check(self, cfg: ImageConfig) -> None:
         if cfg.train.batch_tokens or cfg.train.lr_scaling != "none" or cfg.train.batch_ramp_tokens:
