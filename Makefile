@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
+
+test-slow: $(STAMP)   # the wheel in a fresh venv (tests/test_packaging.py): a few minutes, PyPI downloads
+	$(PY) -m pytest -m slow
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/race_shakespeare.py
