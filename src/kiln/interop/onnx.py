@@ -299,8 +299,11 @@ def _export_graph(ex: Exported, path: Path) -> None:
     args = tuple(torch.from_numpy(example[n]) for n in inputs)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about Python scalars that are constants here
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
-                          output_names=outputs, dynamic_axes=dyn, do_constant_folding=True)
+        try:
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
+                              output_names=outputs, dynamic_axes=dyn, do_constant_folding=True)
+        except torch.onnx.errors.UnsupportedOperatorError as e:  # a model variant kiln does not write as ops yet
+            raise KilnError(f"cannot export this {ex.kind} to ONNX opset {OPSET}: {str(e).splitlines()[0]}") from None
 
 
 def session(path: Path, threads: int | None = None):
@@ -384,6 +387,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, int8: bool = False, which:
         seconds = time.perf_counter() - t0
         fp32 = session(tmp / MODEL_FILE)
         checks = {"fp32": parity(ex, fp32)}
+        if checks["fp32"]["max_abs_diff"] > 1e-3:
+            log(f"warning: onnxruntime differs from kiln by up to {checks['fp32']['max_abs_diff']:.2e} on random inputs")
         log(f"exported {run_dir} ({ex.kind}, checkpoint {ex.ckpt.name}) in {seconds:.1f}s: {MODEL_FILE} "
             f"{_mb(tmp / MODEL_FILE):.1f} MB, max |kiln - onnxruntime| {checks['fp32']['max_abs_diff']:.2e}")
         sessions = {"onnxruntime fp32": fp32}
