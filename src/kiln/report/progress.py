@@ -18,7 +18,12 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=True)
 
-    def update(self, step: int, **stats) -> None:
+    def update(self, step: int, total: int | None = None, **stats) -> None:
+        """`total`: the run's end when it moved (a time budget re-fits it), so the ETA follows it."""
+        if total is not None and total != self.total:
+            self.total = total
+            if self.bar is not None:
+                self.bar.total = total
         text = "  ".join(_fmt(k, v, self.unit) for k, v in stats.items())
         if self.bar is not None:
             self.bar.update(step - self.step)

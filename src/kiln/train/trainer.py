@@ -232,7 +232,7 @@ class Trainer:
                 now = time.perf_counter()
                 tps = (self.state.tokens - window_tokens) / max(now - window_t, 1e-9)
                 if progress is not None:
-                    progress.update(step, loss=loss, lr=self.current_lr, tokens_per_second=tps)
+                    progress.update(step, total=self.horizon, loss=loss, lr=self.current_lr, tokens_per_second=tps)
                 if metrics is not None and (step % cfg.log_every == 0 or step == self.horizon):
                     metrics.log(step, tokens=self.state.tokens, loss=loss, lr=self.current_lr,
                                 grad_norm=grad_norm if grad_norm is not None else "",
