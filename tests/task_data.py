@@ -36,20 +36,11 @@ def speeches(text: str) -> list[tuple[int, int, str]]:
     return out
 
 
-def _fragment(rng, line: str, n_min: int, n_max: int):
-    """(start, end) of n_min..n_max consecutive words of `line`, or None."""
-    words = list(re.finditer(r"\S+", line))
-    if len(words) < n_min + 1:
-        return None
-    n = rng.randint(n_min, min(n_max, len(words) - 1))
-    i = rng.randint(0, len(words) - n)
-    return words[i].start(), words[i + n - 1].end()
-
-
 def squad_shakespeare(n_contexts: int = 200, seed: int = 0, min_speeches: int = 3, max_speeches: int = 8,
-                      start: int = 0, impossible: float = 0.2, long_every: int = 0) -> dict:
-    """SQuAD v2.0 JSON: contexts of consecutive speeches (non-overlapping, from `start` speeches on), ~4
-    questions each. long_every > 0: every such context is 3x longer (several windows)."""
+                      start: int = 0, impossible: float = 0.2, long_every: int = 0, gap: int = 0) -> dict:
+    """SQuAD v2.0 JSON: contexts of consecutive speeches (non-overlapping, from `start` speeches on, up to `gap`
+    speeches skipped between two: contexts from all over the plays), ~2 questions each. long_every > 0: every
+    such context is 3x longer (several windows)."""
     text = SHAKESPEARE.read_text()
     blocks = speeches(text)
     rng = random.Random(seed)
@@ -57,7 +48,7 @@ def squad_shakespeare(n_contexts: int = 200, seed: int = 0, min_speeches: int = 
     while len(paragraphs) < n_contexts and i < len(blocks) - max_speeches * 3:
         n = rng.randint(min_speeches, max_speeches) * (3 if long_every and k % long_every == 0 else 1)
         group = blocks[i:i + n]
-        i, k = i + n, k + 1
+        i, k = i + n + (rng.randint(0, gap) if gap else 0), k + 1
         base = group[0][0]
         context = text[base:group[-1][1]].rstrip("\n")
         qas = []
@@ -66,24 +57,26 @@ def squad_shakespeare(n_contexts: int = 200, seed: int = 0, min_speeches: int = 
             lines = [(m.start() + body_start, m.group()) for m in re.finditer(r".+", context[body_start:e - base])]
             if not lines or rng.random() < 0.4:
                 continue
+            who = rng.random() < 0.5  # half "who says", half "what follows"
             off, line = rng.choice(lines)
-            frag = _fragment(rng, line, 3, 6)
-            if frag is None:
+            words = list(re.finditer(r"\S+", line))
+            after = 0 if who else 2  # words kept after the phrase (the answer comes from them)
+            if len(words) < 3 + after:
                 continue
-            a, b = off + frag[0], off + frag[1]
+            n = rng.randint(3, min(6, len(words) - after))
+            w0 = rng.randint(0, len(words) - n - after)
+            a, b = off + words[w0].start(), off + words[w0 + n - 1].end()
             phrase = context[a:b]
             if context.count(phrase) != 1:
                 continue
             qid = f"s{seed}-{len(paragraphs)}-{len(qas)}"
-            if rng.random() < 0.7:
+            if who:
                 qas.append({"id": qid, "question": f'Who says "{phrase}"?',
                             "answers": [{"text": speaker, "answer_start": s - base}], "is_impossible": False})
             else:
-                rest = list(re.finditer(r"\S+", context[b:off + len(line)]))
-                if len(rest) < 2:
-                    continue
-                n_words = rng.randint(1, min(4, len(rest)))
-                ans_a, ans_b = b + rest[0].start(), b + rest[n_words - 1].end()
+                rest = words[w0 + n:]
+                n_words = rng.randint(1, min(3, len(rest)))
+                ans_a, ans_b = off + rest[0].start(), off + rest[n_words - 1].end()
                 qas.append({"id": qid, "question": f'What does {speaker} say after "{phrase}"?',
                             "answers": [{"text": context[ans_a:ans_b], "answer_start": ans_a}],
                             "is_impossible": False})
@@ -104,12 +97,13 @@ def squad_shakespeare(n_contexts: int = 200, seed: int = 0, min_speeches: int = 
 
 def qa_baselines(examples) -> dict:
     """SQuAD EM/F1 of answers that read no question: the context's first sentence, the whole context (the
-    longest span), and the first speaker name of the context."""
+    longest span), the first speaker name of the context, and no answer at all."""
     from kiln.eval.qa import squad_scores
 
     rules = {"first_sentence": lambda c: re.split(r"(?<=[.!?])\s", c, maxsplit=1)[0],
              "whole_context": lambda c: c,
-             "first_speaker": lambda c: c.split(":", 1)[0]}
+             "first_speaker": lambda c: c.split(":", 1)[0],
+             "no_answer": lambda c: ""}
     return {name: squad_scores({e.id: rule(e.context) for e in examples}, examples) for name, rule in rules.items()}
 
 
@@ -226,8 +220,27 @@ def make_backbone(path: Path, text: str, context_length: int = 128, vocab_size: 
     return path
 
 
+def baselines_of_run(run_dir: str) -> dict:
+    """qa_baselines on the test split of a `kiln finetune qa` run (its data file, split and seed)."""
+    from kiln.config import load_config
+    from kiln.data.squad import QAConfig, read_squad, split_by_context
+
+    cfg = load_config(Path(run_dir) / "qa.yaml", cls=QAConfig)
+    rows, _ = read_squad(cfg.data.test or cfg.data.train)
+    if not cfg.data.test:
+        seed = cfg.seed if cfg.data.split_seed < 0 else cfg.data.split_seed
+        rows = split_by_context(rows, 0.0 if cfg.data.val else cfg.data.val_fraction, cfg.data.test_fraction, seed)[2]
+    return qa_baselines(rows)
+
+
 if __name__ == "__main__":
-    (ASSETS / "squad_shakespeare.json").write_text(json.dumps(squad_shakespeare(300, seed=0, min_speeches=2, max_speeches=5, long_every=6)))
+    import sys
+
+    if sys.argv[1:2] == ["baselines"]:  # python tests/task_data.py baselines RUN_DIR
+        for name, s in baselines_of_run(sys.argv[2]).items():
+            print(f"{name:>15}: exact match {s['exact_match']:.2f}, F1 {s['f1']:.2f} ({s['n']} questions)")
+        raise SystemExit(0)
+    (ASSETS / "squad_shakespeare.json").write_text(json.dumps(squad_shakespeare(300, seed=0, min_speeches=2, max_speeches=3, long_every=10, gap=40)))
     sents = austen_sentences(1500)
     random.Random(1).shuffle(sents)
     write_conll(ASSETS / "ner_austen.conll", sents)

@@ -71,8 +71,10 @@ def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
     from kiln.config import ClassifyConfig, Seq2SeqConfig
 
     folder = Path(__file__).parents[1] / "configs"
-    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["bert-mlm", "classify-rotten", "shakespeare-char",
-                                                              "translate-en-es"]  # a new recipe joins this test
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["bert-mlm", "classify-rotten", "ner-austen",
+                                                              "qa-shakespeare", "shakespeare-char",
+                                                              "translate-en-es", "vit-fashion-mnist"]
+    # a new recipe joins this test (ner-austen, qa-shakespeare: tests/test_tokens.py, tests/test_qa.py check them)
     cls = {"classify-rotten": ClassifyConfig, "translate-en-es": Seq2SeqConfig}.get(recipe, RunConfig)
     cfg = load_config(folder / f"{recipe}.yaml", cls=cls)
     if recipe == "bert-mlm":  # the masked-LM recipe: an encoder with rotary positions (docs/benchmarks.md)

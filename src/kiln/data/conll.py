@@ -13,6 +13,7 @@ Rules (each a one-line KilnError naming the file and line):
   data.text_field too, the entities' character spans are given in that text (each token must occur in it, in
   order), and a line with only the text is split into words (`words_of`: whitespace, punctuation apart);
 - a tag must follow the scheme (`B-`/`I-` for IOB1/IOB2, `B-`/`I-`/`E-`/`S-` for BIOES, `O`).
+TokensConfig (the `kiln finetune tokens` config) lives here, below interop, so `kiln import hf` can write one.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ Windows: the question and the context are encoded as a pair, the context alone c
 `max_length` tokens that overlap by `doc_stride` tokens (the fast tokenizer's overflow), with each token's
 character offsets into the context. A window's labels are the answer's first and last token when the window
 holds the whole answer, else the first position (the [CLS] token: "no answer here").
+QAConfig (the `kiln finetune qa` config) lives here, below interop, so `kiln import hf` can write a qa run.
 """
 
 from __future__ import annotations

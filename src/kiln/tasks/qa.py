@@ -111,13 +111,14 @@ def answer(model, examples, win, cfg: QAConfig, null_answers: bool, pad_id: int,
 
 
 class QABatches:
-    """Micro-batch `i` of a seeded per-epoch shuffle of the training windows: a pure function of i."""
+    """Micro-batch `i` of a seeded per-epoch shuffle of the training windows (batches of similar lengths): a
+    pure function of i."""
 
     def __init__(self, win, batch_size: int, seed: int, pad_id: int):
         from kiln.data.batches import EpochSampler
 
         self.win, self.pad_id = win, pad_id
-        self.sampler = EpochSampler(win.lengths, batch_size, seed)
+        self.sampler = EpochSampler(win.lengths, batch_size, seed, bucket=8)  # little padding
 
     def batch(self, i: int) -> dict:
         return collate(self.win, self.sampler.indices(i), self.pad_id)
@@ -234,6 +235,9 @@ class QATask(Task):
 
     def evaluate_file(self, run_dir, file, out=None, which: str = "best", log=print, **kw) -> dict:
         model, tokenizer, cfg, info, rows, win = _run_on(run_dir, file, which)
+        if all(e.impossible for e in rows) and not info.get("null_answers", False):
+            raise KilnError(f"{file}: no question has a gold answer to score against (kiln predict writes the "
+                            "answers alone)")
         out = Path(out) if out else Path(run_dir) / "eval" / f"{Path(file).stem}.json"
         return _score(model, rows, win, cfg, info.get("null_answers", False), "cpu", out, {"file": str(file)}, log)
 

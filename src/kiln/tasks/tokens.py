@@ -57,12 +57,13 @@ class TokenObjective:
 
 
 class WordBatches:
-    """Micro-batch `i` of a seeded per-epoch shuffle of the training sentences: a pure function of i."""
+    """Micro-batch `i` of a seeded per-epoch shuffle of the training sentences (batches of similar lengths): a
+    pure function of i."""
 
     def __init__(self, w, batch_size: int, seed: int, pad_id: int):
         from kiln.data.batches import EpochSampler
 
-        self.w, self.pad_id, self.sampler = w, pad_id, EpochSampler(w.lengths, batch_size, seed)
+        self.w, self.pad_id, self.sampler = w, pad_id, EpochSampler(w.lengths, batch_size, seed, bucket=8)
 
     def batch(self, i: int) -> dict:
         return collate(self.w, self.sampler.indices(i), self.pad_id)
