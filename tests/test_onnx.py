@@ -87,6 +87,11 @@ def test_classifier_folder_is_complete_and_usable_alone(classifier):
     for f in ("model.onnx", "model.int8.onnx", "tokenizer.json", "kiln-onnx.json", "report.json"):
         assert (out / f).is_file(), f
     assert not list(out.parent.glob(".onnx.tmp-*"))
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's private one
     meta = json.loads((out / "kiln-onnx.json").read_text())
     assert meta["labels"] == ["neg", "pos"] and meta["text_field"] == "text" and meta["max_length"] == 12
     assert meta["kind"] == "classifier" and meta["opset"] == kx.OPSET
