@@ -240,7 +240,7 @@ if __name__ == "__main__":
         for name, s in baselines_of_run(sys.argv[2]).items():
             print(f"{name:>15}: exact match {s['exact_match']:.2f}, F1 {s['f1']:.2f} ({s['n']} questions)")
         raise SystemExit(0)
-    (ASSETS / "squad_shakespeare.json").write_text(json.dumps(squad_shakespeare(300, seed=0, min_speeches=2, max_speeches=3, long_every=10, gap=40)))
+    (ASSETS / "squad_shakespeare.json").write_text(json.dumps(squad_shakespeare(1000, seed=0, min_speeches=2, max_speeches=3, long_every=10, gap=4)))
     sents = austen_sentences(1500)
     random.Random(1).shuffle(sents)
     write_conll(ASSETS / "ner_austen.conll", sents)
