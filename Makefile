@@ -24,10 +24,8 @@ test: $(STAMP)
 test-slow: $(STAMP)   # the wheel in a fresh venv (tests/test_packaging.py): a few minutes, PyPI downloads
 	$(PY) -m pytest -m slow
 
-bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) bench/race_shakespeare.py
-	HF_HUB_OFFLINE=1 $(PY) bench/throughput.py
-	HF_HUB_OFFLINE=1 $(PY) bench/generate_speed.py
+bench: $(STAMP)   # product vs product in ~15 min, one table (bench/summary.py); NANOGPT=path/to/nanoGPT adds the race
+	HF_HUB_OFFLINE=1 $(PY) bench/summary.py $(if $(NANOGPT),--nanogpt $(NANOGPT))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

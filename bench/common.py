@@ -42,13 +42,16 @@ class HFCausalLM(torch.nn.Module):
         return self.hf(input_ids=idx, use_cache=False).logits
 
 
-def emit_json(result: dict, path=None) -> None:
-    """Print a benchmark's result as JSON, and write it to `path` too when given (its folder is created)."""
+def emit_json(result: dict, path=None, echo: bool = True) -> None:
+    """Print a benchmark's result as JSON (unless echo is off), and write it to `path` too when given."""
     import json
     from pathlib import Path
 
     text = json.dumps(result, indent=2)
-    print(text)
+    if echo:
+        print(text)
+    elif path:
+        print(f"raw results: {path}")
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text + "\n")

@@ -1,8 +1,10 @@
-"""Time-to-quality race on tiny Shakespeare (char level), in one run, with one loop.
+"""Time-to-quality race on tiny Shakespeare (char level), in one run, with one loop: the like-for-like race.
+(bench/race_nanogpt.py is the product-vs-product one: `make demo`'s command against nanoGPT's own train.py.)
 
 (a) kiln's default recipe: configs/shakespeare-char.yaml, exactly as `make demo` runs it.
 (b) Hugging Face GPT2LMHeadModel with nanoGPT's CPU "baby" recipe: 4 layers, 4 heads, d_model 128,
-    context 64, batch 12, lr 1e-3 warmup 100 cosine to 1e-4, AdamW beta2 0.99, dropout 0, 2000 steps, fp32.
+    context 64, batch 12, lr 1e-3 warmup 100 cosine to 1e-4, AdamW beta2 0.99, dropout 0, 2000 steps, in the
+    precision kiln's `auto` picks on this machine (the same for all three).
 (c) kiln's model at (b)'s exact config and precision choice, for the per-step throughput ratio.
 
 All use the same prepared 90/10 split, the same sampler and kiln's Trainer; wall time counts everything
@@ -50,7 +52,7 @@ def run(label: str, cfg, data_dir: Path, out: Path, hf: bool, target: float, eva
     train, val = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
     cfg.model.vocab_size = 65
     cfg.model.resolve()
-    precision = "fp32" if hf else choose_precision(cfg.train.precision, "cpu")[0]
+    precision = choose_precision(cfg.train.precision, "cpu")[0]  # like for like: HF runs in kiln's precision too
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     if hf:

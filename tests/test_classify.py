@@ -181,7 +181,7 @@ def test_eval_label_unknown_to_the_model(trained, capsys, tmp_path):
     _, run, _ = trained
     bad = write_csv(tmp_path / "bad.csv", [("pos", "good"), ("meh", "the film")])
     user_error(capsys, ["eval", run, bad], "bad.csv:3", "'meh'", "neg, pos")
-    user_error(capsys, ["predict", run.parent / "backbone", bad], "not a classifier run folder")
+    user_error(capsys, ["predict", run.parent / "backbone", bad], "a pretraining run: fine-tune it first")
 
 
 def test_split_is_leak_free_stratified_and_seeded():

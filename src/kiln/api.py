@@ -119,7 +119,8 @@ def predict(run_dir: str | Path, file: str | Path, out: str | Path | None = None
 
     task = tasks.get(kind) if kind != "pretrain" else None
     if task is None or type(task).predict_file is Task.predict_file:
-        hint = " (a pretraining run: fine-tune it first with `kiln finetune classify --init`)" if kind == "pretrain" \
-            else f" (a {kind} run: kiln eval and kiln translate use it)"
-        raise KilnError(f"{run} is not a classifier run folder (no classify.yaml){hint}")
+        able = ", ".join(n for n in tasks.REGISTRY if type(tasks.get(n)).predict_file is not Task.predict_file)
+        hint = ("a pretraining run: fine-tune it first (`kiln finetune TASK --init RUN`), or sample from it with "
+                "`kiln generate`") if kind == "pretrain" else f"a {kind} run: kiln eval and kiln translate use it"
+        raise KilnError(f"{run} is {hint}; kiln predict takes a fine-tuned {' / '.join(able.split(', '))} run")
     return task.predict_file(run_dir, file, out, which, log=log)

@@ -154,10 +154,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     tr.add_argument("--out", help="write a TSV (source, reference, output) instead of printing")
     tr.add_argument("--num-beams", type=int, default=None, help="1 = greedy (default: the run's seq2seq.num_beams)")
     tr.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
-    pr = sub.add_parser("predict", help="class predictions with probabilities for a file (CSV out)")
-    pr.add_argument("run_dir", help="a `kiln finetune classify` run folder, or RUN1,RUN2,... for their ensemble")
-    pr.add_argument("file", help=".csv/.tsv/.jsonl with the run's text column (a label column is optional)")
-    pr.add_argument("--out", help="output CSV (default RUN_DIR/predictions/<FILE stem>.csv)")
+    pr = sub.add_parser("predict", help="a fine-tuned run's predictions for a file: classes with probabilities "
+                        "(classify, image), answers with spans (qa), entities (tokens)")
+    pr.add_argument("run_dir", help="a `kiln finetune classify|qa|tokens|image` run folder, or RUN1,RUN2,... for an "
+                    "ensemble of classifiers")
+    pr.add_argument("file", help="inputs as the run was trained on them: a .csv/.tsv/.jsonl text table (classify), "
+                    "SQuAD .json/.jsonl (qa), CoNLL/.jsonl (tokens), an image folder/IDX/CSV (image)")
+    pr.add_argument("--out", help="output file (default RUN_DIR/predictions/<FILE stem>.<csv|jsonl>)")
     pr.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
     ev = sub.add_parser("eval", help="metrics of a run on a file: perplexity (pretraining runs), accuracy/F1 "
                         "(classifiers), BLEU/chrF or ROUGE (seq2seq); table + JSON",

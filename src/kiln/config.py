@@ -73,7 +73,9 @@ class TrainConfig:
     reference_batch_tokens: int = _f(0, "global batch in tokens that train.lr was tuned for (train.lr_scaling)", range=">= 0")
     batch_ramp_tokens: int = _f(0, "grow the global batch from one micro-batch per rank to the target over this "
                                 "many tokens, lr following train.lr_scaling; 0 = off", range=">= 0")
-    optimizer: str = _f("adamw", "adamw | muon | lamb", choices=("adamw", "muon", "lamb"))
+    optimizer: str = _f("adamw", "adamw | muon | lamb | auto (Muon where its Newton-Schulz step costs at most the "
+                        "forward+backward FLOPs of a step, else AdamW; the run log says which)",
+                        choices=("adamw", "muon", "lamb", "auto"))
     lr: float = _f(1e-3, "peak learning rate (AdamW part)", range=">= 0")  # 0: a frozen run (tests, a fixed baseline)
     muon_lr: float = _f(0.02, "learning rate of Muon for 2-D hidden weights (optimizer: muon)", range="> 0")
     min_lr: float = _f(1e-4, "final learning rate of the decay", range=">= 0")
@@ -162,8 +164,10 @@ def default_recipe_model() -> ModelConfig:
 
 def default_recipe_train() -> TrainConfig:
     """The default recipe's training: Muon for hidden matrices, AdamW for the rest, a short cosine schedule.
-    Chosen by measurement (docs/benchmarks.md): val loss 1.88 in ~500 steps vs ~2000 for nanoGPT's recipe."""
-    return TrainConfig(max_steps=600, batch_size=12, optimizer="muon", lr=3e-3, muon_lr=0.01, min_lr=1e-4,
+    Chosen by measurement (docs/benchmarks.md): val loss 1.88 in ~500 steps vs ~2000 for nanoGPT's recipe.
+    optimizer auto keeps Muon here and picks AdamW where Muon's per-step cost is not amortised (GPT-2 124M at
+    batch 4 x 256: 3.3x slower a step; kiln.train.optim.choose_optimizer)."""
+    return TrainConfig(max_steps=600, batch_size=12, optimizer="auto", lr=3e-3, muon_lr=0.01, min_lr=1e-4,
                        warmup_steps=100, beta2=0.99, eval_every=100, save_every=200)
 
 

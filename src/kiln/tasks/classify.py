@@ -38,27 +38,10 @@ class ClassifyTask(Task):
     name, config_cls, config_file = "classify", ClassifyConfig, CONFIG_FILE
     usage = "kiln finetune classify [CONFIG.yaml] --data.train FILE --init RUN_OR_HF_DIR [--section.key VALUE ...]"
     example = "configs/classify-rotten.yaml"
-
-    def help_rows(self) -> list[tuple[str, str, str]]:
-        """The config keys less the model's (they come from init) and the pretraining-only train keys."""
-        from kiln.config import config_help
-
-        train, notes = ClassifyConfig().train, {"max_steps": "; 0 = from epochs", "warmup_steps": "; 0 = "
-                                                "warmup_fraction", "eval_every": "; 0 = once per epoch",
-                                                "save_every": "; 0 = at evaluations and the end"}
-        skip = ("batch_tokens", "lr_scaling", "reference_batch_tokens", "eval_batches", "sample_tokens",
-                "sample_prompt", "target_loss", "muon_lr")
-        from operator import attrgetter  # dotted: train.lora.rank
-
-        return [(f, repr(attrgetter(f[8:])(train)) if f.startswith("--train.") else d,
-                 h + notes.get(f[8:], "") if f.startswith("--train.") else h)
-                for f, d, h in config_help(ClassifyConfig) if not f.startswith("--model.") and f[8:] not in skip]
+    batch_unit = "examples"
 
     def check(self, cfg: ClassifyConfig) -> None:
-        tc, d = cfg.train, cfg.distill
-        if getattr(tc, "batch_tokens", 0) or getattr(tc, "lr_scaling", "none") != "none":
-            raise KilnError("train.batch_tokens and train.lr_scaling are for pretraining; finetune classify counts "
-                            "batches in examples (train.batch_size x train.grad_accum)")
+        d = cfg.distill
         if cfg.data.max_length < 2:
             raise KilnError(f"data.max_length must be >= 2, got {cfg.data.max_length}")
         if not 0.0 <= cfg.token_mask < 1.0:

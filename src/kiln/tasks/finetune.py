@@ -29,6 +29,7 @@ from kiln.train.trainer import Trainer
 
 def finetune(task: Task, cfg, quiet: bool = False) -> Path:
     """Train `task` as `cfg` says; returns the run folder."""
+    task.check_train(cfg)
     task.check(cfg)
     tc = cfg.train
     lora = getattr(tc, "lora", None)
@@ -95,6 +96,8 @@ def finetune(task: Task, cfg, quiet: bool = False) -> Path:
     trainer = Trainer(model, prep.objective, tcfg, run_dir, prep.batch, evaluate=prep.evaluate, device=device,
                       precision=precision, log=log, on_eval=prep.on_eval, metric=prep.metric, callbacks=callbacks)
     trainer.throughput_unit = task.throughput_unit
+    trainer.resume_hint = (f"the run folder keeps it (kiln finetune {task.name} has no --resume: start it again "
+                           "with another --out, or load that checkpoint with kiln eval)")
     result = trainer.fit()
     best = trainer.best
     summary = {"steps": result["step"], "seconds": result["elapsed"], "train_seconds": trainer.train_seconds,

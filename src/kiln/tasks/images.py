@@ -34,8 +34,6 @@ from kiln.model.heads import ImageClassifier
 from kiln.tasks.base import Data, Prepared, Task
 from kiln.tasks.finetune import epochs_schedule, is_hf_folder
 
-PRETRAIN_ONLY = ("batch_tokens", "lr_scaling", "reference_batch_tokens", "batch_ramp_tokens", "eval_batches",
-                 "sample_tokens", "sample_prompt", "target_loss", "muon_lr")
 TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "embedding_norm", "mlm_head",
              "tie_embeddings", "type_vocab_size", "pad_token_id", "embed_scale", "sinusoid_layout", "head_bias")
 
@@ -59,18 +57,13 @@ class ImageTask(Task):
     usage = ("kiln finetune image [CONFIG.yaml] --data.train FOLDER|IDX|CSV [--init RUN_OR_HF_DIR] "
              "[--section.key VALUE ...]")
     example = "configs/vit-fashion-mnist.yaml"
+    batch_unit = "images"
     time_budget_minutes = staticmethod(lambda cfg: cfg.time_budget)
 
-    def help_rows(self) -> list[tuple[str, str, str]]:
-        from kiln.config import config_help
-
-        return [r for r in config_help(ImageConfig) if not (r[0].startswith("--train.") and r[0][8:] in PRETRAIN_ONLY)
-                and not (r[0].startswith("--model.") and r[0][8:] in TEXT_ONLY)]
+    def shows(self, flag: str) -> bool:  # a ViT from scratch: the model keys show, less the text-only ones
+        return not (flag.startswith("--model.") and flag[8:] in TEXT_ONLY)
 
     def check(self, cfg: ImageConfig) -> None:
-        if cfg.train.batch_tokens or cfg.train.lr_scaling != "none" or cfg.train.batch_ramp_tokens:
-            raise KilnError("train.batch_tokens, lr_scaling and batch_ramp_tokens are for pretraining; finetune image "
-                            "counts batches in images (train.batch_size x train.grad_accum)")
         d = cfg.data
         if bool(d.mean) != bool(d.std) or (d.mean and len(d.mean) != len(d.std)):
             raise KilnError(f"data.mean {d.mean} and data.std {d.std}: give both, one value per channel")

@@ -34,19 +34,6 @@ from kiln.train.objectives import model_inputs
 FINETUNED = ("qa.yaml", "tokens.yaml", "classify.yaml", "seq2seq.yaml")  # run kinds that are no backbone
 
 
-def finetune_help(config_cls) -> list[tuple[str, str, str]]:
-    """--help rows of a fine-tuning config: the model keys (they come from init) and pretraining-only train
-    keys left out."""
-    from kiln.config import config_help
-
-    notes = {"max_steps": "; 0 = from epochs", "warmup_steps": "; 0 = warmup_fraction", "eval_every": "; 0 = once "
-             "per epoch", "save_every": "; 0 = at evaluations and the end"}
-    skip = ("batch_tokens", "lr_scaling", "reference_batch_tokens", "eval_batches", "sample_tokens", "sample_prompt",
-            "target_loss", "muon_lr", "batch_ramp_tokens")
-    return [(f, d, h + notes.get(f[8:], "") if f.startswith("--train.") else h) for f, d, h in config_help(config_cls)
-            if not f.startswith("--model.") and f[8:] not in skip]
-
-
 def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     """Right-padded [len(rows), longest] tensor."""
     out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
@@ -138,14 +125,9 @@ class QATask(Task):
     name, config_cls, config_file = "qa", QAConfig, CONFIG_FILE
     usage = "kiln finetune qa [CONFIG.yaml] --data.train FILE.json --init RUN_OR_HF_DIR [--section.key VALUE ...]"
     example = "configs/qa-shakespeare.yaml"
-
-    def help_rows(self):
-        return finetune_help(QAConfig)
+    batch_unit = "windows"
 
     def check(self, cfg: QAConfig) -> None:
-        if cfg.train.batch_tokens or cfg.train.lr_scaling != "none":
-            raise KilnError("train.batch_tokens and train.lr_scaling are for pretraining; finetune qa counts "
-                            "batches in windows (train.batch_size x train.grad_accum)")
         if cfg.data.doc_stride >= cfg.data.max_length // 2:
             raise KilnError(f"data.doc_stride {cfg.data.doc_stride} must be < half of data.max_length "
                             f"{cfg.data.max_length} (consecutive windows share doc_stride tokens)")

@@ -30,7 +30,7 @@ from kiln.eval.tokens import entities, metrics_table, token_metrics
 from kiln.model.heads import TokenClassifier
 from kiln.tasks.base import Data, Prepared, Task
 from kiln.tasks.finetune import epochs_schedule, load_backbone
-from kiln.tasks.qa import FINETUNED, finetune_help, load_task_run, pad_rows
+from kiln.tasks.qa import FINETUNED, load_task_run, pad_rows
 from kiln.train.objectives import model_inputs
 
 
@@ -103,14 +103,7 @@ class TokensTask(Task):
     name, config_cls, config_file = "tokens", TokensConfig, CONFIG_FILE
     usage = "kiln finetune tokens [CONFIG.yaml] --data.train FILE --init RUN_OR_HF_DIR [--section.key VALUE ...]"
     example = "configs/ner-austen.yaml"
-
-    def help_rows(self):
-        return finetune_help(TokensConfig)
-
-    def check(self, cfg: TokensConfig) -> None:
-        if cfg.train.batch_tokens or cfg.train.lr_scaling != "none":
-            raise KilnError("train.batch_tokens and train.lr_scaling are for pretraining; finetune tokens counts "
-                            "batches in sentences (train.batch_size x train.grad_accum)")
+    batch_unit = "sentences"
 
     def read(self, cfg: TokensConfig, log) -> Data:
         d = cfg.data

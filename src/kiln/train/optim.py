@@ -79,8 +79,46 @@ def _decay_groups(named, cfg: TrainConfig) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu") -> OptimizerGroup:
-    opt = _build_optimizer(model, cfg, device)
+def _hidden_matrices(model: torch.nn.Module, named) -> tuple[list, list, list]:
+    """(Muon's hidden 2-D matrices, 2-D weights that stay with AdamW, 1-D parameters)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        embeddings.add(id(head.weight))
+    # LoRA's low-rank A and B stay with AdamW too (only the parameters that train are here)
+    embeddings |= {id(p) for n, p in named if n.endswith((".lora_A", ".lora_B"))}
+    decay = [p for n, p in named if p.dim() >= 2]
+    return ([p for p in decay if id(p) not in embeddings], [p for p in decay if id(p) in embeddings],
+            [p for n, p in named if p.dim() < 2])
+
+
+MUON_MAX_NS_RATIO = 1.0  # optimizer auto: Muon while Newton-Schulz costs at most the forward + backward FLOPs
+
+
+def choose_optimizer(model: torch.nn.Module, tokens_per_step: int, ns_steps: int = 5) -> tuple[str, float]:
+    """optimizer auto: ("muon" | "adamw", ratio), ratio = Newton-Schulz FLOPs / forward+backward FLOPs per step.
+
+    Muon orthogonalizes every hidden m x n update (m <= n) once per optimizer step: ns_steps x (4 m^2 n + 2 m^3)
+    FLOPs, whatever the batch; forward + backward cost 6 x parameters x tokens. Measured (docs/benchmarks.md):
+    the default recipe (ratio 0.63, 780 tokens a step) reaches val 1.88 in ~500 Muon steps against ~2000 AdamW
+    steps at +5% time a step; GPT-2 124M at batch 4 x 256 (ratio 2.0) runs 3.3x slower a step with Muon, more
+    than Muon's published saving in steps (~1.35x), so AdamW. The threshold sits between the two."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden, _, _ = _hidden_matrices(model, named)
+    ns = sum(ns_steps * (4 * min(p.shape) ** 2 * max(p.shape) + 2 * min(p.shape) ** 3) for p in hidden)
+    step = 6 * sum(p.numel() for _, p in named) * max(tokens_per_step, 1)
+    ratio = ns / step
+    return ("muon" if hidden and ratio <= MUON_MAX_NS_RATIO else "adamw"), ratio
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu",
+                    precision: str = "fp32") -> OptimizerGroup:
+    """`precision` is the run's measured compute precision: Muon's Newton-Schulz runs in bf16 only where bf16 is
+    native (on a CPU without it, bf16 matmuls emulated are ~70x slower than fp32: measured 52 s vs 0.74 s for
+    two 768 x 3072 updates on an AVX2 EPYC)."""
+    if cfg.optimizer == "auto":
+        raise KilnError("train.optimizer auto is resolved by the Trainer (kiln.train.optim.choose_optimizer)")
+    opt = _build_optimizer(model, cfg, device, torch.bfloat16 if precision == "bf16" else torch.float32)
     if getattr(model, "lora_spec", None) is not None:  # LoRA: few kinds of trainable tensors, so groups may be
         # empty; drop them (and optimizers left with none) so the name-keyed state resumes (DSD allows one)
         for o in opt.optimizers:
@@ -89,29 +127,20 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu
     return opt
 
 
-def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu") -> OptimizerGroup:
+def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str, ns_dtype) -> OptimizerGroup:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not 0.0 < cfg.layer_lr_decay <= 1.0:
         raise KilnError(f"train.layer_lr_decay must be in (0, 1], got {cfg.layer_lr_decay}")
     if cfg.layer_lr_decay != 1.0 and cfg.optimizer == "muon":
         raise KilnError("train.layer_lr_decay works with optimizer adamw or lamb, not muon")
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    head = getattr(model, "lm_head", None)
-    if head is not None:
-        embeddings.add(id(head.weight))
-    decay = [p for n, p in named if p.dim() >= 2]
-    no_decay = [p for n, p in named if p.dim() < 2]
     if cfg.optimizer == "adamw":
         return OptimizerGroup([_adamw(_decay_groups(named, cfg), cfg, device)])
     if cfg.optimizer == "lamb":
         from kiln.train.lamb import Lamb
 
         return OptimizerGroup([Lamb(_decay_groups(named, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))])
-    # muon: hidden 2-D matrices with Muon, everything else with AdamW (LoRA's low-rank A and B too: only the
-    # parameters that train are here, kiln.model.lora freezes the rest)
-    embeddings |= {id(p) for n, p in named if n.endswith((".lora_A", ".lora_B"))}
-    hidden = [p for p in decay if id(p) not in embeddings]
-    rest_decay = [p for p in decay if id(p) in embeddings]
+    # muon: hidden 2-D matrices with Muon, everything else with AdamW
+    hidden, rest_decay, no_decay = _hidden_matrices(model, named)
     groups = [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.lr}]
     if any(type(p).__name__ == "DTensor" for p in hidden):  # FSDP2 shards: torch's Muon handles DTensors
         muon = torch.optim.Muon(groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
@@ -119,7 +148,7 @@ def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cp
     else:  # same algorithm, same-shape matrices orthogonalized in one batched matmul (kiln.train.muon)
         from kiln.train.muon import Muon
 
-        muon = Muon(groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+        muon = Muon(groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype)
     adam = _adamw([{"params": rest_decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
                    {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg, device)
     return OptimizerGroup([muon, adam])

@@ -7,6 +7,7 @@ depend on how the batch is split into micro-batches (transformers#34191). Then c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -25,7 +26,7 @@ from kiln.report.progress import Progress
 from kiln.run.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, unwrap
 from kiln.train.callbacks import BestByMetric, Callback
 from kiln.train.distributed import full_model_state, full_optimizer_state, load_model_state, load_optimizer_state
-from kiln.train.optim import build_optimizer, lr_at, set_lr
+from kiln.train.optim import MUON_MAX_NS_RATIO, build_optimizer, choose_optimizer, lr_at, set_lr
 from kiln.run.device import autocast
 
 
@@ -55,6 +56,14 @@ def to_device(batch, device: str):
     return batch
 
 
+def _tokens_per_step(next_batch, cfg: TrainConfig) -> int:
+    """Tokens (or examples x positions) one rank sees per optimizer step, from micro-batch 0's first tensor."""
+    b = next_batch(0)
+    t = b if isinstance(b, torch.Tensor) else next((v for v in b.values() if isinstance(v, torch.Tensor)), None) \
+        if isinstance(b, dict) else None
+    return (t.numel() if t is not None else cfg.batch_size) * cfg.grad_accum
+
+
 class Trainer:
     throughput_unit = "tok"  # what the progress bar counts per second: tokens, or "ex" (examples) for classifiers
     def __init__(self, model: torch.nn.Module, objective: Objective, cfg: TrainConfig, run_dir: Path,
@@ -67,13 +76,20 @@ class Trainer:
         self.callbacks: list[Callback] = [self.best, *(callbacks or [])]
         self.horizon = cfg.max_steps  # where the loop and the lr schedule end (a time budget may move it)
         self.stop_reason: str | None = None
+        self.resume_hint = "resume with --resume"  # what a stop by signal tells the user (the driver may differ)
         self.train_seconds = 0.0  # inside optimizer steps only (batches, forward, backward, update)
         self.eval_seconds = 0.0
         self.next_batch, self.evaluate, self.device, self.precision = next_batch, evaluate, device, precision
         self.log, self.on_eval, self.world_size, self.is_main = log, on_eval, world_size, is_main
         self.tokens_per_target = tokens_per_target
         self.ramp = None  # a kiln.train.ramp.BatchRamp when the global batch grows during training
-        self.optimizer = build_optimizer(unwrap(model), cfg, "cpu" if device == "cpu" else device)
+        self.optimizer_name = cfg.optimizer
+        if cfg.optimizer == "auto":  # Muon where its per-step Newton-Schulz cost is amortised, else AdamW
+            self.optimizer_name, ratio = choose_optimizer(unwrap(model), _tokens_per_step(next_batch, cfg))
+            log(f"optimizer auto: {self.optimizer_name} (Muon's Newton-Schulz would cost {ratio:.2f}x the "
+                f"forward+backward FLOPs of a step; Muon up to {MUON_MAX_NS_RATIO:g}x)")
+            cfg = dataclasses.replace(cfg, optimizer=self.optimizer_name)
+        self.optimizer = build_optimizer(unwrap(model), cfg, "cpu" if device == "cpu" else device, precision)
         self.state = TrainState()
         # bf16 weights: forward/backward run in a bf16 copy; the fp32 model is the master copy that the
         # optimizer updates and checkpoints store (exact resume, no precision lost in the weights).
@@ -270,7 +286,7 @@ class Trainer:
                         self.save()
                     name = signal.Signals(self._stop_signal).name
                     if progress is not None:
-                        progress.write(f"{name} received: saved checkpoint at step {step}; resume with --resume")
+                        progress.write(f"{name} received: saved checkpoint at step {step}; {self.resume_hint}")
                     raise Interrupted(name)
         finally:
             for s, h in old_handlers.items():
