@@ -2,14 +2,14 @@
 
 (a) kiln:  kiln pretrain --model_preset gpt2 --model.context_length 256 --train.batch_size 4
            --train.max_steps N --out TMP      (shipped defaults otherwise: optimizer auto, precision auto)
-(b) HF:    GPT2LMHeadModel of the same shape and vocabulary (the default data is tiny Shakespeare at character
-           level: 65 symbols), model(input_ids, labels=input_ids).loss, torch.optim.AdamW (its default
+(b) HF:    GPT2LMHeadModel of the same shape and vocabulary (the preset keeps GPT-2's 50,257 even on the default
+           character-level data, whose ids fit in it), model(input_ids, labels=input_ids).loss, torch.optim.AdamW (its default
            implementation), grad clip 1.0, batch 4 x 256 of the same text; bf16 autocast where the CPU has
            native bf16, fp32 where it has not (emulated bf16 matmuls run at ~1 GFLOP/s there).
 Both are whole processes, alternated in rounds; tokens/s = median over the timed steps of each process (kiln:
 its metrics.csv, the first logged interval dropped; HF: the steps after two warm-up steps).
 
-    .venv/bin/python bench/cli_gpt2.py [--steps 8] [--rounds 3] [--json bench/cli_gpt2.json]
+    .venv/bin/python bench/cli_gpt2.py [--steps 8] [--rounds 3] [--json bench/results/cli_gpt2.json]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def hf_loop(steps: int, bf16: bool) -> None:
     chars = sorted(set(text))
     ids = torch.tensor([chars.index(c) for c in text[:200_000]])
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=len(chars), n_positions=256, n_embd=768, n_layer=12, n_head=12,
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=256, n_embd=768, n_layer=12, n_head=12,
                                   bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
@@ -66,7 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8, help="timed steps per process")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / (Path(__file__).stem + ".json")))
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -77,7 +77,7 @@ def main() -> None:
     bf16 = bool(cpu_bf16_flags())
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     kiln = [str(Path(sys.executable).parent / "kiln"), "pretrain", "--model_preset", "gpt2", "--model.context_length",
-            "256", "--train.batch_size", "4", "--train.log_every", "1", "--train.eval_every", "0",
+            "256", "--train.batch_size", "4", "--train.log_every", "1", "--train.eval_every", "1000000",
             "--train.sample_tokens", "0", "--train.max_steps", str(args.steps + 2)]
     rows: dict[str, list] = {"kiln": [], "hf": []}
     chosen = ""

@@ -8,7 +8,7 @@ Both outputs are checked equal token for token. Prints tokens/s (new tokens x ba
 and the weights' bytes read per second (one pass over the weights per decoding step) against this machine's
 memory bandwidth, measured here by copying a 1 GiB tensor. kiln and HF alternate in rounds (`--repeats`, default
 3), the median of each is kept; bf16 is timed only where the CPU has native bf16 (`precision: auto` picks it).
-Raw results: --json (default bench/generate_speed.json).
+Raw results: --json (default bench/results/generate_speed.json).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed runs per point (median kept)")
-    ap.add_argument("--json", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / (Path(__file__).stem + ".json")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kiln, hf = build(args.threads)

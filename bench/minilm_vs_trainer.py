@@ -11,7 +11,7 @@ examples/s = training examples / training seconds (evaluation and checkpoint sav
 kiln's trainer counts them apart; for HF, eval_runtime is subtracted from train_runtime). Wall minutes include
 everything. Test accuracy of the best epoch on the same 1,276 test texts.
 
-    .venv/bin/python bench/minilm_vs_trainer.py [--seeds 0 1 2] [--epochs 2] [--json bench/minilm_vs_trainer.json]
+    .venv/bin/python bench/minilm_vs_trainer.py [--seeds 0 1 2] [--epochs 2] [--json bench/results/minilm_vs_trainer.json]
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ def run_trainer(args, out: Path, bf16: bool) -> dict:
 
     targs = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
-        learning_rate=args.lr, num_train_epochs=args.epochs, warmup_ratio=0.06, lr_scheduler_type="linear",
+        learning_rate=args.lr, num_train_epochs=args.epochs, warmup_steps=0.06, lr_scheduler_type="linear",
         weight_decay=0.01, max_grad_norm=1.0, bf16=bf16, use_cpu=True, seed=args.seed, data_seed=args.seed,
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="accuracy",
         save_total_limit=1, logging_steps=50, report_to=[], dataloader_num_workers=0,
-        group_by_length=args.group_by_length, disable_tqdm=True)
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random", disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=data["train"], eval_dataset=data["val"],
                                    data_collator=transformers.DataCollatorWithPadding(tok), compute_metrics=accuracy)
     res = trainer.train()
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--group-by-length", action="store_true")
-    ap.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / (Path(__file__).stem + ".json"))
     args = ap.parse_args()
     # the recipe's values, as finetune_minilm.make_config reads them
     args.lr, args.batch_size, args.max_length, args.steps, args.threads = 8e-5, 32, 64, 0, 0

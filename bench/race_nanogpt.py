@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--nanogpt", required=True, help="a nanoGPT checkout (karpathy/nanoGPT)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--target", type=float, default=1.88)
-    ap.add_argument("--json", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / (Path(__file__).stem + ".json")))
     args = ap.parse_args()
     nano = Path(args.nanogpt).resolve()
     if not (nano / "train.py").exists():

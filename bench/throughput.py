@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="comma list like kiln:fp32,hf:bf16,kiln:bf16+compile "
                                                    "(default: all supported precisions, eager)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / (Path(__file__).stem + ".json")), help="raw results written here")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="datasheet bf16 peak of the device: also print MFU against it, as nanoGPT does (312 on A100)")
     args = ap.parse_args()
@@ -113,6 +114,7 @@ def main() -> None:
     base = {}
     peak = f" {'MFU@peak':>8}" if args.peak_tflops else ""
     print(f"{'variant':<24} {'median step ms':>14} {'tokens/s':>10} {'MFU':>6}{peak} {'vs HF same setting':>18}  loss")
+    rows = []
     for (kind, prec), ts in times.items():
         step = statistics.median(ts)
         tps = tokens / step
@@ -126,6 +128,14 @@ def main() -> None:
         ls = losses[(kind, prec)]
         print(f"{kind + ':' + prec:<24} {step * 1000:>14.1f} {tps:>10.0f} {mfu:>6.1%}{at_peak} {ratio:>18}  "
               f"{ls[0]:.3f} -> {ls[-1]:.3f}")
+        rows.append({"variant": f"{kind}:{prec}", "loop": "kiln Trainer.train_step (fused AdamW, clip 1.0)",
+                     "median_step_s": step, "tokens_per_s": tps, "mfu": mfu, "vs_hf_same_setting": ratio,
+                     "step_s": ts, "loss_first_last": [ls[0], ls[-1]]})
+    from common import emit_json
+
+    emit_json({"bench": "throughput", "machine": machine(), "command": " ".join(sys.argv), "preset": args.preset,
+               "batch": args.batch, "context": args.context, "fp32_ceiling_gflops": fp32_ceiling,
+               "bf16_ceiling_gflops": bf16_ceiling, "flops_per_step": flops, "rows": rows}, args.json, echo=False)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,9 @@ class ClassifyConfig:
     pooling: str = _f("auto", "auto | mean | cls | pooler | last (auto: mean for encoders, last token for "
                       "decoders)", choices=("auto", "mean", "cls", "pooler", "last"))
     head_dropout: float = _f(0.1, "dropout before the classification layer", range="[0, 1)")
+    length_buckets: int = _f(0, "training batches of similar length (less padding): each chunk of N batches of the "
+                             "seeded shuffle is sorted by length and its batches shuffled again; 0 = plain shuffle",
+                             range=">= 0")
     token_mask: float = _f(0.0, "augmentation: share of each training example's tokens (special tokens excepted) "
                            "replaced by the tokenizer's mask token, drawn anew every step; 0 = off", range="[0, 1)")
     epochs: float = _f(3.0, "passes over the training split (sets train.max_steps when that is 0)", range="> 0")

@@ -131,7 +131,8 @@ class ClassifyTask(Task):
             tokenizer.save(str(run_dir / "tokenizer.json"))
             (run_dir / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-        batches = EpochBatches(enc["train"], cfg.train.batch_size, cfg.seed, pad_id, cfg.token_mask, mask_id, special)
+        batches = EpochBatches(enc["train"], cfg.train.batch_size, cfg.seed, pad_id, cfg.token_mask, mask_id, special,
+                               cfg.length_buckets)
         eval_bs, val = max(2 * cfg.train.batch_size, 16), enc["val"]
         evaluate = None
         if len(val):

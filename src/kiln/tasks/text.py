@@ -100,9 +100,9 @@ class EpochBatches:
     generator seeded by (seed, i): the same batch after a resume."""
 
     def __init__(self, enc: Encoded, batch_size: int, seed: int, pad_id: int, token_mask: float = 0.0,
-                 mask_id: int | None = None, special_ids=()):
+                 mask_id: int | None = None, special_ids=(), bucket: int = 0):
         self.enc, self.seed, self.pad_id = enc, seed, pad_id
-        self.sampler = EpochSampler(enc.lengths, batch_size, seed)
+        self.sampler = EpochSampler(enc.lengths, batch_size, seed, bucket)
         self.token_mask, self.mask_id = token_mask, mask_id
         self.special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)  # padding: attention_mask
 
