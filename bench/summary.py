@@ -57,7 +57,7 @@ def main() -> None:
                           f"nanoGPT train.py 2000 it: {r['nanogpt_wall_s']}", f"{r['ratio']}x", "<= 0.25x", s))
     else:
         print("race: skipped (give --nanogpt PATH to a karpathy/nanoGPT checkout)")
-    r, s = run("cli_gpt2", ["bench/cli_gpt2.py", "--steps", "3", "--rounds", "3"], skip="cli" not in only)
+    r, s = run("cli_gpt2", ["bench/cli_gpt2.py", "--steps", "2", "--rounds", "3"], skip="cli" not in only)
     if r:
         table.append(("GPT-2 124M via the CLI, batch 4x256 (tokens/s)", str(r["kiln_tokens_per_s"]),
                       f"plain HF loop {r['hf_precision']}: {r['hf_tokens_per_s']}", f"{r['ratio']}x", ">= 1.6x", s))
