@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from kiln.cli import main
@@ -19,6 +21,16 @@ def test_unknown_key_suggests_the_right_one():
         load_config(None, ["--train.max_step", "5"])
     with pytest.raises(KilnError, match=r"unknown key 'modle'.*did you mean 'model'"):
         load_config(None, {"modle": {"n_layer": 2}})
+
+
+def test_an_unknown_key_is_blamed_on_where_it_was_written(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("train:\n  max_steps: 5\n")
+    with pytest.raises(KilnError, match=r"^command line: unknown key 'train.warmup_fraction'"):
+        load_config(f, ["--train.warmup_fraction", "0.1"])
+    f.write_text("train:\n  max_stepz: 5\n")
+    with pytest.raises(KilnError, match=rf"^{re.escape(str(f))}: unknown key 'train.max_stepz'"):
+        load_config(f, ["--train.lr", "1e-3"])
 
 
 def test_wrong_type_names_key_and_type():

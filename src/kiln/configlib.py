@@ -77,11 +77,15 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def update_dataclass(obj, values: dict, prefix: str = "", where: str = "config") -> None:
+def update_dataclass(obj, values: dict, prefix: str = "", where: str = "config", given=frozenset()) -> None:
+    """Set `values` on the dataclass `obj`; errors name `where` (the YAML file), or the command line for keys in
+    `given` (dotted names set by overrides)."""
     hints = _hints(type(obj))
     names = {f.name: f for f in fields(obj)}
+    outer = where
     for key, value in values.items():
         full = f"{prefix}{key}"
+        where = "command line" if full in given or any(g.startswith(full + ".") for g in given) else outer
         if key not in names:
             raise KilnError(f"{where}: unknown key {full!r}{did_you_mean(key, names)}"
                             .replace("did you mean '", f"did you mean '{prefix}"))
@@ -89,7 +93,7 @@ def update_dataclass(obj, values: dict, prefix: str = "", where: str = "config")
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise KilnError(f"{where}: {full} expects a mapping of keys, got {value!r}")
-            update_dataclass(getattr(obj, key), value, f"{full}.", where)
+            update_dataclass(getattr(obj, key), value, f"{full}.", outer, given)
             continue
         value = _coerce(full, value, tp, where)
         choices = names[key].metadata.get("choices")
@@ -216,7 +220,7 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None, cls
         from kiln.model.config import preset
 
         cfg.model = preset(str(preset_name))
-    update_dataclass(cfg, values, where=where)
+    update_dataclass(cfg, values, where=where, given=given)
     check_ranges(cfg, where, given)
     return cfg
 
