@@ -6,6 +6,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` (pytest -n): each worker its share of the cores,
+    # for torch here and for the kiln/torchrun processes tests start (not every worker all of them)
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "src" / "kiln" / "assets" / "tinyshakespeare.txt"

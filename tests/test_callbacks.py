@@ -82,3 +82,34 @@ def test_time_budget_moves_the_horizon_to_the_steps_that_fit(monkeypatch):
         t.state.step += 1
         budget.on_step_end(t)
     assert t.state.step == 10 and t.horizon == 10 and t.cfg.max_steps == 1000
+
+
+def test_time_budget_continues_its_clock_across_a_resume(monkeypatch):
+    """10 s steps, a 100 s budget: killed after 5 steps, resumed after a long pause, the run still ends at step
+    10 (the pause is not counted) and the horizon estimate keeps the steps done before."""
+    import kiln.train.callbacks as cb
+
+    clock = [0.0]
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: clock[0])
+
+    def run(budget, t, steps):
+        for _ in range(steps):
+            budget.on_step_start(t)
+            clock[0] += 10.0
+            t.state.step += 1
+            budget.on_step_end(t)
+            if t.state.step >= t.horizon:
+                break
+
+    t, budget = FakeTrainer(horizon=1000), TimeBudget(100)
+    run(budget, t, 5)
+    saved = budget.state_dict()
+    assert saved == {"spent": 50.0, "steps": 5}
+    clock[0] += 3600.0  # the machine was down for an hour
+    t2, again = FakeTrainer(horizon=1000), TimeBudget(100)
+    t2.state.step = 5
+    again.load_state_dict(saved)
+    run(again, t2, 1)
+    assert t2.horizon == 6 + 4  # 40 s left at 10 s a step (from the 6 steps of both processes)
+    run(again, t2, 100)
+    assert t2.state.step == 10 and t2.horizon == 10

@@ -1,13 +1,10 @@
 """The command line as a user meets it: one-line errors with exit 2, crash safety, resume, generate."""
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 
 from conftest import TINY, assert_user_error
 from kiln.cli import main

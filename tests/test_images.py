@@ -272,7 +272,7 @@ def _hf_vit(path: Path, cls: str, labels=None, seed: int = 0, channels: int = 3,
 
 def test_vit_classifier_import_export_parity(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from kiln.interop.hf import export_hf, import_hf
+    from kiln.interop.hf import export_hf
     from kiln.tasks.images import load_image_run
 
     ref = _hf_vit(tmp_path / "hf", "ViTForImageClassification", labels=["cat", "dog", "eel"])

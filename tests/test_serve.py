@@ -318,37 +318,15 @@ def load_test(server, lm_run, expected, n_requests: int, clients: int, label: st
     return stats
 
 
-def test_load_batched_vs_one_at_a_time(server, lm_run, expected, capsys):
-    """200 requests from 16 concurrent clients, then the same 200 one at a time; and the same concurrent load on a
-    server that decodes one request at a time (--max-batch 1): what batching buys."""
+def test_concurrent_load_is_batched_and_every_answer_is_right(server, lm_run, expected):
+    """48 requests from 16 concurrent clients (a quarter streamed): every answer equals kiln.sample's, and
+    requests that arrived together shared forward passes. (Latency and requests/s, batched vs not, are measured
+    by bench/serve_load.py, not here.)"""
     before = get(f"{server.url}/health")["served"]
-    rows = [load_test(server, lm_run, expected, 200, 16, "16 clients, --max-batch 8")]
+    load_test(server, lm_run, expected, 48, 16, "16 clients, --max-batch 8")
     after = get(f"{server.url}/health")["served"]
     batches, jobs = after["batches"] - before["batches"], after["jobs"] - before["jobs"]
-    assert jobs == 200 and after["largest_batch"] > 1  # requests that arrived together shared forward passes
-    rows.append(load_test(server, lm_run, expected, 200, 1, "1 client (sequential)"))
-    single = Server(lm_run, "--max-batch", "1", "--queue", "64")
-    try:
-        rows.append(load_test(single, lm_run, expected, 200, 16, "16 clients, --max-batch 1"))
-    finally:
-        single.stop()
-    with capsys.disabled():
-        print(f"\nkiln serve load test (tiny model, max_tokens 8/32, CPU: {_cpu()}); "
-              f"batched run: {jobs} requests in {batches} batches (mean {jobs / batches:.1f}, "
-              f"largest {after['largest_batch']})")
-        for r in rows:
-            print(f"  {r['label']:<28} p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  "
-                  f"{r['rps']:6.1f} requests/s  ({r['wall_s']:.1f} s)")
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores"
+    assert jobs == 48 and after["largest_batch"] > 1 and batches < jobs
 
 
 def test_queue_limit_answers_503_and_the_server_keeps_serving(lm_run, expected):

@@ -1,5 +1,4 @@
 import csv
-import math
 from pathlib import Path
 
 import pytest
@@ -182,3 +181,39 @@ def test_compiled_fused_loss_gives_the_eager_gradients(one_thread):
     (l0, g0), (l1, g1) = results
     assert abs(l0 - l1) < 1e-3 * abs(l0)
     assert float(g1.norm()) > 0.0 and torch.allclose(g0, g1, atol=1e-5, rtol=1e-4)
+
+
+def test_decoding_during_training_sees_the_weights_of_that_step(tmp_path):
+    """Greedy decoding packs the linear weights once for oneDNN and caches them (kiln.model.packed); the fused
+    AdamW step updates weights without bumping their version, so an evaluation that decodes (seq2seq BLEU, LM
+    samples) must not reuse the first evaluation's packed weights. Each evaluation's greedy text equals that of a
+    fresh copy of the model at that step (a copy has no packed weights)."""
+    import copy
+
+    from kiln.config import TrainConfig
+    from kiln.model.config import ModelConfig
+    from kiln.model.generate import generate
+    from kiln.model.packed import available
+    from kiln.model.transformer import Transformer
+    from kiln.train.objectives import CausalLM
+    from kiln.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=48, n_layer=1, n_head=2, d_model=32, context_length=16))
+    data = torch.randint(0, 48, (64, 17))
+    prompt = data[:1, :4]
+    seen = []
+
+    def evaluate(m):
+        with torch.no_grad():
+            got = generate(m, prompt, 8, greedy=True)
+            fresh = generate(copy.deepcopy(m), prompt, 8, greedy=True)
+        seen.append((got.tolist(), fresh.tolist()))
+        return {"val_loss": 0.0}
+
+    tc = TrainConfig(max_steps=6, batch_size=4, lr=3e-2, min_lr=3e-2, warmup_steps=0, eval_every=2, log_every=2,
+                     optimizer="adamw", precision="fp32", tensorboard=False, sample_tokens=0)
+    Trainer(model, CausalLM(), tc, tmp_path / "run", lambda i: data[(4 * i) % 64:(4 * i) % 64 + 4],
+            evaluate=evaluate, log=lambda *a: None).fit()
+    assert len(seen) == 3 and all(got == fresh for got, fresh in seen), seen
+    assert len({str(got) for got, _ in seen}) > 1 or not available("cpu")  # the weights did move the text

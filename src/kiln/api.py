@@ -69,14 +69,17 @@ def pretrain(config: str | Path | RunConfig | None = None, overrides: list[str] 
 
 
 def finetune(task: str, config: str | Path | None = None, overrides: list[str] | dict | None = None,
-             quiet: bool = False) -> Path:
-    """Fine-tune a task ("classify", "seq2seq", ...) from a config file and overrides. Returns the run folder."""
+             quiet: bool = False, resume: str | Path | None = None) -> Path:
+    """Fine-tune a task ("classify", "seq2seq", ...) from a config file and overrides, or continue the stopped
+    run folder `resume` exactly (its own config; overrides still apply). Returns the run folder."""
     from kiln import tasks
     from kiln.tasks.finetune import finetune as run
 
     t = tasks.get(task)
+    if resume is not None and config is None:
+        config = Path(resume) / t.config_file
     cfg = config if isinstance(config, t.config_cls) else load_config(config, overrides, cls=t.config_cls)
-    return run(t, cfg, quiet=quiet)
+    return run(t, cfg, quiet=quiet, resume=resume)
 
 
 def prepare_data(config: str | Path | None = None, overrides: list[str] | dict | None = None,

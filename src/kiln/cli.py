@@ -146,6 +146,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         sp = ft_sub.add_parser(name, help=summary, formatter_class=fmt, epilog=_task_epilog(task) if task else None,
                                description=task.usage if task else None)
         sp.add_argument("config", nargs="?", help=f"recipe YAML (e.g. {task.example})" if task else "recipe YAML")
+        sp.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly where its last "
+                        "checkpoint left it (the run's own recipe; overrides still apply)")
     tr = sub.add_parser("translate", help="outputs of a seq2seq run for texts or a file")
     tr.add_argument("run_dir", help="a `kiln finetune seq2seq` run folder")
     tr.add_argument("--text", action="append", help="a source text (repeatable)")
@@ -275,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume_hint(path: str, verb: str) -> str:
-    """For a pretraining run: the last complete checkpoint is intact and how to continue from it."""
-    if verb != "pretrain":
+    """For a training run: the last complete checkpoint is intact and how to continue from it."""
+    if verb != "pretrain" and not verb.startswith("finetune "):
         return ""
     parts = path.replace("\\", "/").split("/")
     if "checkpoints" in parts:
@@ -289,7 +291,7 @@ def _resume_hint(path: str, verb: str) -> str:
         ckpt = find_checkpoint(run_dir)
     except Exception:  # no run folder there, or no complete checkpoint: no hint
         return ""
-    return f"; the last complete checkpoint ({ckpt.name}) is intact: kiln pretrain --resume {run_dir}"
+    return f"; the last complete checkpoint ({ckpt.name}) is intact: kiln {verb} --resume {run_dir}"
 
 
 def _training(run, *args) -> int:
@@ -419,7 +421,7 @@ def _dispatch(args, extra: list[str]) -> int | None:
                             f"TASK is {' or '.join(tasks.REGISTRY)} (kiln finetune TASK --help)")
         from kiln.tasks.finetune import finetune_from_cli
 
-        return _training(finetune_from_cli, tasks.get(args.finetune_verb), args.config, extra)
+        return _training(finetune_from_cli, tasks.get(args.finetune_verb), args.config, extra, args.resume)
     if args.verb == "predict":
         from kiln.api import predict
 

@@ -7,8 +7,11 @@ reordered once into its blocked layout reads them at 39-45 GB/s (bench/generate_
 Inductor's CPU "freezing" pass does the same reorder; this applies it without compiling.
 
 `packed_linears(model)` makes every `nn.Linear` of the model run that way inside the block. The packed copies
-are cached per module (keyed by the weight's storage, version and dtype, so a weight changed by training is
-packed again) and cost one extra copy of the linear weights in memory while the model lives.
+are cached per module (keyed by the weight's storage, version and dtype, so a weight changed in place by most
+ops is packed again) and cost one extra copy of the linear weights in memory while the model lives. Fused
+optimizers (torch's `AdamW(fused=True)`) update weights without bumping their version: whoever steps one calls
+`forget(model)` (kiln's Trainer does, after every step), or an evaluation during training would decode with the
+weights of the first one.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ def _packed(m: nn.Linear) -> torch.Tensor:
         packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
     _CACHE[m] = (key, packed)
     return packed
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the packed copies of the model's linears (its weights changed in a way their version misses)."""
+    if _CACHE:
+        for m in model.modules():
+            _CACHE.pop(m, None)
 
 
 def _forward(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:

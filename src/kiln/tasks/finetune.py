@@ -4,6 +4,10 @@
     seed, threads, device -> task.prepare (backbone, encoding, model + head, batches, objective) -> schedule ->
     precision -> run.json, config, data.json -> the Trainer with callbacks (best by the task's metric, early
     stopping, a time budget) -> the best checkpoint -> task.test -> eval/summary.json
+
+`resume=RUN_DIR` continues a stopped run exactly: the same data (checked against data.json), the same
+preparation, the newest checkpoint's weights, optimizer, RNG and callback state; batches are a pure function of
+the step, so the resumed run takes the steps the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ import torch
 
 from kiln.config import dump_yaml, load_config
 from kiln.errors import KilnError
-from kiln.run.checkpoint import find_checkpoint, load_weights, unwrap
+from kiln.run.checkpoint import find_checkpoint, load_trainer_state, load_weights, unwrap
 from kiln.run.device import choose_precision, resolve_device
-from kiln.run.folder import RunLog, create_run, default_run_dir, holds_run, write_run_json
+from kiln.run.folder import RunLock, RunLog, create_run, default_run_dir, holds_run, run_kind, write_run_json
 from kiln.tasks.base import Task
 from kiln.train.callbacks import EarlyStopping, TimeBudget
 from kiln.train.trainer import Trainer
 
 
-def finetune(task: Task, cfg, quiet: bool = False) -> Path:
-    """Train `task` as `cfg` says; returns the run folder."""
+def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = None) -> Path:
+    """Train `task` as `cfg` says (or continue the run folder `resume`); returns the run folder."""
     task.check_train(cfg)
     task.check(cfg)
     tc = cfg.train
@@ -38,16 +42,26 @@ def finetune(task: Task, cfg, quiet: bool = False) -> Path:
                         "has no init here (set init to a kiln run or Hugging Face folder, or train.lora.rank 0)")
     if tc.batch_size < 1 or tc.grad_accum < 1:
         raise KilnError("train.batch_size and train.grad_accum must be >= 1")
-    run_dir = default_run_dir(cfg.name, cfg.out)
-    if holds_run(run_dir):
-        raise KilnError(f"run folder {run_dir} already holds checkpoints; pick another --out")
+    resumed_at = None
+    if resume is None:
+        run_dir = default_run_dir(cfg.name, cfg.out)
+        if holds_run(run_dir):
+            raise KilnError(f"run folder {run_dir} already holds checkpoints; pick another --out (or continue it: "
+                            f"kiln finetune {task.name} --resume {run_dir})")
+    else:
+        run_dir = _resumable(task, Path(resume))
+        ckpt = find_checkpoint(run_dir)  # fails early on a folder without a complete checkpoint
+        resumed_at = int(load_trainer_state(ckpt)["step"])
     log0: list[str] = []
     data = task.read(cfg, log0.append)  # every input error before anything is created
+    if resume is not None:
+        _check_same_data(run_dir, data.report, read_only=True)  # changed files: refused before writing anything
 
     created = not run_dir.exists()
-    lock = create_run(run_dir, task.name)
+    lock = create_run(run_dir, task.name) if resume is None else RunLock(run_dir).acquire()
     log = RunLog(run_dir, quiet)
-    log(f"kiln finetune {task.name} -> {run_dir}")
+    log(f"kiln finetune {task.name} -> {run_dir}" if resume is None else
+        f"kiln finetune {task.name} --resume {run_dir} (from step {resumed_at})")
     for line in log0:
         log(line)
     torch.manual_seed(cfg.seed)
@@ -56,13 +70,15 @@ def finetune(task: Task, cfg, quiet: bool = False) -> Path:
     device = resolve_device(tc.device)
     try:  # errors found once the backbone is loaded: leave no run folder behind
         prep = task.prepare(cfg, run_dir, data, device, log)
+        if resume is not None:
+            _check_same_data(run_dir, data.report)
         if lora is not None and lora.rank:  # freeze the backbone, adapters on it; the task's head trains in full
             from kiln.model.lora import lora_from_config
 
             lora_from_config(prep.model, lora, log)
     except KilnError:
         lock.release()
-        if created:
+        if created and resume is None:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -78,14 +94,15 @@ def finetune(task: Task, cfg, quiet: bool = False) -> Path:
         f"({tcfg.max_steps / max(steps_per_epoch, 1):.2f} epochs of {steps_per_epoch}), batch {tc.batch_size} x "
         f"{tc.grad_accum}, lr {tc.lr:g}, warmup {tcfg.warmup_steps}")
 
-    # the run folder: everything predict/eval need, written before training starts
-    if prep.save is not None:
-        prep.save(run_dir)
-    (run_dir / task.config_file).write_text(dump_yaml(cfg))
+    # the run folder: everything predict/eval need, written before training starts (a resume keeps the files)
     data.report["schedule"] = {"max_steps": tcfg.max_steps, "steps_per_epoch": steps_per_epoch,
                                "warmup_steps": tcfg.warmup_steps, "eval_every": tcfg.eval_every}
+    if resume is None:
+        if prep.save is not None:
+            prep.save(run_dir)
+        write_run_json(run_dir, task.name, task.config_file, **prep.meta)
+    (run_dir / task.config_file).write_text(dump_yaml(cfg))  # on a resume: with the overrides it was given
     (run_dir / "data.json").write_text(json.dumps(data.report, indent=2) + "\n")
-    write_run_json(run_dir, task.name, task.config_file, **prep.meta)
 
     if prep.evaluate is None:
         log("warning: the validation split is empty: no evaluation during training; the last checkpoint is used")
@@ -96,9 +113,8 @@ def finetune(task: Task, cfg, quiet: bool = False) -> Path:
     trainer = Trainer(model, prep.objective, tcfg, run_dir, prep.batch, evaluate=prep.evaluate, device=device,
                       precision=precision, log=log, on_eval=prep.on_eval, metric=prep.metric, callbacks=callbacks)
     trainer.throughput_unit = task.throughput_unit
-    trainer.resume_hint = (f"the run folder keeps it (kiln finetune {task.name} has no --resume: start it again "
-                           "with another --out, or load that checkpoint with kiln eval)")
-    result = trainer.fit()
+    trainer.resume_hint = f"continue with kiln finetune {task.name} --resume {run_dir}"
+    result = trainer.fit(resume_from=run_dir if resume is not None else None)
     best = trainer.best
     summary = {"steps": result["step"], "seconds": result["elapsed"], "train_seconds": trainer.train_seconds,
                "eval_seconds": trainer.eval_seconds, "best_step": best.step, "best_" + prep.metric: best.value,
@@ -120,10 +136,44 @@ def finetune(task: Task, cfg, quiet: bool = False) -> Path:
     return run_dir
 
 
-def finetune_from_cli(task: Task, config: str | None, overrides: list[str]) -> Path:
+def finetune_from_cli(task: Task, config: str | None, overrides: list[str], resume: str | None = None) -> Path:
+    if resume is not None:
+        if config:
+            raise KilnError(f"give a recipe or --resume, not both: --resume {resume} continues with the run's own "
+                            f"{task.config_file} (overrides on the command line still apply)")
+        config = str(_resumable(task, Path(resume)) / task.config_file)
+        if not Path(config).is_file():
+            raise KilnError(f"cannot resume: {resume} is not a finetune {task.name} run folder (no {task.config_file})")
     cfg = load_config(config, overrides, cls=task.config_cls)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return finetune(task, cfg)
+    return finetune(task, cfg, resume=resume)
+
+
+def _resumable(task: Task, run_dir: Path) -> Path:
+    kind = run_kind(run_dir)  # one line when it is no run folder at all
+    if kind != task.name:
+        verb = "pretrain" if kind == "pretrain" else f"finetune {kind}"
+        raise KilnError(f"cannot resume {run_dir} with finetune {task.name}: it is a {kind} run "
+                        f"(kiln {verb} --resume {run_dir})")
+    return run_dir
+
+
+def _check_same_data(run_dir: Path, report: dict, read_only: bool = False) -> None:
+    """Exact resume needs the examples the run started with: what reading (read_only: the keys reading wrote)
+    and preparing them found now vs data.json."""
+    f = run_dir / "data.json"
+    try:
+        before = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise KilnError(f"cannot resume: {f} is missing or unreadable (it records the data the run trained on)") \
+            from None
+    before.pop("schedule", None)
+    now = json.loads(json.dumps(report))
+    for key in sorted(set(now) if read_only else set(before) | set(now)):
+        if before.get(key) != now.get(key):
+            raise KilnError(f"cannot resume {run_dir}: the data differ from when the run started ({key}: "
+                            f"{json.dumps(before.get(key))[:120]} in data.json, now {json.dumps(now.get(key))[:120]});"
+                            " exact resume needs the same files")
 
 
 def epochs_schedule(cfg, tcfg, steps_per_epoch: int) -> None:

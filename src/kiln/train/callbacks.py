@@ -86,7 +86,8 @@ class EarlyStopping(Callback):
 
 class TimeBudget(Callback):
     """Fit the run into `seconds` of wall time (evaluations included): after 5 steps the horizon becomes the
-    number of steps that fit, re-estimated every step, so the lr schedule decays to its end in time."""
+    number of steps that fit, re-estimated every step, so the lr schedule decays to its end in time. A resume
+    continues the clock where the checkpoint left it (the time between the runs is not counted)."""
 
     name = "time_budget"
 
@@ -94,16 +95,28 @@ class TimeBudget(Callback):
         self.seconds = seconds
         self._t0: float | None = None
         self._s0 = 0
+        self._before = (0.0, 0)  # seconds and steps of this budget spent before a resume
+        self._last = (0.0, 0)    # spent at the end of the last step (what a checkpoint saves)
+
+    def _spent(self, trainer, now: float) -> tuple[float, int]:
+        return self._before[0] + now - self._t0, self._before[1] + trainer.state.step - self._s0
 
     def on_step_start(self, trainer) -> None:
         now = time.perf_counter()
         if self._t0 is None:
             self._t0, self._s0 = now, trainer.state.step
-        done, spent = trainer.state.step - self._s0, now - self._t0
+        spent, done = self._spent(trainer, now)
         if done >= 5:  # seconds per step so far -> steps that fit the budget
             left = max(self.seconds - spent, 0.0)
             trainer.horizon = trainer.state.step + max(1, int(left / (spent / done)))
 
     def on_step_end(self, trainer) -> None:
-        if time.perf_counter() - self._t0 >= self.seconds:
+        self._last = self._spent(trainer, time.perf_counter())
+        if self._last[0] >= self.seconds:
             trainer.horizon = trainer.state.step  # this step is the last: final eval + checkpoint
+
+    def state_dict(self) -> dict:
+        return {"spent": self._last[0], "steps": self._last[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._before = self._last = (float(state.get("spent", 0.0)), int(state.get("steps", 0)))

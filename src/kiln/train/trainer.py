@@ -20,6 +20,7 @@ import torch
 
 from kiln.config import TrainConfig
 from kiln.errors import KilnError
+from kiln.model.packed import forget as forget_packed
 from kiln.report.metrics import MetricsLog
 from kiln.report.plots import loss_curve
 from kiln.report.progress import Progress
@@ -79,6 +80,7 @@ class Trainer:
         self.resume_hint = "resume with --resume"  # what a stop by signal tells the user (the driver may differ)
         self.train_seconds = 0.0  # inside optimizer steps only (batches, forward, backward, update)
         self.eval_seconds = 0.0
+        self.evals: list[tuple[int, dict]] = []  # (step, metrics) of every evaluation, kept across a resume
         self.next_batch, self.evaluate, self.device, self.precision = next_batch, evaluate, device, precision
         self.log, self.on_eval, self.world_size, self.is_main = log, on_eval, world_size, is_main
         self.tokens_per_target = tokens_per_target
@@ -108,7 +110,8 @@ class Trainer:
         return {"step": s.step, "tokens": s.tokens, "best_val": s.best_val, "elapsed": s.elapsed,
                 # full (unsharded) state keyed by parameter name: resumes on any number of ranks
                 "optimizer": full_optimizer_state(self.model, self.optimizer), "optimizer_format": "fqn",
-                "rng": rng, "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
+                "rng": rng, "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "evals": self.evals}
 
     def save(self, is_best: bool = False, val_loss: float | None = None) -> Path | None:
         # gathering the full state is a collective under FSDP: every rank takes part, rank 0 writes
@@ -137,6 +140,12 @@ class Trainer:
                                 best_val=float(state["best_val"]), elapsed=float(state["elapsed"]))
         for cb in self.callbacks:
             cb.load_state_dict(state.get("callbacks", {}).get(cb.name, {}))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.eval_seconds = float(state.get("eval_seconds", 0.0))
+        self.evals = [(int(st), dict(m)) for st, m in state.get("evals", [])]
+        if self.on_eval and self.is_main:  # a watcher of evaluations (a task's history, its curves) sees them again
+            for st, m in self.evals:
+                self.on_eval(st, m)
         if self.best.value is None and self.best.metric == "val_loss" and math.isfinite(self.state.best_val):
             self.best.value = self.state.best_val  # checkpoints from before callbacks kept only this
         torch.set_rng_state(state["rng"]["torch"])
@@ -196,6 +205,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.bf16_weights:
             _master_to_copy(self.model, self.compute_model, trainable_only=True)
+        forget_packed(self.compute_model)  # the fused optimizer's update leaves the weights' versions as they were
         mean_loss = loss_sum / total * self.world_size
         if self.world_size > 1:
             torch.distributed.all_reduce(mean_loss)
@@ -258,6 +268,7 @@ class Trainer:
                 saved = False
                 if is_eval:
                     last_eval = self.run_eval()
+                    self.evals.append((step, {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}))
                     val = last_eval.get("val_loss", math.inf)
                     is_best = bool(self.best.improved)
                     self.state.best_val = min(self.state.best_val, val)
