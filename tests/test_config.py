@@ -126,3 +126,10 @@ def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
         logits = model(x[-1], src=x[0]) if model.is_seq2seq else model(x[0])
     assert logits.shape == (2, lengths[-1], cfg.model.vocab_size)
     assert model.num_parameters() > 0
+
+
+def test_api_overrides_take_dotted_keys_or_nested_dicts():
+    cfg = load_config(None, {"train.lr": 0.001, "model": {"n_layer": 3}, "model.d_model": 64, "seed": 7})
+    assert (cfg.train.lr, cfg.model.n_layer, cfg.model.d_model, cfg.seed) == (0.001, 3, 64, 7)
+    with pytest.raises(KilnError, match=r"unknown key 'train.lrr' \(did you mean 'train.lr'\?\)"):
+        load_config(None, {"train.lrr": 0.1})

@@ -203,6 +203,19 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def _nest(d: dict) -> dict:
+    """{"train.lr": 1e-3} -> {"train": {"lr": 1e-3}} (the Python API takes either spelling)."""
+    out: dict = {}
+    for k, v in d.items():
+        *parents, leaf = str(k).split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _merge(node[leaf], _nest(v)) if isinstance(v, dict) and isinstance(node.get(leaf), dict) \
+            else (_nest(v) if isinstance(v, dict) else v)
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | dict | None, cls, base: dict | None = None):
     """Defaults <- YAML file <- overrides. Returns a validated config dataclass."""
     values = dict(base or {})
@@ -211,7 +224,7 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None, cls
         values = _merge(values, read_yaml(path))
         where = str(path)
     if overrides:
-        ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else _nest(overrides)
         values = _merge(values, ov)
         given = _flat_keys(ov) if isinstance(overrides, list) else set()
     cfg = cls()
