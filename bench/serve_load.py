@@ -7,8 +7,8 @@ three ways on 127.0.0.1 (a free port each): 16 concurrent clients against the de
 sending the requests one after another, and 16 clients against `--max-batch 1` (no batching). Each request asks
 for a greedy completion of 8 or 32 tokens (a quarter streamed); every answer is checked against
 `kiln.sample` at temperature 0. Prints p50/p95 latency and requests/s per setup and the server's batch counts;
-raw results in bench/results/serve_load.json. tests/test_serve.py checks the same path for correctness with a
-smaller load and measures nothing.
+raw results in bench/results/serve_load.json. tests/test_serve.py runs `load` with a smaller load for
+correctness (every answer, batching) and measures nothing.
 """
 
 from __future__ import annotations
@@ -65,11 +65,13 @@ def health(url: str) -> dict:
         return json.loads(r.read())["served"]
 
 
-def load(url: str, model: str, expected: dict, n: int, clients: int) -> dict:
+def load(url: str, model: str, expected: dict, n: int, clients: int, prompts=PROMPTS) -> dict:
+    """n greedy completions of 8 or 32 tokens (a quarter streamed) from `clients` threads, each checked against
+    expected[(prompt, tokens)]; latencies, requests/s and the server's batch counts over the load."""
     import openai
 
     rng = random.Random(0)
-    work = [(rng.choice(PROMPTS), rng.choice((8, 32)), i % 4 == 0) for i in range(n)]
+    work = [(rng.choice(prompts), rng.choice((8, 32)), i % 4 == 0) for i in range(n)]
     local = threading.local()
 
     def one(item):
@@ -85,7 +87,7 @@ def load(url: str, model: str, expected: dict, n: int, clients: int) -> dict:
             text = local.client.completions.create(model=model, prompt=prompt, max_tokens=tokens,
                                                    temperature=0).choices[0].text
         if prompt + text != expected[(prompt, tokens)]:
-            raise SystemExit(f"wrong answer for {prompt!r} ({tokens} tokens): {text!r}")
+            raise AssertionError(f"wrong answer for {prompt!r} ({tokens} tokens): {text!r}")
         return time.perf_counter() - t0
 
     before = health(url)
@@ -96,7 +98,8 @@ def load(url: str, model: str, expected: dict, n: int, clients: int) -> dict:
     after = health(url)
     q = statistics.quantiles(lat, n=100, method="inclusive")
     return {"requests": n, "clients": clients, "p50_ms": 1000 * q[49], "p95_ms": 1000 * q[94], "rps": n / wall,
-            "wall_s": wall, "batches": after["batches"] - before["batches"], "largest_batch": after["largest_batch"]}
+            "wall_s": wall, "batches": after["batches"] - before["batches"], "jobs": after["jobs"] - before["jobs"],
+            "largest_batch": after["largest_batch"]}
 
 
 def main() -> None:

@@ -124,3 +124,14 @@ def test_bad_resumes_are_one_line_errors_that_change_nothing(tmp_path, capsys):
     write_csv(data, reviews(60))  # the data back as they were: the resume finishes the run
     assert main(["finetune", "classify", "--resume", str(run)]) == 0
     assert json.loads((run / "eval" / "summary.json").read_text())["train"]["steps"] == 8
+
+
+def test_a_lora_run_resumes_exactly(tmp_path, capsys):
+    """Adapters and the head in the checkpoints, the frozen base once in lora/: the resume loads both."""
+    backbone = make_backbone(tmp_path / "backbone", n_layer=2)
+    data = write_csv(tmp_path / "reviews.csv", reviews(60))
+    argv = ["finetune", "classify", "--data.train", str(data), "--init", str(backbone), "--train.max_steps", "12",
+            "--train.batch_size", "6", "--train.eval_every", "4", "--train.lr", "1e-2", "--train.lora.rank", "2",
+            *FAST]
+    full, part = assert_resume_is_exact(argv, tmp_path, 6, capsys)
+    assert (part / "lora" / "base.safetensors").is_file()
