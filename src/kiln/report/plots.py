@@ -21,7 +21,7 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def loss_curve(metrics, path: Path, title: str = "") -> Path:
+def loss_curve(metrics, path: Path, title: str = "", per: str = "token") -> Path:
     """Train and validation loss against steps; written atomically so a viewer never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -30,7 +30,7 @@ def loss_curve(metrics, path: Path, title: str = "") -> Path:
         if xs:
             ax.plot(xs, ys, label={"loss": "train", "val_loss": "validation"}[key], **style)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(f"loss (nats/{per})")
     ax.grid(alpha=0.3)
     ax.legend()
     if title:

@@ -276,7 +276,8 @@ class Trainer:
                         line = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
                         progress.write(f"step {step}: {line}  ({self.state.elapsed:.1f}s)")
                         metrics.log(step, tokens=self.state.tokens, elapsed=self.state.elapsed, **last_eval)
-                        loss_curve(metrics, self.run_dir / "plots" / "loss.png", title=self.run_dir.name)
+                        loss_curve(metrics, self.run_dir / "plots" / "loss.png", title=self.run_dir.name,
+                                   per="token" if self.throughput_unit == "tok" else "target")
                         if self.on_eval:
                             self.on_eval(step, last_eval)
                     self.save(is_best=is_best, val_loss=val)
