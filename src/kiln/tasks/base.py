@@ -22,6 +22,7 @@ Register it in kiln/tasks/__init__.py; the CLI, `kiln eval`/`predict` and the Py
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -124,3 +125,33 @@ class Task:
 
     def predict_file(self, run_dir, file, out=None, which: str = "best", log=print) -> Path:
         raise NotImplementedError
+
+
+def epochs_schedule(cfg, tcfg, steps_per_epoch: int) -> None:
+    """max_steps from `epochs`, warmup from `warmup_fraction`, an evaluation per epoch (each where not set)."""
+    if tcfg.max_steps <= 0:
+        if cfg.epochs <= 0:
+            raise KilnError("set epochs > 0 or train.max_steps > 0")
+        tcfg.max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if tcfg.warmup_steps <= 0:
+        tcfg.warmup_steps = int(cfg.warmup_fraction * tcfg.max_steps)
+    if tcfg.eval_every <= 0:
+        tcfg.eval_every = min(steps_per_epoch, tcfg.max_steps)
+    if tcfg.save_every <= 0:
+        tcfg.save_every = tcfg.max_steps
+
+
+class EpochTask(Task):
+    """A task whose schedule counts epochs of its examples (`epochs`, `warmup_fraction`; an evaluation per epoch)."""
+
+    def schedule(self, cfg, tcfg, steps_per_epoch: int) -> None:
+        epochs_schedule(cfg, tcfg, steps_per_epoch)
+
+    @staticmethod
+    def held_out(prep: Prepared):
+        """(name, encoded, rows) of the val and test splits that hold examples, for `test`: a task that keeps
+        its encodings in prep.state["enc"] and its examples in prep.state["rows"], by split."""
+        for name in ("val", "test"):
+            encoded, rows = prep.state["enc"][name], prep.state["rows"][name]
+            if len(encoded):
+                yield name, encoded, rows

@@ -24,17 +24,17 @@ from kiln.data import tasks
 from kiln.errors import KilnError
 from kiln.eval.classification import val_metrics
 from kiln.model.heads import SequenceClassifier
-from kiln.tasks.base import Data, Prepared, Task
+from kiln.tasks.base import Data, EpochTask, Prepared
 from kiln.tasks.classify_files import CONFIG_FILE, LABELS_FILE, evaluate_and_report, evaluate_file, load_classifier, \
     predict_file, run_folders
-from kiln.tasks.finetune import epochs_schedule, load_backbone
+from kiln.tasks.finetune import load_backbone
 from kiln.tasks.text import EpochBatches, encode_examples, predict_probs, prepare_tokenizer  # noqa: F401 (kiln serve)
 from kiln.train.mlm import special_ids
 from kiln.train.objectives import ClassificationObjective
 
 
 
-class ClassifyTask(Task):
+class ClassifyTask(EpochTask):
     name, config_cls, config_file = "classify", ClassifyConfig, CONFIG_FILE
     usage = "kiln finetune classify [CONFIG.yaml] --data.train FILE --init RUN_OR_HF_DIR [--section.key VALUE ...]"
     example = "configs/classify-rotten.yaml"
@@ -143,9 +143,6 @@ class ClassifyTask(Task):
         return Prepared(model, ClassificationObjective(weights, cfg.distill.alpha, cfg.distill.temperature),
                         batches.batch, len(enc["train"]), evaluate, cfg.metric, meta, save, notes=notes,
                         state={"enc": enc, "pad_id": pad_id, "eval_bs": eval_bs, "device": device})
-
-    def schedule(self, cfg, tcfg, steps_per_epoch: int) -> None:
-        epochs_schedule(cfg, tcfg, steps_per_epoch)
 
     def summary(self, result: dict, trainer) -> dict:
         examples = result["tokens"]  # the trainer counts targets: here examples

@@ -176,20 +176,6 @@ def _check_same_data(run_dir: Path, report: dict, read_only: bool = False) -> No
                             " exact resume needs the same files")
 
 
-def epochs_schedule(cfg, tcfg, steps_per_epoch: int) -> None:
-    """max_steps from `epochs`, warmup from `warmup_fraction`, an evaluation per epoch (each where not set)."""
-    if tcfg.max_steps <= 0:
-        if cfg.epochs <= 0:
-            raise KilnError("set epochs > 0 or train.max_steps > 0")
-        tcfg.max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    if tcfg.warmup_steps <= 0:
-        tcfg.warmup_steps = int(cfg.warmup_fraction * tcfg.max_steps)
-    if tcfg.eval_every <= 0:
-        tcfg.eval_every = min(steps_per_epoch, tcfg.max_steps)
-    if tcfg.save_every <= 0:
-        tcfg.save_every = tcfg.max_steps
-
-
 def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
 

@@ -31,8 +31,8 @@ from kiln.errors import KilnError
 from kiln.eval.classification import val_metrics
 from kiln.eval.images import predict_probs, report
 from kiln.model.heads import ImageClassifier
-from kiln.tasks.base import Data, Prepared, Task
-from kiln.tasks.finetune import epochs_schedule, is_hf_folder
+from kiln.tasks.base import Data, EpochTask, Prepared
+from kiln.tasks.finetune import is_hf_folder
 
 TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "embedding_norm", "mlm_head",
              "tie_embeddings", "type_vocab_size", "pad_token_id", "embed_scale", "sinusoid_layout", "head_bias")
@@ -52,7 +52,7 @@ class ImageObjective:
         return F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing, reduction="sum")
 
 
-class ImageTask(Task):
+class ImageTask(EpochTask):
     name, config_cls, config_file = "image", ImageConfig, CONFIG_FILE
     usage = ("kiln finetune image [CONFIG.yaml] --data.train FOLDER|IDX|CSV [--init RUN_OR_HF_DIR] "
              "[--section.key VALUE ...]")
@@ -153,9 +153,6 @@ class ImageTask(Task):
                  f"pooling {model.pooling}", f"{len(labels)} classes"]
         return Prepared(model, ImageObjective(cfg.label_smoothing), batches.batch, len(y_tr), evaluate, cfg.metric,
                         meta, notes=notes, state={"splits": data.splits, "eval_bs": eval_bs, "device": device})
-
-    def schedule(self, cfg, tcfg, steps_per_epoch: int) -> None:
-        epochs_schedule(cfg, tcfg, steps_per_epoch)
 
     def summary(self, result: dict, trainer) -> dict:
         return {"examples_seen": result["tokens"], "examples_per_second": result["tokens"] / max(trainer.train_seconds, 1e-9)}

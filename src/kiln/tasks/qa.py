@@ -27,8 +27,8 @@ from kiln.data.squad import CONFIG_FILE, QAConfig, encode_windows, read_squad, s
 from kiln.errors import KilnError
 from kiln.eval.qa import best_answers, squad_scores
 from kiln.model.heads import SpanHead
-from kiln.tasks.base import Data, Prepared, Task
-from kiln.tasks.finetune import epochs_schedule, load_backbone
+from kiln.tasks.base import Data, EpochTask, Prepared
+from kiln.tasks.finetune import load_backbone
 from kiln.train.objectives import model_inputs
 
 FINETUNED = ("qa.yaml", "tokens.yaml", "classify.yaml", "seq2seq.yaml")  # run kinds that are no backbone
@@ -121,7 +121,7 @@ def _pad_id(cfg) -> int:
     return cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
 
 
-class QATask(Task):
+class QATask(EpochTask):
     name, config_cls, config_file = "qa", QAConfig, CONFIG_FILE
     usage = "kiln finetune qa [CONFIG.yaml] --data.train FILE.json --init RUN_OR_HF_DIR [--section.key VALUE ...]"
     example = "configs/qa-shakespeare.yaml"
@@ -198,18 +198,10 @@ class QATask(Task):
                         len(enc["train"]), evaluate, cfg.metric, meta, save, notes=notes,
                         state={"enc": enc, "rows": data.splits, "device": device})
 
-    def schedule(self, cfg, tcfg, steps_per_epoch: int) -> None:
-        epochs_schedule(cfg, tcfg, steps_per_epoch)
-
     def test(self, cfg, prep: Prepared, model, ckpt: Path, run_dir: Path, log) -> dict:
-        results = {}
-        for name in ("val", "test"):
-            win, rows = prep.state["enc"][name], prep.state["rows"][name]
-            if len(win):
-                results[name] = _score(model, rows, win, cfg, prep.meta["null_answers"], prep.state["device"],
-                                       run_dir / "eval" / f"{name}.json", {"checkpoint": str(ckpt)},
-                                       log if name == "test" else None)
-        return results
+        return {name: _score(model, rows, win, cfg, prep.meta["null_answers"], prep.state["device"],
+                             run_dir / "eval" / f"{name}.json", {"checkpoint": str(ckpt)}, log if name == "test" else None)
+                for name, win, rows in self.held_out(prep)}
 
     def load(self, run_dir, which: str = "best", device: str = "cpu"):
         """(SpanHead, tokenizer or None, QAConfig, run.json) of a qa run (trained, or imported from HF)."""

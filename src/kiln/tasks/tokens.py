@@ -28,8 +28,8 @@ from kiln.data.conll import CONFIG_FILE, TokensConfig
 from kiln.errors import KilnError
 from kiln.eval.tokens import entities, metrics_table, token_metrics
 from kiln.model.heads import TokenClassifier
-from kiln.tasks.base import Data, Prepared, Task
-from kiln.tasks.finetune import epochs_schedule, load_backbone
+from kiln.tasks.base import Data, EpochTask, Prepared
+from kiln.tasks.finetune import load_backbone
 from kiln.tasks.qa import FINETUNED, load_task_run, pad_rows
 from kiln.train.objectives import model_inputs
 
@@ -99,7 +99,7 @@ def scheme_of_labels(labels: list[str]) -> str:
     return "BIOES" if prefixes & set("ES") else "IOB2" if prefixes else "none"
 
 
-class TokensTask(Task):
+class TokensTask(EpochTask):
     name, config_cls, config_file = "tokens", TokensConfig, CONFIG_FILE
     usage = "kiln finetune tokens [CONFIG.yaml] --data.train FILE --init RUN_OR_HF_DIR [--section.key VALUE ...]"
     example = "configs/ner-austen.yaml"
@@ -171,17 +171,12 @@ class TokensTask(Task):
                         len(enc["train"]), evaluate, cfg.metric, meta, save, notes=notes,
                         state={"enc": enc, "rows": data.splits, "device": device})
 
-    def schedule(self, cfg, tcfg, steps_per_epoch: int) -> None:
-        epochs_schedule(cfg, tcfg, steps_per_epoch)
-
     def test(self, cfg, prep: Prepared, model, ckpt: Path, run_dir: Path, log) -> dict:
         results = {}
-        for name in ("val", "test"):
-            w, rows = prep.state["enc"][name], prep.state["rows"][name]
-            if len(w):
-                m = _score(model, rows, w, cfg, prep.meta, prep.state["device"], run_dir / "eval" / f"{name}.json",
-                           {"checkpoint": str(ckpt)}, log if name == "test" else None)
-                results[name] = {k: m[k] for k in ("f1", "precision", "recall", "accuracy", "macro_f1") if k in m}
+        for name, w, rows in self.held_out(prep):
+            m = _score(model, rows, w, cfg, prep.meta, prep.state["device"], run_dir / "eval" / f"{name}.json",
+                       {"checkpoint": str(ckpt)}, log if name == "test" else None)
+            results[name] = {k: m[k] for k in ("f1", "precision", "recall", "accuracy", "macro_f1") if k in m}
         return results
 
     def load(self, run_dir, which: str = "best", device: str = "cpu"):
