@@ -73,12 +73,11 @@ def finetune(task: str, config: str | Path | None = None, overrides: list[str] |
     """Fine-tune a task ("classify", "seq2seq", ...) from a config file and overrides, or continue the stopped
     run folder `resume` exactly (its own config; overrides still apply). Returns the run folder."""
     from kiln import tasks
-    from kiln.tasks.finetune import finetune as run
+    from kiln.tasks.finetune import finetune as run, recipe_for
 
     t = tasks.get(task)
-    if resume is not None and config is None:
-        config = Path(resume) / t.config_file
-    cfg = config if isinstance(config, t.config_cls) else load_config(config, overrides, cls=t.config_cls)
+    cfg = config if isinstance(config, t.config_cls) else load_config(recipe_for(t, config, resume), overrides,
+                                                                        cls=t.config_cls)
     return run(t, cfg, quiet=quiet, resume=resume)
 
 

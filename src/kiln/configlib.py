@@ -206,13 +206,11 @@ def _merge(a: dict, b: dict) -> dict:
 def _nest(d: dict) -> dict:
     """{"train.lr": 1e-3} -> {"train": {"lr": 1e-3}} (the Python API takes either spelling)."""
     out: dict = {}
-    for k, v in d.items():
-        *parents, leaf = str(k).split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = _merge(node[leaf], _nest(v)) if isinstance(v, dict) and isinstance(node.get(leaf), dict) \
-            else (_nest(v) if isinstance(v, dict) else v)
+    for key, value in d.items():
+        value = _nest(value) if isinstance(value, dict) else value
+        for part in reversed(str(key).split(".")):
+            value = {part: value}
+        out = _merge(out, value)
     return out
 
 

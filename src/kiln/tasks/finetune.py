@@ -23,7 +23,7 @@ import torch
 
 from kiln.config import dump_yaml, load_config
 from kiln.errors import KilnError
-from kiln.run.checkpoint import find_checkpoint, load_trainer_state, load_weights, unwrap
+from kiln.run.checkpoint import find_checkpoint, load_weights, unwrap
 from kiln.run.device import choose_precision, resolve_device
 from kiln.run.folder import RunLock, RunLog, create_run, default_run_dir, holds_run, run_kind, write_run_json
 from kiln.tasks.base import Task
@@ -42,7 +42,7 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
                         "has no init here (set init to a kiln run or Hugging Face folder, or train.lora.rank 0)")
     if tc.batch_size < 1 or tc.grad_accum < 1:
         raise KilnError("train.batch_size and train.grad_accum must be >= 1")
-    resumed_at = None
+    saved_data = None
     if resume is None:
         run_dir = default_run_dir(cfg.name, cfg.out)
         if holds_run(run_dir):
@@ -51,17 +51,17 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
     else:
         run_dir = _resumable(task, Path(resume))
         ckpt = find_checkpoint(run_dir)  # fails early on a folder without a complete checkpoint
-        resumed_at = int(load_trainer_state(ckpt)["step"])
+        saved_data = _saved_data(run_dir)
     log0: list[str] = []
     data = task.read(cfg, log0.append)  # every input error before anything is created
     if resume is not None:
-        _check_same_data(run_dir, data.report, read_only=True)  # changed files: refused before writing anything
+        _check_same_data(run_dir, saved_data, data.report, read_only=True)  # refused before writing anything
 
     created = not run_dir.exists()
     lock = create_run(run_dir, task.name) if resume is None else RunLock(run_dir).acquire()
     log = RunLog(run_dir, quiet)
     log(f"kiln finetune {task.name} -> {run_dir}" if resume is None else
-        f"kiln finetune {task.name} --resume {run_dir} (from step {resumed_at})")
+        f"kiln finetune {task.name} --resume {run_dir} (from {ckpt.name})")
     for line in log0:
         log(line)
     torch.manual_seed(cfg.seed)
@@ -71,14 +71,14 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
     try:  # errors found once the backbone is loaded: leave no run folder behind
         prep = task.prepare(cfg, run_dir, data, device, log)
         if resume is not None:
-            _check_same_data(run_dir, data.report)
+            _check_same_data(run_dir, saved_data, data.report)
         if lora is not None and lora.rank:  # freeze the backbone, adapters on it; the task's head trains in full
             from kiln.model.lora import lora_from_config
 
             lora_from_config(prep.model, lora, log)
     except KilnError:
         lock.release()
-        if created and resume is None:
+        if created:  # (never on a resume: the folder was there)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -137,16 +137,22 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
 
 
 def finetune_from_cli(task: Task, config: str | None, overrides: list[str], resume: str | None = None) -> Path:
-    if resume is not None:
-        if config:
-            raise KilnError(f"give a recipe or --resume, not both: --resume {resume} continues with the run's own "
-                            f"{task.config_file} (overrides on the command line still apply)")
-        config = str(_resumable(task, Path(resume)) / task.config_file)
-        if not Path(config).is_file():
-            raise KilnError(f"cannot resume: {resume} is not a finetune {task.name} run folder (no {task.config_file})")
-    cfg = load_config(config, overrides, cls=task.config_cls)
+    cfg = load_config(recipe_for(task, config, resume), overrides, cls=task.config_cls)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return finetune(task, cfg, resume=resume)
+
+
+def recipe_for(task: Task, config, resume):
+    """The recipe to load: `config`, or for a resume the run's own config file (never both)."""
+    if resume is None:
+        return config
+    if config:
+        raise KilnError(f"give a recipe or --resume, not both: --resume {resume} continues with the run's own "
+                        f"{task.config_file} (overrides on the command line still apply)")
+    path = _resumable(task, Path(resume)) / task.config_file
+    if not path.is_file():
+        raise KilnError(f"cannot resume: {resume} is not a finetune {task.name} run folder (no {task.config_file})")
+    return path
 
 
 def _resumable(task: Task, run_dir: Path) -> Path:
@@ -158,9 +164,8 @@ def _resumable(task: Task, run_dir: Path) -> Path:
     return run_dir
 
 
-def _check_same_data(run_dir: Path, report: dict, read_only: bool = False) -> None:
-    """Exact resume needs the examples the run started with: what reading (read_only: the keys reading wrote)
-    and preparing them found now vs data.json."""
+def _saved_data(run_dir: Path) -> dict:
+    """data.json of the run to resume, without its schedule: what reading and preparing the data found."""
     f = run_dir / "data.json"
     try:
         before = json.loads(f.read_text(encoding="utf-8"))
@@ -168,6 +173,12 @@ def _check_same_data(run_dir: Path, report: dict, read_only: bool = False) -> No
         raise KilnError(f"cannot resume: {f} is missing or unreadable (it records the data the run trained on)") \
             from None
     before.pop("schedule", None)
+    return before
+
+
+def _check_same_data(run_dir: Path, before: dict, report: dict, read_only: bool = False) -> None:
+    """Exact resume needs the examples the run started with: what reading (read_only: the keys reading wrote)
+    and preparing them found now vs data.json."""
     now = json.loads(json.dumps(report))
     for key in sorted(set(now) if read_only else set(before) | set(now)):
         if before.get(key) != now.get(key):
