@@ -218,16 +218,27 @@ class Block(nn.Module):
         return self._sublayer(x, self.mlp_norm, self.mlp)
 
 
+def on_meta() -> bool:
+    """Building on the meta device (`with torch.device("meta")`: a model whose weights are loaded next)."""
+    return torch.get_default_device().type == "meta"
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, without its random init on the meta device, where it draws nothing and costs ~2 s: torch's
+    meta normal_ imports torch._dynamo, most of `kiln generate`'s start-up."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim)) if on_meta() else nn.Embedding(num, dim)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig, tokens: nn.Embedding):
         super().__init__()
         self.cfg = cfg
         self.tokens = tokens
-        self.positions = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.position == "learned" else None
+        self.positions = embedding(cfg.context_length, cfg.d_model) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_table(cfg.context_length, cfg.d_model, cfg.sinusoid_layout),
                                  persistent=False)
-        self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.token_types = embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
         self.dropout = Dropout(cfg.dropout)
         self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0

@@ -14,8 +14,8 @@ from kiln.constants import IGNORE_INDEX
 from kiln.model.config import ModelConfig
 from kiln.model.heads import MLMTransform, Pooler
 from kiln.model.layers import (  # noqa: F401  (re-exported: kiln.model.transformer.Block etc. are public)
-    Attention, Block, Dropout, Embeddings, FeedForward, KVCache, apply_rope, dropout, make_norm, rope_tables,
-    sinusoidal_table)
+    Attention, Block, Dropout, Embeddings, FeedForward, KVCache, apply_rope, dropout, embedding, make_norm, on_meta,
+    rope_tables, sinusoidal_table)
 from kiln.model.losses import linear_cross_entropy
 from kiln.model.vision import PatchEmbedding
 
@@ -93,7 +93,7 @@ class Transformer(nn.Module):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        tokens = nn.Embedding(cfg.vocab_size, cfg.d_model) if not cfg.channels else None  # images: patches
+        tokens = embedding(cfg.vocab_size, cfg.d_model) if not cfg.channels else None  # images: patches
         if cfg.arch == "encoder-decoder":
             self.encoder = Stack(cfg, tokens, cfg.n_layer, causal=False, cross=False)
             self.decoder = Stack(cfg, tokens, cfg.n_decoder_layer, causal=True, cross=True)
@@ -106,7 +106,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.mlm_head or cfg.head_bias) if not cfg.channels else None
         if cfg.tie_embeddings:
             self.lm_head.weight = tokens.weight
-        self.init_weights()
+        if not on_meta():  # a meta-device build has nothing to draw: its weights are loaded next
+            self.init_weights()
 
     def to_empty(self, *, device, recurse: bool = True):
         """nn.Module.to_empty unties shared parameters (a meta-device build): tie the head to the embedding again."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from kiln.model.config import ModelConfig
-from kiln.model.layers import Dropout
+from kiln.model.layers import Dropout, embedding
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -48,7 +48,7 @@ class PatchEmbedding(nn.Module):
         self.proj = nn.Linear(cfg.channels * cfg.patch_size ** 2, cfg.d_model)
         self.cls_token = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.class_token else None
         n = self.n_patches + int(cfg.class_token)
-        self.positions = nn.Embedding(n, cfg.d_model) if cfg.position == "learned" else None
+        self.positions = embedding(n, cfg.d_model) if cfg.position == "learned" else None
         self.sincos = cfg.position == "sinusoidal"
         if self.sincos and cfg.d_model % 4:
             from kiln.errors import KilnError
