@@ -307,8 +307,14 @@ def _training(run, *args) -> int:
 
 def _dispatch(args, extra: list[str]) -> int | None:
     if args.verb == "pretrain":
+        from pathlib import Path
+
+        from kiln.config import load_config
+
+        # the config first: a mistake in it is one line in ~0.3 s, before torch and the trainer are imported (~4 s)
+        cfg = load_config(Path(args.resume) / "config.yaml" if args.resume is not None else args.config, extra)
         from kiln.train.pretrain import pretrain_from_cli
-        return _training(pretrain_from_cli, args.config, extra, args.resume)
+        return _training(pretrain_from_cli, cfg, args.resume)
     if args.verb == "data":
         if args.data_verb != "prepare":
             raise KilnError("usage: kiln data prepare [CONFIG.yaml] --out DIR [--data.KEY VALUE ...]")

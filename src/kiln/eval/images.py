@@ -44,19 +44,27 @@ def plot_misclassified(images: np.ndarray, y_true, probs: np.ndarray, labels: li
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:limit]
     cols = min(6, len(wrong))
     rows = -(-len(wrong) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows + 0.4), dpi=110, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
+    # one axes, an image and a title per cell (cell = 1.9 x 2.2 inches, as a grid of subplots had): 36 subplots
+    # cost ~3 s to lay out and draw, this ~0.3 s
+    fig = plt.figure(figsize=(1.9 * cols, 2.2 * rows + 0.4), dpi=110)
+    ax = fig.add_axes((0, 0, 1, 2.2 * rows / (2.2 * rows + 0.4)))
+    cell_h = 2.2 / 1.9  # in cell widths
+    for k, i in enumerate(wrong):
+        x0, top = k % cols, (k // cols) * cell_h
         img = images[i]
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                  vmin=0, vmax=255)
-        ax.set_title(f"true: {labels[y_true[i]]}\npred: {labels[pred[i]]} ({probs[i, pred[i]]:.2f})", fontsize=7)
+                  vmin=0, vmax=255, extent=(x0 + 0.08, x0 + 0.92, top + cell_h - 0.04, top + cell_h - 0.88),
+                  interpolation="nearest")
+        ax.text(x0 + 0.5, top + cell_h - 0.91, f"true: {labels[y_true[i]]}\npred: {labels[pred[i]]} "
+                f"({probs[i, pred[i]]:.2f})", fontsize=7, ha="center", va="bottom")
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows * cell_h, 0)
+    ax.set_aspect("equal")
+    ax.axis("off")
     n_wrong = int((pred != y_true).sum())
     fig.suptitle(f"{title + ': ' if title else ''}{n_wrong} of {len(y_true)} misclassified"
                  + (f" (the {len(wrong)} most confident)" if n_wrong > len(wrong) else ""), fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight=False)
 
 
 def report(images: np.ndarray, y_true, probs: np.ndarray, labels: list[str], out_dir: Path, prefix: str,

@@ -10,10 +10,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Write a figure atomically (temp file + rename): a viewer never sees half a PNG."""
+def save_figure(fig, path: Path, tight: bool = True) -> Path:
+    """Write a figure atomically (temp file + rename): a viewer never sees half a PNG. tight: lay its subplots
+    out first (False for a figure placed by hand)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

@@ -345,11 +345,8 @@ def sampling_model(model: torch.nn.Module, cfg: RunConfig, device: str) -> torch
     return fresh.eval()
 
 
-def pretrain_from_cli(config: str | None, overrides: list[str], resume: str | None) -> Path:
-    if resume is not None:
-        cfg = load_config(Path(resume) / "config.yaml", overrides)
-    else:
-        cfg = load_config(config, overrides)
+def pretrain_from_cli(cfg: RunConfig, resume: str | None) -> Path:
+    """`kiln pretrain`: the loaded config (the CLI reads it before importing this module), in or out of torchrun."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with leave_process_group_after():
         return run_pretrain(cfg, resume=resume)
