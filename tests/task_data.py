@@ -191,22 +191,39 @@ def write_conll(path: Path, sentences, docstart: bool = True) -> Path:
 # ----------------------------------------------------------------------------------------------- backbones
 
 
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def wordpiece_vocab(text: str, vocab_size: int) -> dict[str, int]:
+    """A WordPiece vocabulary that is the same in every process (HF's WordPieceTrainer is not: the ids of its
+    ## pieces follow a hash map's order, and merge ties follow the ids; tokenizers#1794): the specials, every
+    character alone and as a ## continuation, then whole words by frequency (ties by the word)."""
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    normal = normalizers.BertNormalizer(lowercase=True).normalize_str(text)
+    words = Counter(w for w, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(normal))
+    chars = sorted({c for w in words for c in w})
+    vocab = [*BERT_SPECIALS, *chars, *(f"##{c}" for c in chars)]
+    vocab += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    return {t: i for i, t in enumerate(vocab[:max(vocab_size, 5 + 2 * len(chars))])}
+
+
 def make_backbone(path: Path, text: str, context_length: int = 128, vocab_size: int = 1500, n_layer: int = 2) -> Path:
     """A tiny post-LN encoder run folder (BERT-shaped, so it exports to HF) with a lowercasing WordPiece
-    tokenizer trained on `text` and BERT's [CLS] A [SEP] B [SEP] pair template."""
+    tokenizer over `text` (wordpiece_vocab) and BERT's [CLS] A [SEP] B [SEP] pair template."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     from kiln.config import RunConfig, dump_yaml
     from kiln.model.config import ModelConfig
     from kiln.model.transformer import Transformer
     from kiln.run.checkpoint import save_checkpoint
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok = Tokenizer(models.WordPiece(wordpiece_vocab(text, vocab_size), unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator([text], trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     cfg = ModelConfig(arch="encoder", vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=2, d_model=32,

@@ -3,6 +3,13 @@
 kinds: "bpe" (byte-level BPE + <|endoftext|>), "wordpiece" (BERT-style, cased), "char" (one token per
 character, vocabulary = sorted characters seen: nanoGPT's 65 ids on tiny Shakespeare), or a path to
 an existing tokenizer.json.
+
+Reproducibility: "char" and "bpe" train to the same vocabulary in every process (checked: byte-identical
+tokenizer.json across processes). "wordpiece" does not always: HF's WordPieceTrainer numbers its ## pieces in
+a hash map's order, which differs per process, and breaks merge ties by those numbers (tokenizers#1794, a fix
+open upstream), so the same text can give a few different pieces (measured: 2 of 1,500 tokens, 110 ids). A run
+keeps the tokenizer it trained (tokenizer.json in the run folder and the prepared data), so resume, eval and
+export are exact; only training the tokenizer again from the text may differ.
 """
 
 from __future__ import annotations
