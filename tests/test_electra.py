@@ -47,8 +47,8 @@ def test_the_discriminator_learns_to_find_replaced_tokens():
     rtd = ReplacedTokenDetection(mlm)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
-    for i in range(600):
-        b = mlm.mask(windows(32, g), i)
+    for i in range(300):  # measured at 300 / 600 steps: gen_mlm_accuracy 0.74 / 0.85, rtd_accuracy 0.966 / 0.986
+        b = mlm.mask(windows(32, g), i)  # vs 1 - replaced_share 0.919 / 0.954, replaced_recall 0.60 / 0.77
         loss = rtd.loss(model, b) / rtd.targets(b)
         opt.zero_grad()
         loss.backward()
