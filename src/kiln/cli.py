@@ -141,8 +141,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from kiln import tasks
 
     for name, (_, summary) in tasks.REGISTRY.items():
-        # the task's module (and its config's help rows) only for the task named: `kiln --help` stays light
-        task = tasks.get(name) if (argv or [])[:2] == ["finetune", name] else None
+        # the task's module (and its config's help rows) only for the --help of the task named: `kiln --help`
+        # and a mistake in a recipe stay light
+        wants_help = bool({"-h", "--help"} & set(argv or []))
+        task = tasks.get(name) if (argv or [])[:2] == ["finetune", name] and wants_help else None
         sp = ft_sub.add_parser(name, help=summary, formatter_class=fmt, epilog=_task_epilog(task) if task else None,
                                description=task.usage if task else None)
         sp.add_argument("config", nargs="?", help=f"recipe YAML (e.g. {task.example})" if task else "recipe YAML")
@@ -198,7 +200,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     elif argv[:1] == ["finetune"]:
         from kiln import tasks
 
-        top = {f.name for f in fields(tasks.get(argv[1]).config_cls)} if argv[1:2] and argv[1] in tasks.REGISTRY \
+        top = {f.name for f in fields(tasks.config_class(argv[1]))} if argv[1:2] and argv[1] in tasks.REGISTRY \
             else set()
     elif argv[:1] in (["pretrain"], ["distill"]):
         top.add("out")
@@ -425,6 +427,10 @@ def _dispatch(args, extra: list[str]) -> int | None:
         if args.finetune_verb not in tasks.REGISTRY:
             raise KilnError("usage: kiln finetune TASK [CONFIG.yaml] --data.train FILE [--section.key VALUE ...]; "
                             f"TASK is {' or '.join(tasks.REGISTRY)} (kiln finetune TASK --help)")
+        if args.resume is None:  # the recipe and its overrides first: a mistake is one line before torch is imported
+            from kiln.config import load_config
+
+            load_config(args.config, extra, cls=tasks.config_class(args.finetune_verb))
         from kiln.tasks.finetune import finetune_from_cli
 
         return _training(finetune_from_cli, tasks.get(args.finetune_verb), args.config, extra, args.resume)
