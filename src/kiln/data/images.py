@@ -24,17 +24,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from kiln.config import TrainConfig, _f
-from kiln.data.batches import EpochSampler
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 CONFIG_FILE = "image.yaml"
+if TYPE_CHECKING:  # torch is imported where tensors are made (to_tensor, ImageBatches): the CLI reads ImageConfig
+    import torch   # (a recipe's mistakes are one line) before anything imports torch
 
 
 # ----------------------------------------------------------------------------------------------- the config
@@ -338,6 +340,8 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 def to_tensor(images: np.ndarray, mean, std) -> torch.Tensor:
     """uint8 [B, H, W, C] -> normalised float [B, C, H, W]."""
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     return x.sub_(m[:, None, None]).div_(s[:, None, None])
@@ -363,6 +367,8 @@ class ImageBatches:
                  crop_padding: int = 0, flip: bool = False):
         self.images, self.labels, self.seed, self.mean, self.std = images, labels, seed, mean, std
         self.padding, self.flip = crop_padding, flip
+        from kiln.data.batches import EpochSampler
+
         self.sampler = EpochSampler(np.ones(len(images)), batch_size, seed)
 
     def batch(self, i: int) -> dict:
@@ -370,4 +376,6 @@ class ImageBatches:
         x = self.images[idx]
         if self.padding or self.flip:
             x = augment(x, np.random.default_rng([self.seed, 11, i]), self.padding, self.flip)
+        import torch
+
         return {"pixel_values": to_tensor(x, self.mean, self.std), "labels": torch.from_numpy(self.labels[idx])}
