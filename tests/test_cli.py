@@ -29,9 +29,9 @@ def test_missing_empty_binary_and_non_utf8_inputs(tmp_path, capsys):
     assert_user_error(capsys, pretrain_args(tmp_path / "latin1.txt", tmp_path / "r4"), "latin1.txt", "UTF-8")
 
 
-def test_a_mistake_in_a_recipe_is_one_line_before_torch_is_imported(tmp_path):
+def test_a_mistake_in_a_recipe_or_a_run_path_is_one_line_before_torch_is_imported(tmp_path):
     """The config is read first: `kiln pretrain` / `kiln finetune TASK` answer a bad key or value without importing
-    torch (~3-5 s; measured 0.14-0.46 s instead)."""
+    torch (~3-5 s; measured 0.14-0.46 s instead), and a verb given a run folder that is not there says so at once."""
     from kiln import tasks
 
     for kind in tasks.REGISTRY:  # the registry's config class is the task's own
@@ -39,7 +39,9 @@ def test_a_mistake_in_a_recipe_is_one_line_before_torch_is_imported(tmp_path):
     mistakes = [["pretrain", "--train.lrr", "1"], ["pretrain", "--train.lr", "abc"], ["pretrain", "--model.n_layers", "2"],
                 ["finetune", "classify", "--train.lrr", "1"], ["finetune", "seq2seq", "--train.lr", "x"],
                 ["finetune", "qa", "--data.max_length", "abc"], ["finetune", "tokens", "--data.nope", "1"],
-                ["finetune", "image", "--augment.flip", "maybe"]]
+                ["finetune", "image", "--augment.flip", "maybe"],
+                ["generate", "nowhere", "--prompt", "a"], ["serve", "nowhere"], ["eval", "nowhere,also", "x.csv"],
+                ["translate", "nowhere", "--text", "a"], ["quantize", "nowhere", "--out", "q"]]
     code = ("import contextlib, io, json, sys\nfrom kiln.cli import main\nout = []\n"
             f"for argv in {mistakes!r}:\n"
             "    err = io.StringIO()\n"
@@ -55,6 +57,7 @@ def test_a_mistake_in_a_recipe_is_one_line_before_torch_is_imported(tmp_path):
         assert rc == 2 and err.startswith("kiln: error:") and err.count("\n") == 1, (argv, err)
         assert not torch_loaded, argv
     assert "did you mean 'train.lr'" in result[0][1] and "expects float" in result[1][1]
+    assert all(err == "kiln: error: run folder not found: nowhere\n" for _, err, _ in result[-5:]), result[-5:]
 
 
 def test_context_longer_than_the_data(tmp_path, capsys):

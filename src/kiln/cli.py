@@ -307,7 +307,20 @@ def _training(run, *args) -> int:
     return 0
 
 
+def _require_run_folders(args) -> None:
+    """A run folder that is not there: one line at once, not after ~3 s of importing torch and the verb's code."""
+    from pathlib import Path
+
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None or args.verb == "import":  # `kiln import hf SRC RUN_DIR` creates it
+        return
+    for part in str(run_dir).split(",") if args.verb in ("predict", "eval") else [str(run_dir)]:  # ensembles
+        if part and not Path(part).exists():
+            raise KilnError(f"run folder not found: {part}")
+
+
 def _dispatch(args, extra: list[str]) -> int | None:
+    _require_run_folders(args)
     if args.verb == "pretrain":
         from pathlib import Path
 
