@@ -307,6 +307,17 @@ def _training(run, *args) -> int:
     return 0
 
 
+def _refuse_a_busy_resume(resume: str | None) -> None:
+    """A resume of a run another process is writing: refused at once (the trainer's lock would refuse it after
+    the imports). Rank 0 only: under torchrun the other ranks may find rank 0 already holding it."""
+    if resume is not None and os.environ.get("RANK", "0") == "0":
+        from pathlib import Path
+
+        from kiln.run.folder import RunLock
+
+        RunLock(Path(resume)).check()
+
+
 def _require_run_folders(args) -> None:
     """A run folder that is not there: one line at once, not after ~3 s of importing torch and the verb's code."""
     from pathlib import Path
@@ -328,6 +339,10 @@ def _dispatch(args, extra: list[str]) -> int | None:
 
         # the config first: a mistake in it is one line in ~0.3 s, before torch and the trainer are imported (~4 s)
         cfg = load_config(Path(args.resume) / "config.yaml" if args.resume is not None else args.config, extra)
+        from kiln.train.scaling import env_world, scale_batch_and_lr
+
+        scale_batch_and_lr(cfg, env_world()[1])  # an impossible global batch: every torchrun rank says so at once
+        _refuse_a_busy_resume(args.resume)
         from kiln.train.pretrain import pretrain_from_cli
         return _training(pretrain_from_cli, cfg, args.resume)
     if args.verb == "data":
@@ -444,6 +459,7 @@ def _dispatch(args, extra: list[str]) -> int | None:
             from kiln.config import load_config
 
             load_config(args.config, extra, cls=tasks.config_class(args.finetune_verb))
+        _refuse_a_busy_resume(args.resume)
         from kiln.tasks.finetune import finetune_from_cli
 
         return _training(finetune_from_cli, tasks.get(args.finetune_verb), args.config, extra, args.resume)

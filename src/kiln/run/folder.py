@@ -95,9 +95,7 @@ class RunLock:
                     time.sleep(0.2)  # a writer between creating the file and filling it
                     continue
                 if holder and (host != me["host"] or _alive(pid)):
-                    raise KilnError(f"run folder {self.path.parent} is being written by process {pid} on {host} "
-                                    f"(since {holder.get('since', '?')}; lock {self.path}); wait for it to finish, "
-                                    "or use another --out")
+                    raise self._busy(holder)
                 self.log(f"note: taking over the stale lock of process {pid or '?'} on {host or '?'} "
                          f"(no longer running): {self.path}")
                 try:
@@ -111,6 +109,19 @@ class RunLock:
             atexit.register(self.release)
             return self
         raise KilnError(f"cannot take the lock {self.path}: another process keeps taking it")
+
+    def check(self) -> None:
+        """Raise acquire's error if another live process holds the lock now; change nothing (a cheap early look,
+        e.g. before a resume imports torch; acquire stays the real test)."""
+        holder = _read_lock(self.path) if self.path.is_file() else {}
+        pid, host = int(holder.get("pid", 0) or 0), holder.get("host", "")
+        if holder and pid != os.getpid() and (host != socket.gethostname() or _alive(pid)):
+            raise self._busy(holder)
+
+    def _busy(self, holder: dict) -> KilnError:
+        return KilnError(f"run folder {self.path.parent} is being written by process {holder.get('pid', 0)} on "
+                         f"{holder.get('host', '')} (since {holder.get('since', '?')}; lock {self.path}); wait for it "
+                         "to finish, or use another --out")
 
     def release(self) -> None:
         if self.held and _read_lock(self.path).get("pid") == os.getpid():

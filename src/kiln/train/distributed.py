@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.errors import KilnError
+from kiln.train.scaling import env_world  # noqa: F401  (torchrun's environment; re-exported)
 
 
 @dataclass
@@ -38,18 +39,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def env_world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
-    def num(name: str, default: int) -> int:
-        value = os.environ.get(name, "")
-        try:
-            return int(value) if value != "" else default
-        except ValueError:
-            raise KilnError(f"environment variable {name}={value!r} is not an integer") from None
-
-    return num("RANK", 0), num("WORLD_SIZE", 1), num("LOCAL_RANK", 0)
 
 
 def resolve_backend(requested: str, device: str) -> str:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from kiln.config import RunConfig, TrainConfig, dump_yaml, load_config
+from kiln.config import RunConfig, dump_yaml, load_config
 from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
 from kiln.data.batches import TokenBatches, eval_windows
-from kiln.train.distributed import broadcast, env_world, init_distributed, leave_process_group_after, main_first, \
+from kiln.train.scaling import env_world, scale_batch_and_lr  # noqa: F401  (scale_batch_and_lr: re-exported)
+from kiln.train.distributed import broadcast, init_distributed, leave_process_group_after, main_first, \
     resolve_backend, wrap_model
 from kiln.run.checkpoint import load_weights, weights_prefix
 from kiln.train.objectives import CausalLM, evaluate_lm
@@ -22,35 +23,6 @@ from kiln.train.pretrain_objectives import objective_for
 from kiln.run.device import choose_precision, resolve_device
 from kiln.run.folder import RunLock, RunLog, create_run, default_run_dir, write_run_json
 from kiln.train.trainer import Trainer
-
-
-def scale_batch_and_lr(cfg: RunConfig, world_size: int) -> tuple[TrainConfig, str]:
-    """The train config the trainer runs with: grad_accum derived from train.batch_tokens, learning rates
-    scaled by train.lr_scaling. Pure arithmetic on the config, so its errors come before any work; the
-    user's values stay in config.yaml, so a resume (on any number of ranks) derives the same again."""
-    t = cfg.train
-    T, B = cfg.model.context_length, t.batch_size
-    per_micro = B * T * world_size
-    accum = t.grad_accum
-    if accum < 1 or B < 1:
-        raise KilnError(f"train.batch_size ({B}) and train.grad_accum ({accum}) must be >= 1")
-    if t.batch_tokens:
-        accum, rest = divmod(t.batch_tokens, per_micro)
-        if rest or accum < 1:
-            raise KilnError(f"train.batch_tokens {t.batch_tokens} is not a multiple of batch_size x context_length x "
-                            f"world_size = {B} x {T} x {world_size} = {per_micro}")
-    global_tokens = per_micro * accum
-    line = f"global batch {global_tokens:,} tokens = {B} x {accum} x {world_size} x {T} (batch x accum x ranks x context)"
-    scale = 1.0
-    if t.lr_scaling != "none":
-        if t.reference_batch_tokens <= 0:
-            raise KilnError(f"train.lr_scaling {t.lr_scaling} needs train.reference_batch_tokens > 0: the global batch "
-                            f"in tokens that train.lr was tuned for")
-        scale = (global_tokens / t.reference_batch_tokens) ** (1.0 if t.lr_scaling == "linear" else 0.5)
-        line += (f"; lr scaling {t.lr_scaling} x{scale:.4g} (vs {t.reference_batch_tokens:,} tokens): lr {t.lr:.3g} -> "
-                 f"{t.lr * scale:.3g}, min_lr {t.min_lr:.3g} -> {t.min_lr * scale:.3g}")
-    return dataclasses.replace(t, grad_accum=accum, lr=t.lr * scale, min_lr=t.min_lr * scale,
-                               muon_lr=t.muon_lr * scale), line
 
 
 def load_mixture(cfg: RunConfig, run_dir: Path, log):
