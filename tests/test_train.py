@@ -53,6 +53,36 @@ def test_tiny_gpt_learns_and_writes_a_complete_run_folder(corpus, tmp_path):
     assert [losses(tmp_path / "again")[s] for s in (1, 2, 3)] == [curve[s] for s in (1, 2, 3)]
 
 
+def test_the_loss_plot_is_redrawn_at_most_every_10_s_and_the_end_shows_the_last_evaluation(tmp_path, monkeypatch):
+    import kiln.train.trainer as trainer_module
+
+    now, drawn = [0.0], []
+    monkeypatch.setattr(trainer_module, "loss_curve", lambda metrics, path, **kw: drawn.append(now[0]))
+    plot = trainer_module.LossPlot(None, tmp_path / "loss.png", "run", "token", clock=lambda: now[0])
+    for now[0] in (0.0, 4.0, 8.0, 12.0, 13.0):  # five evaluations
+        plot.evaluated()
+    assert drawn == [0.0, 12.0]  # the first; 4 and 8 s are within 10 s of it; 12 s is not; 13 s is within 10 of 12
+    now[0] = 14.0
+    plot.flush()  # the run ends: the evaluation at 13 s is not drawn yet
+    plot.flush()  # nothing new since
+    assert drawn == [0.0, 12.0, 14.0]
+
+
+def test_a_run_draws_its_loss_plot_at_the_first_evaluation_and_shows_the_last(corpus, tmp_path, monkeypatch):
+    import kiln.train.trainer as trainer_module
+
+    real, shown = trainer_module.loss_curve, []  # the last evaluation step each drawing shows
+
+    def spy(metrics, path, **kw):
+        shown.append(max(metrics.series("val_loss")[0]))
+        return real(metrics, path, **kw)
+
+    monkeypatch.setattr(trainer_module, "loss_curve", spy)
+    run = run_pretrain(cfg_for(corpus, tmp_path / "run", "--train.max_steps", "30"), quiet=True)  # evals 10, 20, 30
+    assert shown[0] == 10 and shown[-1] == 30 and len(shown) <= 3, shown  # [10, 30] unless 10 s pass between
+    assert (run / "plots" / "loss.png").stat().st_size > 0
+
+
 def test_resume_continues_bit_for_bit(corpus, tmp_path):
     full = run_pretrain(cfg_for(corpus, tmp_path / "full", "--train.max_steps", "24"), quiet=True)
     part = cfg_for(corpus, tmp_path / "part", "--train.max_steps", "24", "--train.save_every", "5")
