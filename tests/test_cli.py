@@ -60,6 +60,25 @@ def test_a_mistake_in_a_recipe_or_a_run_path_is_one_line_before_torch_is_importe
     assert all(err == "kiln: error: run folder not found: nowhere\n" for _, err, _ in result[-5:]), result[-5:]
 
 
+def test_a_wrong_verb_flag_or_value_is_one_line_naming_the_command_with_did_you_mean(capsys):
+    """argparse's own errors keep the contract too: one line (no usage block), exit 2, the command named."""
+    import pytest
+
+    for argv, needles in ((["pretrian"], ["kiln: error: argument VERB: invalid choice: 'pretrian'",
+                                          "(did you mean 'pretrain'?)"]),
+                          (["generate", "r", "--promptt", "a"], ["kiln generate: error: unrecognized arguments: "
+                                                                 "--promptt a (did you mean '--prompt'?)"]),
+                          (["finetune", "tokens", "--bogus", "1"], ["kiln finetune tokens: error: unrecognized "
+                                                                    "arguments: --bogus"]),
+                          (["export", "hff", "a", "b"], ["kiln export: error:", "(did you mean 'hf'?)"]),
+                          (["serve", "r", "--port", "abc"], ["kiln serve: error: argument --port: invalid int"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and all(n in err for n in needles), (argv, err)
+        assert err.rstrip().endswith("--help)") and "Traceback" not in err, err
+
+
 def test_context_longer_than_the_data(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("To be, or not to be, that is the question.\n" * 3)
     assert_user_error(capsys, pretrain_args(tmp_path / "short.txt", tmp_path / "r", "--model.context_length", "64"),

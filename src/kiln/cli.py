@@ -32,9 +32,25 @@ def _task_epilog(task) -> str:
                      [f"  {flag:<{width}}  {help} [default {default}]" for flag, default, help in rows])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with kiln's error contract: one line (no usage block), exit 2; a wrong verb or choice gets "did
+    you mean", and every message says where the usage is. Sub-commands inherit it (add_subparsers)."""
+
+    def error(self, message: str):
+        import re
+
+        from kiln.errors import did_you_mean
+
+        hint = ""
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            hint = did_you_mean(m.group(1), re.findall(r"'([^']*)'", m.group(2)))
+        self.exit(2, f"{self.prog}: error: {message}{hint} (usage: {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; `argv` names the command being run, so only its task's help rows are built."""
-    p = argparse.ArgumentParser(prog="kiln", description="From raw text to a trained, evaluated Transformer.",
+    p = _Parser(prog="kiln", description="From raw text to a trained, evaluated Transformer.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -241,11 +257,12 @@ def _torchrun_error_file(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
+    extra: list[str] = []
     if argv[:1] in (["pretrain"], ["data"], ["finetune"], ["distill"]):
         argv, extra = split_overrides(argv)
-        args = parser.parse_args(argv)
-    else:
-        args, extra = parser.parse_args(argv), []
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _unrecognized(parser, args, unknown)
     debug = args.debug or os.environ.get("KILN_DEBUG") == "1"
     if args.version:
         from kiln._version import __version__
@@ -276,6 +293,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
+
+
+def _unrecognized(parser: argparse.ArgumentParser, args, unknown: list[str]):
+    """argparse's "unrecognized arguments", named by the command they were given to, with its closest flag."""
+    from kiln.errors import did_you_mean
+
+    names, sub = ["kiln"], parser
+    for dest in ("verb", "finetune_verb", "data_verb", "viz_verb"):
+        name = getattr(args, dest, None)
+        action = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if name is None or action is None or name not in action.choices:
+            continue
+        names.append(name)
+        sub = action.choices[name]
+    flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), "")
+    hint = did_you_mean(flag, sub._option_string_actions) if flag else ""
+    sub.exit(2, f"{' '.join(names)}: error: unrecognized arguments: {' '.join(unknown)}{hint} "
+                f"(usage: {' '.join(names)} --help)\n")
 
 
 def _resume_hint(path: str, verb: str) -> str:
