@@ -116,7 +116,7 @@ def _tokenizer(cfg: DataConfig, corpus: Corpus, log, sample_bytes: int | None):
         finished = True
 
     try:
-        tok = train_tokenizer(cfg.tokenizer, texts(), cfg.vocab_size, lowercase=cfg.lowercase)
+        tok = train_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, lowercase=cfg.lowercase)  # wordpiece reads twice
     except KilnError:
         if not (finished and n == 0):  # an input error, not "no text"
             raise

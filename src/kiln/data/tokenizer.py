@@ -4,19 +4,19 @@ kinds: "bpe" (byte-level BPE + <|endoftext|>), "wordpiece" (BERT-style, cased), 
 character, vocabulary = sorted characters seen: nanoGPT's 65 ids on tiny Shakespeare), or a path to
 an existing tokenizer.json.
 
-Reproducibility: "char" and "bpe" train to the same vocabulary in every process (checked: byte-identical
-tokenizer.json across processes). "wordpiece" does not always: HF's WordPieceTrainer numbers its ## pieces in
-a hash map's order, which differs per process, and breaks merge ties by those numbers (tokenizers#1794, a fix
-open upstream), so the same text can give a few different pieces (measured: 2 of 1,500 tokens, 110 ids). A run
-keeps the tokenizer it trained (tokenizer.json in the run folder and the prepared data), so resume, eval and
-export are exact; only training the tokenizer again from the text may differ.
+Reproducibility: every kind trains to a byte-identical tokenizer.json in every process. HF's WordPieceTrainer
+alone would not: it numbers its ## continuation pieces in a hash map's order, which differs per process, and
+breaks merge ties by those numbers (tokenizers#1794; a fix is open upstream): the same text gave different ids
+(110 of 1,500) and sometimes different pieces. kiln reads the text once more first, registers every ## piece
+it will need in sorted order (as special tokens, so the trainer numbers them first, and plain vocabulary again
+afterwards), and so fixes the numbering and with it the ties.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -38,11 +38,17 @@ def char_tokenizer(chars: Iterable[str]) -> Tokenizer:
     return tok
 
 
-def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int = 8192, lowercase: bool = False) -> Tokenizer:
-    """Train a tokenizer of `kind` on an iterable of texts, or load `kind` when it is a tokenizer.json path."""
+def train_tokenizer(kind: str, documents: Iterable[str] | Callable[[], Iterable[str]], vocab_size: int = 8192,
+                    lowercase: bool = False) -> Tokenizer:
+    """Train a tokenizer of `kind` on texts, or load `kind` when it is a tokenizer.json path. `documents`: an
+    iterable, or a function returning a fresh one (wordpiece reads the texts twice; an iterable is then kept
+    in memory, a function is called twice)."""
+    if kind == "wordpiece" and not callable(documents):
+        documents = list(documents)
+    read = documents if callable(documents) else (lambda: documents)
     if kind == "char":
         seen: set[str] = set()
-        for doc in documents:
+        for doc in read():
             seen.update(doc)
         if not seen:
             raise KilnError("no text to build the char vocabulary from")
@@ -58,7 +64,7 @@ def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int = 8192,
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(documents, trainer)
+        tok.train_from_iterator(read(), trainer)
         return tok
     if kind == "wordpiece":
         if vocab_size < len(BERT_SPECIALS) + 1:
@@ -67,9 +73,16 @@ def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int = 8192,
         tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS,
-                                            show_progress=False)
-        tok.train_from_iterator(documents, trainer)
+        pieces: set[str] = set()  # the characters that continue a word: their ## pieces, numbered in sorted order
+        for doc in read():
+            words = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(doc))
+            pieces.update("".join(w[1:] for w, _ in words))
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS + [
+            f"##{c}" for c in sorted(pieces)], show_progress=False)
+        tok.train_from_iterator(read(), trainer)
+        spec = json.loads(tok.to_str())  # the ## pieces are ordinary vocabulary, not special tokens
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in BERT_SPECIALS]
+        tok = Tokenizer.from_str(json.dumps(spec))
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
