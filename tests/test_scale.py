@@ -410,7 +410,9 @@ def test_global_batch_not_divisible_by_ranks_is_one_line_exit_2(prepared, tmp_pa
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr
     msg = "kiln: error: train.batch_tokens 384 is not a multiple of batch_size x context_length x world_size = " \
           "4 x 32 x 2 = 256"
-    assert [line for line in r.stderr.splitlines() if line.startswith("kiln: error:")] == [msg, msg]  # one per rank
+    lines = [line for line in r.stderr.splitlines() if line.startswith("kiln: error:")]
+    assert lines and set(lines) == {msg} and len(lines) <= 2, lines  # per rank: each fails at once, and torchrun
+    # stops the other when the first exits, so the second rank's line may not come
     root_cause = r.stderr[r.stderr.index("Root Cause"):]
     assert f"traceback : {msg} (exit code 2)" in root_cause  # torchrun's report names kiln's error, not <N/A>
     assert not (tmp_path / "run").exists()
