@@ -70,6 +70,8 @@ def test_a_wrong_verb_flag_or_value_is_one_line_naming_the_command_with_did_you_
                                                                  "--promptt a (did you mean '--prompt'?)"]),
                           (["finetune", "tokens", "--bogus", "1"], ["kiln finetune tokens: error: unrecognized "
                                                                     "arguments: --bogus"]),
+                          (["pretrain", "--nme", "x"], ["kiln pretrain: error:", "(did you mean '--name'?)"]),
+                          (["finetune", "classify", "--epochss", "3"], ["(did you mean '--epochs'?)"]),
                           (["export", "hff", "a", "b"], ["kiln export: error:", "(did you mean 'hf'?)"]),
                           (["serve", "r", "--port", "abc"], ["kiln serve: error: argument --port: invalid int"])):
         with pytest.raises(SystemExit) as exit_:

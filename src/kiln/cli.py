@@ -307,8 +307,18 @@ def _unrecognized(parser: argparse.ArgumentParser, args, unknown: list[str]):
             continue
         names.append(name)
         sub = action.choices[name]
+    flags = set(sub._option_string_actions)
+    verb = names[1] if len(names) > 1 else ""
+    if verb in ("pretrain", "data", "distill") or (verb == "finetune" and len(names) > 2):
+        from dataclasses import fields
+
+        from kiln import tasks
+        from kiln.config import RunConfig
+
+        cls = tasks.config_class(names[2]) if names[1] == "finetune" else RunConfig
+        flags |= {f"--{f.name}" for f in fields(cls)}  # the recipe's top-level keys (--seed, --name, --epochs, ...)
     flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), "")
-    hint = did_you_mean(flag, sub._option_string_actions) if flag else ""
+    hint = did_you_mean(flag, flags) if flag else ""
     sub.exit(2, f"{' '.join(names)}: error: unrecognized arguments: {' '.join(unknown)}{hint} "
                 f"(usage: {' '.join(names)} --help)\n")
 
