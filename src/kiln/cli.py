@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from kiln.cli_checks import (Parser, refuse_a_busy_resume, require_run_folders, resume_hint, torchrun_error_file,
+                             unrecognized)
 from kiln.errors import KilnError
 
 CONFIG_VERBS = ("pretrain",)
@@ -32,25 +34,9 @@ def _task_epilog(task) -> str:
                      [f"  {flag:<{width}}  {help} [default {default}]" for flag, default, help in rows])
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with kiln's error contract: one line (no usage block), exit 2; a wrong verb or choice gets "did
-    you mean", and every message says where the usage is. Sub-commands inherit it (add_subparsers)."""
-
-    def error(self, message: str):
-        import re
-
-        from kiln.errors import did_you_mean
-
-        hint = ""
-        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if m:
-            hint = did_you_mean(m.group(1), re.findall(r"'([^']*)'", m.group(2)))
-        self.exit(2, f"{self.prog}: error: {message}{hint} (usage: {self.prog} --help)\n")
-
-
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; `argv` names the command being run, so only its task's help rows are built."""
-    p = _Parser(prog="kiln", description="From raw text to a trained, evaluated Transformer.",
+    p = Parser(prog="kiln", description="From raw text to a trained, evaluated Transformer.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -236,24 +222,6 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
-def _torchrun_error_file(message: str) -> None:
-    """Under torchrun, hand the one-line error to its failure report (the file torch's @record would write),
-    so the report's "Root Cause" shows kiln's message instead of "error_file: <N/A>"."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    import json
-    import time
-
-    try:
-        with open(path, "w") as f:
-            json.dump({"message": {"message": f"kiln: error: {message}",
-                                   "extraInfo": {"py_callstack": f"kiln: error: {message} (exit code 2)",
-                                                 "timestamp": str(int(time.time()))}}}, f)
-    except OSError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -262,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = split_overrides(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        _unrecognized(parser, args, unknown)
+        unrecognized(parser, args, unknown)
     debug = args.debug or os.environ.get("KILN_DEBUG") == "1"
     if args.version:
         from kiln._version import __version__
@@ -278,67 +246,21 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"kiln: error: {e}", file=sys.stderr)
-        _torchrun_error_file(str(e))
+        torchrun_error_file(str(e))
         return 2
     except Exception as e:  # a full or read-only disk, a parent that is a file: one line naming the path
         from kiln.errors import filesystem_error
 
         verb = " ".join(filter(None, (args.verb, getattr(args, f"{args.verb}_verb", None))))  # data prepare, ...
-        message = None if debug else filesystem_error(e, verb, after=_resume_hint)
+        message = None if debug else filesystem_error(e, verb, after=resume_hint)
         if message is None:
             raise
         print(f"kiln: error: {message}", file=sys.stderr)
-        _torchrun_error_file(message)
+        torchrun_error_file(message)
         return 2
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
-
-
-def _unrecognized(parser: argparse.ArgumentParser, args, unknown: list[str]):
-    """argparse's "unrecognized arguments", named by the command they were given to, with its closest flag."""
-    from kiln.errors import did_you_mean
-
-    names, sub = ["kiln"], parser
-    for dest in ("verb", "finetune_verb", "data_verb", "viz_verb"):
-        name = getattr(args, dest, None)
-        action = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if name is None or action is None or name not in action.choices:
-            continue
-        names.append(name)
-        sub = action.choices[name]
-    flags = set(sub._option_string_actions)
-    verb = names[1] if len(names) > 1 else ""
-    if verb in ("pretrain", "data", "distill") or (verb == "finetune" and len(names) > 2):
-        from dataclasses import fields
-
-        from kiln import tasks
-        from kiln.config import RunConfig
-
-        cls = tasks.config_class(names[2]) if names[1] == "finetune" else RunConfig
-        flags |= {f"--{f.name}" for f in fields(cls)}  # the recipe's top-level keys (--seed, --name, --epochs, ...)
-    flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), "")
-    hint = did_you_mean(flag, flags) if flag else ""
-    sub.exit(2, f"{' '.join(names)}: error: unrecognized arguments: {' '.join(unknown)}{hint} "
-                f"(usage: {' '.join(names)} --help)\n")
-
-
-def _resume_hint(path: str, verb: str) -> str:
-    """For a training run: the last complete checkpoint is intact and how to continue from it."""
-    if verb != "pretrain" and not verb.startswith("finetune "):
-        return ""
-    parts = path.replace("\\", "/").split("/")
-    if "checkpoints" in parts:
-        run_dir = "/".join(parts[:len(parts) - 1 - parts[::-1].index("checkpoints")]) or "."
-    else:
-        run_dir = path.rsplit("/", 1)[0] if "/" in path else "."
-    try:
-        from kiln.run.checkpoint import find_checkpoint
-
-        ckpt = find_checkpoint(run_dir)
-    except Exception:  # no run folder there, or no complete checkpoint: no hint
-        return ""
-    return f"; the last complete checkpoint ({ckpt.name}) is intact: kiln {verb} --resume {run_dir}"
 
 
 def _training(run, *args) -> int:
@@ -352,31 +274,8 @@ def _training(run, *args) -> int:
     return 0
 
 
-def _refuse_a_busy_resume(resume: str | None) -> None:
-    """A resume of a run another process is writing: refused at once (the trainer's lock would refuse it after
-    the imports). Rank 0 only: under torchrun the other ranks may find rank 0 already holding it."""
-    if resume is not None and os.environ.get("RANK", "0") == "0":
-        from pathlib import Path
-
-        from kiln.run.folder import RunLock
-
-        RunLock(Path(resume)).check()
-
-
-def _require_run_folders(args) -> None:
-    """A run folder that is not there: one line at once, not after ~3 s of importing torch and the verb's code."""
-    from pathlib import Path
-
-    run_dir = getattr(args, "run_dir", None)
-    if run_dir is None or args.verb == "import":  # `kiln import hf SRC RUN_DIR` creates it
-        return
-    for part in str(run_dir).split(",") if args.verb in ("predict", "eval") else [str(run_dir)]:  # ensembles
-        if part and not Path(part).exists():
-            raise KilnError(f"run folder not found: {part}")
-
-
 def _dispatch(args, extra: list[str]) -> int | None:
-    _require_run_folders(args)
+    require_run_folders(args)
     if args.verb == "pretrain":
         from pathlib import Path
 
@@ -387,7 +286,7 @@ def _dispatch(args, extra: list[str]) -> int | None:
         from kiln.train.scaling import env_world, scale_batch_and_lr
 
         scale_batch_and_lr(cfg, env_world()[1])  # an impossible global batch: every torchrun rank says so at once
-        _refuse_a_busy_resume(args.resume)
+        refuse_a_busy_resume(args.resume)
         from kiln.train.pretrain import pretrain_from_cli
         return _training(pretrain_from_cli, cfg, args.resume)
     if args.verb == "data":
@@ -504,7 +403,7 @@ def _dispatch(args, extra: list[str]) -> int | None:
             from kiln.config import load_config
 
             load_config(args.config, extra, cls=tasks.config_class(args.finetune_verb))
-        _refuse_a_busy_resume(args.resume)
+        refuse_a_busy_resume(args.resume)
         from kiln.tasks.finetune import finetune_from_cli
 
         return _training(finetune_from_cli, tasks.get(args.finetune_verb), args.config, extra, args.resume)
