@@ -191,41 +191,18 @@ def write_conll(path: Path, sentences, docstart: bool = True) -> Path:
 # ----------------------------------------------------------------------------------------------- backbones
 
 
-BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def wordpiece_vocab(text: str, vocab_size: int) -> dict[str, int]:
-    """A WordPiece vocabulary that is the same in every process (HF's WordPieceTrainer is not: the ids of its
-    ## pieces follow a hash map's order, and merge ties follow the ids; tokenizers#1794): the specials, every
-    character alone and as a ## continuation, then whole words by frequency (ties by the word)."""
-    from collections import Counter
-
-    from tokenizers import normalizers, pre_tokenizers
-
-    normal = normalizers.BertNormalizer(lowercase=True).normalize_str(text)
-    words = Counter(w for w, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(normal))
-    chars = sorted({c for w in words for c in w})
-    vocab = [*BERT_SPECIALS, *chars, *(f"##{c}" for c in chars)]
-    vocab += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
-    return {t: i for i, t in enumerate(vocab[:max(vocab_size, 5 + 2 * len(chars))])}
-
-
 def make_backbone(path: Path, text: str, context_length: int = 128, vocab_size: int = 1500, n_layer: int = 2) -> Path:
-    """A tiny post-LN encoder run folder (BERT-shaped, so it exports to HF) with a lowercasing WordPiece
-    tokenizer over `text` (wordpiece_vocab) and BERT's [CLS] A [SEP] B [SEP] pair template."""
+    """A tiny post-LN encoder run folder (BERT-shaped, so it exports to HF) with kiln's lowercasing WordPiece
+    tokenizer trained on `text` (the same in every process) and BERT's [CLS] A [SEP] B [SEP] pair template."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     from kiln.config import RunConfig, dump_yaml
+    from kiln.data.tokenizer import train_tokenizer
     from kiln.model.config import ModelConfig
     from kiln.model.transformer import Transformer
     from kiln.run.checkpoint import save_checkpoint
 
-    tok = Tokenizer(models.WordPiece(wordpiece_vocab(text, vocab_size), unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = train_tokenizer("wordpiece", [text], vocab_size, lowercase=True)
     cfg = ModelConfig(arch="encoder", vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=2, d_model=32,
                       context_length=context_length, pre_norm=False, final_norm=False, embedding_norm=True,
                       type_vocab_size=2, pad_token_id=0, norm_eps=1e-12)
