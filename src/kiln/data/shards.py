@@ -69,7 +69,7 @@ def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise KilnError(f"{path}: not found; is {folder} a prepared dataset? (run `kiln prepare` first)")
+        raise KilnError(f"{path}: not found; is {folder} a prepared dataset? (run `kiln data prepare` first)")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
         if m.get("format") != FORMAT:
