@@ -93,15 +93,13 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_confusion(cm, labels: list[str], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from kiln.report.plots import figure
 
     cm = np.asarray(cm)
     k = len(labels)
     size = min(4 + 0.5 * k, 14)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=110)
+    fig = figure(figsize=(size, size * 0.85), dpi=110)
+    ax = fig.subplots()
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
@@ -120,15 +118,14 @@ def plot_confusion(cm, labels: list[str], path: Path, title: str = "") -> Path:
 
 def plot_roc_pr(y_true, scores, roc_path: Path, pr_path: Path, positive_name: str, title: str = "") -> list[Path]:
     """ROC curve and precision-recall curve of one positive class (binary tasks)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    from kiln.report.plots import figure
 
     y_true = np.asarray(y_true).astype(bool)
     fpr, tpr, _ = roc_curve(y_true, scores)
-    fig, ax = plt.subplots(figsize=(5, 4.6), dpi=110)
+    fig = figure(figsize=(5, 4.6), dpi=110)
+    ax = fig.subplots()
     ax.plot(fpr, tpr, lw=1.8, label=f"AUC {auc(fpr, tpr):.4f}")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
     ax.set_xlabel("false positive rate")
@@ -138,7 +135,8 @@ def plot_roc_pr(y_true, scores, roc_path: Path, pr_path: Path, positive_name: st
     ax.legend(loc="lower right")
     out = [_save(fig, roc_path)]
     prec, rec, _ = precision_recall_curve(y_true, scores)
-    fig, ax = plt.subplots(figsize=(5, 4.6), dpi=110)
+    fig = figure(figsize=(5, 4.6), dpi=110)
+    ax = fig.subplots()
     ax.plot(rec, prec, lw=1.8, label=f"AP {average_precision_score(y_true, scores):.4f}")
     ax.axhline(y_true.mean(), ls="--", color="grey", lw=1, label="chance")
     ax.set_xlabel("recall")

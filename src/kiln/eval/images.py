@@ -30,12 +30,7 @@ def plot_misclassified(images: np.ndarray, y_true, probs: np.ndarray, labels: li
                        title: str = "", limit: int = 36) -> Path | None:
     """A grid of up to `limit` misclassified images (the most confident mistakes first), each titled with its
     true and predicted label and the predicted probability. None when nothing is misclassified."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kiln.report.plots import save_figure
+    from kiln.report.plots import figure, save_figure
 
     y_true, pred = np.asarray(y_true), probs.argmax(1)
     wrong = np.flatnonzero(pred != y_true)
@@ -46,7 +41,7 @@ def plot_misclassified(images: np.ndarray, y_true, probs: np.ndarray, labels: li
     rows = -(-len(wrong) // cols)
     # one axes, an image and a title per cell (cell = 1.9 x 2.2 inches, as a grid of subplots had): 36 subplots
     # cost ~3 s to lay out and draw, this ~0.3 s
-    fig = plt.figure(figsize=(1.9 * cols, 2.2 * rows + 0.4), dpi=110)
+    fig = figure(figsize=(1.9 * cols, 2.2 * rows + 0.4), dpi=110)
     ax = fig.add_axes((0, 0, 1, 2.2 * rows / (2.2 * rows + 0.4)))
     cell_h = 2.2 / 1.9  # in cell widths
     for k, i in enumerate(wrong):

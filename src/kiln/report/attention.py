@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from kiln.report.plots import figure, save_figure
 
 
 @torch.no_grad()
@@ -32,7 +30,8 @@ def attention_maps(model, ids: torch.Tensor) -> list[torch.Tensor]:
 def plot_attention(maps: list[torch.Tensor], tokens: list[str], path: Path, max_heads: int = 16) -> Path:
     n_layers, n_heads = len(maps), min(maps[0].shape[0], max_heads)
     size = 2.2 if len(tokens) > 12 else 1.8
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads, size * n_layers), squeeze=False)
+    fig = figure(figsize=(size * n_heads, size * n_layers), dpi=100)
+    axes = fig.subplots(n_layers, n_heads, squeeze=False)
     for layer, weights in enumerate(maps):
         for head in range(n_heads):
             ax = axes[layer][head]
@@ -48,8 +47,4 @@ def plot_attention(maps: list[torch.Tensor], tokens: list[str], path: Path, max_
         ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
         ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
     fig.suptitle("attention (rows: queries, columns: keys)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def figure(**kw):
+    """A matplotlib Figure of its own, not pyplot's: no process-wide list of open figures to close (or to leak
+    when a save fails), nothing shared with another thread, no GUI backend chosen; matplotlib is imported when
+    the first plot is drawn, not with the trainer. PNG files are drawn with Agg whatever the user's backend."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kw)
 
 
 def save_figure(fig, path: Path, tight: bool = True) -> Path:
@@ -18,7 +22,6 @@ def save_figure(fig, path: Path, tight: bool = True) -> Path:
         fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
     tmp.replace(path)
     return path
 
@@ -26,7 +29,8 @@ def save_figure(fig, path: Path, tight: bool = True) -> Path:
 def loss_curve(metrics, path: Path, title: str = "", per: str = "token") -> Path:
     """Train and validation loss against steps; written atomically so a viewer never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.subplots()
     for key, style in (("loss", dict(alpha=0.6, lw=1)), ("val_loss", dict(marker="o", lw=1.6))):
         xs, ys = metrics.series(key)
         if xs:
@@ -78,8 +82,11 @@ def compare_runs(runs: list[Path], metrics: list[str], out: Path, x: str = "step
         if m not in columns:
             raise KilnError(f"no run has the metric {m!r}{did_you_mean(m, columns)}; the runs log: "
                             f"{', '.join(sorted(columns - {'step', 'tokens', 'elapsed'}))}")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.2), dpi=110, squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    import matplotlib
+
+    fig = figure(figsize=(6.2 * len(metrics), 4.2), dpi=110)
+    axes = fig.subplots(1, len(metrics), squeeze=False)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     summary = []
     for i, (rows, label) in enumerate(zip(tables, labels)):
         colour = colours[i % len(colours)]
@@ -104,13 +111,9 @@ def compare_runs(runs: list[Path], metrics: list[str], out: Path, x: str = "step
 
 def metric_curve(history: list[tuple[int, dict]], keys: tuple[str, ...], path: Path, title: str = "") -> Path:
     """Validation text metrics (BLEU/chrF or ROUGE) against steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.subplots()
     for k in keys:
         xs = [s for s, m in history if f"val_{k}" in m]
         ys = [m[f"val_{k}"] for s, m in history if f"val_{k}" in m]
