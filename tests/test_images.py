@@ -254,7 +254,7 @@ def test_fashion_mnist_subset_learns_and_the_misclassified_grid(tmp_path, capsys
 
 
 def _hf_vit(path: Path, cls: str, labels=None, seed: int = 0, channels: int = 3, size: int = 8):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     kw = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}) if labels else {}
@@ -271,7 +271,7 @@ def _hf_vit(path: Path, cls: str, labels=None, seed: int = 0, channels: int = 3,
 
 
 def test_vit_classifier_import_export_parity(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from kiln.interop.hf import export_hf
     from kiln.tasks.images import load_image_run
 
@@ -293,7 +293,7 @@ def test_vit_classifier_import_export_parity(tmp_path, capsys):
 
 
 def test_vit_backbone_import_export_parity(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from kiln.api import load
     from kiln.interop.hf import export_hf, import_hf
 
@@ -312,7 +312,7 @@ def test_vit_backbone_import_export_parity(tmp_path):
 
 
 def test_init_from_an_hf_vit_keeps_its_head_and_a_trained_run_exports(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from kiln.interop.hf import export_hf
     from kiln.tasks.images import load_image_run
 

@@ -206,8 +206,8 @@ def test_merge_gives_a_full_run_with_the_adapter_runs_outputs(clf, capsys):
 
 @pytest.mark.parametrize("pooling", ["pooler", "mean"])
 def test_peft_loads_the_exported_bert_classifier_adapters(tmp_path, capsys, pooling):
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    import peft
+    import transformers
     backbone = encoder_backbone(tmp_path / "backbone", pooler=pooling == "pooler")
     run = classify(tmp_path, backbone, "run", *LORA, "--pooling", pooling)
     out = tmp_path / "peft"
@@ -322,8 +322,8 @@ def test_continued_pretraining_with_lora_resumes_bit_for_bit(pretrained, int8):
 
 
 def test_peft_loads_the_exported_gpt2_adapters(pretrained, capsys):
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    import peft
+    import transformers
     tmp, corpus, base = pretrained
     run = run_pretrain(pre_cfg(corpus, base, tmp / "gpt2", "--train.max_steps", "12", "--train.lora.targets",
                                "qkv_proj,out_proj,mlp.up_proj", "--train.lora.modules_to_save", "decoder.norm"),

@@ -18,8 +18,8 @@ from kiln.data import TokenShards, prepare
 from kiln.data.text import Corpus
 from kiln.errors import KilnError
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
+import pyarrow as pa
+import pyarrow.parquet as pq
 pytestmark = pytest.mark.usefixtures("one_thread")
 quiet = lambda *a: None  # noqa: E731
 

@@ -186,7 +186,7 @@ def test_training_batches_are_a_pure_function_of_the_index(trained):
 
 
 def test_hf_bert_for_token_classification_import_export_parity(trained, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     import kiln
 
     labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
