@@ -314,6 +314,10 @@ def test_finetune_translate_end_to_end_and_translate_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bleu" in out and "chrf" in out
     assert_user_error(capsys, ["translate", str(tmp_path)], "not a seq2seq run folder")
+    other = tmp_path / "classify-run"  # another kind of run is named as what it is
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"kind": "classify"}))
+    assert_user_error(capsys, ["translate", str(other)], "not a seq2seq run folder (it holds a classify run)")
 
     # kiln eval: the same decoding, scored, as JSON with the outputs beside it
     assert main(["eval", str(run), str(refs), "--num-beams", "1"]) == 0

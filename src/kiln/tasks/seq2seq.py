@@ -34,6 +34,7 @@ from kiln.interop.hf import HF_CONFIG_COPY
 from kiln.model.transformer import Transformer
 from kiln.report.plots import metric_curve
 from kiln.run.checkpoint import find_checkpoint, load_weights, unwrap
+from kiln.run.folder import run_kind
 from kiln.run.load import build_model
 from kiln.tasks.base import Data, Prepared, Task
 from kiln.tasks.finetune import load_backbone
@@ -252,8 +253,11 @@ def load_seq2seq(run_dir: str | Path, which: str = "best", device: str = "cpu"):
     """(model, codec, Seq2SeqConfig, meta) of a `kiln finetune seq2seq` run folder."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
-        raise KilnError(f"{run_dir} is not a seq2seq run folder (no {CONFIG_FILE}); train one with "
-                        "`kiln finetune seq2seq`")
+        try:
+            holds = f" (it holds a {run_kind(run_dir)} run)"
+        except KilnError:
+            holds = f" (no {CONFIG_FILE})"
+        raise KilnError(f"{run_dir} is not a seq2seq run folder{holds}; train one with `kiln finetune seq2seq`")
     cfg = load_config(run_dir / CONFIG_FILE, cls=Seq2SeqConfig)
     try:
         meta = json.loads((run_dir / META_FILE).read_text(encoding="utf-8"))
