@@ -6,15 +6,14 @@ error message once said "run `kiln prepare` first"; the verb is `kiln data prepa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import shlex
-import typing
 
 from conftest import ROOT
 from kiln import tasks
 from kiln.cli import build_parser
-from kiln.config import RunConfig
+from kiln.cli_checks import subcommands
+from kiln.config import RunConfig, config_help
 
 HYPOTHETICAL_TASKS = {"mytask"}  # docs/architecture.md's "how to add a task" walk-through names a task to be written
 
@@ -39,28 +38,16 @@ def commands() -> list[tuple[str, str]]:
     return out
 
 
-def _config_fields(cls) -> dict[str, typing.Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def _check_key(cls, key: str) -> str | None:
-    """None if --KEY (top-level or section.key) is a key of config class `cls`, else what is wrong."""
+    """None if --KEY (top-level or section.key) is a key of config class `cls` (as `--help` lists them), else what
+    is wrong."""
+    keys = {flag[2:] for flag, _, _ in config_help(cls)}
     top, _, rest = key.partition(".")
-    fields = _config_fields(cls)
-    if top not in fields:
+    if top not in {k.split(".")[0] for k in keys}:
         return f"no config key {top!r}"
-    if rest:
-        section = fields[top]
-        if not dataclasses.is_dataclass(section):
-            return f"{top!r} is not a section"
-        if rest.split(".")[0] not in _config_fields(section):
-            return f"no key {rest!r} in section {top!r}"
+    if key not in keys:
+        return f"no key {rest!r} in section {top!r}"
     return None
-
-
-def _subparsers(p: argparse.ArgumentParser):
-    return next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
 def check(cmd: str) -> str | None:
@@ -68,17 +55,17 @@ def check(cmd: str) -> str | None:
     cmd = re.sub(r"\{[^}]*\}", "X", cmd)  # f-string fields
     words = [w for w in shlex.split(cmd.replace("[", " ").replace("]", " "))[1:] if w != "..."]
     p, names = build_parser(words), ["kiln"]
-    while words and not words[0].startswith("-") and (sub := _subparsers(p)) is not None:
+    while words and not words[0].startswith("-") and (sub := subcommands(p)):
         word = words.pop(0)
         if word.isupper() or word in HYPOTHETICAL_TASKS:  # a placeholder (NAME, TASK): nothing more to check
             return None
         for alternative in re.split(r"[|/]", word):
-            if alternative not in sub.choices:
-                return f"{' '.join(names)} has no {alternative!r} (it has {', '.join(sub.choices)})"
+            if alternative not in sub:
+                return f"{' '.join(names)} has no {alternative!r} (it has {', '.join(sub)})"
         if "/" in word:  # prose listing several verbs ("kiln eval/predict/serve")
             return None
         names.append(word.split("|")[0])
-        p = sub.choices[names[-1]]
+        p = sub[names[-1]]
     verb = names[1:2]
     cls = tasks.config_class(names[2]) if verb == ["finetune"] and len(names) > 2 else \
         RunConfig if verb in (["pretrain"], ["distill"], ["data"]) else None

@@ -142,10 +142,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ft_sub = ft.add_subparsers(dest="finetune_verb", metavar="TASK")
     from kiln import tasks
 
+    # the task's module (and its config's help rows) only for the --help of the task named: `kiln --help` and a
+    # mistake in a recipe stay light
+    wants_help = bool({"-h", "--help"} & set(argv or []))
     for name, (_, summary) in tasks.REGISTRY.items():
-        # the task's module (and its config's help rows) only for the --help of the task named: `kiln --help`
-        # and a mistake in a recipe stay light
-        wants_help = bool({"-h", "--help"} & set(argv or []))
         task = tasks.get(name) if (argv or [])[:2] == ["finetune", name] and wants_help else None
         sp = ft_sub.add_parser(name, help=summary, formatter_class=fmt, epilog=_task_epilog(task) if task else None,
                                description=task.usage if task else None)

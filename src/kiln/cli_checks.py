@@ -43,16 +43,21 @@ def torchrun_error_file(message: str) -> None:
         pass
 
 
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's sub-commands by name ({} for a leaf). argparse has no public way to list them."""
+    action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return dict(action.choices) if action is not None else {}
+
+
 def unrecognized(parser: argparse.ArgumentParser, args, unknown: list[str]):
     """argparse's "unrecognized arguments", named by the command they were given to, with its closest flag."""
     names, sub = ["kiln"], parser
     for dest in ("verb", "finetune_verb", "data_verb", "viz_verb"):
         name = getattr(args, dest, None)
-        action = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if name is None or action is None or name not in action.choices:
+        if name is None or name not in subcommands(sub):
             continue
         names.append(name)
-        sub = action.choices[name]
+        sub = subcommands(sub)[name]
     flags = set(sub._option_string_actions)
     verb = names[1] if len(names) > 1 else ""
     if verb in ("pretrain", "data", "distill") or (verb == "finetune" and len(names) > 2):

@@ -72,6 +72,14 @@ def _read_lock(path: Path) -> dict:
         return {}
 
 
+def _held_by_another(holder: dict) -> bool:
+    """A lock file's holder is a live process other than this one (one on another host counts as live)."""
+    pid, host = int(holder.get("pid", 0) or 0), holder.get("host", "")
+    if not holder or (host == socket.gethostname() and pid == os.getpid()):
+        return False
+    return host != socket.gethostname() or _alive(pid)
+
+
 class RunLock:
     """An exclusive lock file in the run folder: created with O_EXCL (atomic on local filesystems), holding the
     writer's pid and host. A lock left by a process that died (same host, pid gone) is taken over, with a
@@ -94,7 +102,7 @@ class RunLock:
                 if not holder and time.time() - _mtime(self.path) < 5:
                     time.sleep(0.2)  # a writer between creating the file and filling it
                     continue
-                if holder and (host != me["host"] or _alive(pid)):
+                if _held_by_another(holder):
                     raise self._busy(holder)
                 self.log(f"note: taking over the stale lock of process {pid or '?'} on {host or '?'} "
                          f"(no longer running): {self.path}")
@@ -114,8 +122,7 @@ class RunLock:
         """Raise acquire's error if another live process holds the lock now; change nothing (a cheap early look,
         e.g. before a resume imports torch; acquire stays the real test)."""
         holder = _read_lock(self.path) if self.path.is_file() else {}
-        pid, host = int(holder.get("pid", 0) or 0), holder.get("host", "")
-        if holder and pid != os.getpid() and (host != socket.gethostname() or _alive(pid)):
+        if _held_by_another(holder):
             raise self._busy(holder)
 
     def _busy(self, holder: dict) -> KilnError:
