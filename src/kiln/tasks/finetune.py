@@ -12,6 +12,7 @@ the step, so the resumed run takes the steps the uninterrupted one would have.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -28,11 +29,16 @@ from kiln.run.device import choose_precision, resolve_device
 from kiln.run.folder import RunLock, RunLog, create_run, default_run_dir, holds_run, run_kind, write_run_json
 from kiln.tasks.base import Task
 from kiln.train.callbacks import EarlyStopping, TimeBudget
+from kiln.train.distributed import broadcast, broadcast_parameters, init_distributed, leave_process_group_after, \
+    main_first, wrap_model
+from kiln.train.scaling import check_micro_batches, env_world
 from kiln.train.trainer import Trainer
 
 
 def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = None) -> Path:
-    """Train `task` as `cfg` says (or continue the run folder `resume`); returns the run folder."""
+    """Train `task` as `cfg` says (or continue the run folder `resume`); returns the run folder. Under torchrun
+    every rank runs this: rank 0 writes the run folder, each rank takes its share of every step's micro-batches
+    (kiln.train.trainer.Trainer's global_batches), evaluation and the test pass give what one process gives."""
     task.check_train(cfg)
     task.check(cfg)
     tc = cfg.train
@@ -40,14 +46,15 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
     if lora is not None and lora.rank and not getattr(cfg, "init", ""):
         raise KilnError(f"train.lora.rank {lora.rank}: LoRA adapts a pretrained model, and finetune {task.name} "
                         "has no init here (set init to a kiln run or Hugging Face folder, or train.lora.rank 0)")
-    if tc.batch_size < 1 or tc.grad_accum < 1:
-        raise KilnError("train.batch_size and train.grad_accum must be >= 1")
-    saved_data = None
+    check_micro_batches(tc, env_world()[1])
+    device = resolve_device(tc.device)
+    info, device = init_distributed(tc.backend, device)
     if resume is None:
-        run_dir = default_run_dir(cfg.name, cfg.out)
+        run_dir = broadcast(info, default_run_dir(cfg.name, cfg.out))  # rank 0's timestamp
         if holds_run(run_dir):
             raise KilnError(f"run folder {run_dir} already holds checkpoints; pick another --out (or continue it: "
                             f"kiln finetune {task.name} --resume {run_dir})")
+        saved_data = None
     else:
         run_dir = _resumable(task, Path(resume))
         ckpt = find_checkpoint(run_dir)  # fails early on a folder without a complete checkpoint
@@ -58,8 +65,10 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
         _check_same_data(run_dir, saved_data, data.report, read_only=True)  # refused before writing anything
 
     created = not run_dir.exists()
-    lock = create_run(run_dir, task.name) if resume is None else RunLock(run_dir).acquire()
-    log = RunLog(run_dir, quiet)
+    lock = None
+    if info.is_main:
+        lock = create_run(run_dir, task.name) if resume is None else RunLock(run_dir).acquire()
+    log = RunLog(run_dir, quiet) if info.is_main else RunLog(None, quiet=True)  # one writer: rank 0
     log(f"kiln finetune {task.name} -> {run_dir}" if resume is None else
         f"kiln finetune {task.name} --resume {run_dir} (from {ckpt.name})")
     for line in log0:
@@ -67,25 +76,39 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
     torch.manual_seed(cfg.seed)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
     try:  # errors found once the backbone is loaded: leave no run folder behind
-        prep = task.prepare(cfg, run_dir, data, device, log)
+        prep = main_first(info, lambda: _prepare(task, cfg, run_dir, data, device, log, lora))  # rank 0 imports first
         if resume is not None:
             _check_same_data(run_dir, saved_data, data.report)
-        if lora is not None and lora.rank:  # freeze the backbone, adapters on it; the task's head trains in full
-            from kiln.model.lora import lora_from_config
-
-            lora_from_config(prep.model, lora, log)
     except KilnError:
-        lock.release()
-        if created:  # (never on a resume: the folder was there)
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if lock is not None:
+            lock.release()
+            if created:  # (never on a resume: the folder was there)
+                shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    try:
+        return _train(task, cfg, prep, data, run_dir, device, info, log, resume)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _prepare(task: Task, cfg, run_dir: Path, data, device: str, log, lora):
+    prep = task.prepare(cfg, run_dir, data, device, log)
+    if lora is not None and lora.rank:  # freeze the backbone, adapters on it; the task's head trains in full
+        from kiln.model.lora import lora_from_config
+
+        lora_from_config(prep.model, lora, log)
+    return prep
+
+
+def _train(task: Task, cfg, prep, data, run_dir: Path, device: str, info, log, resume) -> Path:
+    """Schedule, precision, the run's files, the Trainer, the best checkpoint, the test pass, the summary."""
+    tc = cfg.train
     steps_per_epoch = math.ceil(prep.n_train / tc.batch_size / tc.grad_accum)
     tcfg = dataclasses.replace(tc)  # the trainer's own copy, derived keys filled in; config.yaml keeps the user's
     task.schedule(cfg, tcfg, steps_per_epoch)
-    precision, reason = choose_precision(tc.precision, device)
+    precision, reason = broadcast(info, choose_precision(tc.precision, device))  # ranks agree on rank 0's
     log(reason)
     model = prep.model.to(device)
     model.train()
@@ -93,16 +116,27 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
     log(f"model: {_count(n_params)} parameters" + "".join(f"; {n}" for n in prep.notes) + f"; {tcfg.max_steps} steps "
         f"({tcfg.max_steps / max(steps_per_epoch, 1):.2f} epochs of {steps_per_epoch}), batch {tc.batch_size} x "
         f"{tc.grad_accum}, lr {tc.lr:g}, warmup {tcfg.warmup_steps}")
+    spare = None
+    if info.enabled:
+        broadcast_parameters(model)
+        log(f"distributed: {info.world_size} ranks, backend {info.backend}, {tc.parallel}; each rank "
+            f"{tc.grad_accum // info.world_size} of the {tc.grad_accum} micro-batches of every step")
+        if tc.parallel == "fsdp" and info.is_main:  # the test pass runs on rank 0, on a plain copy
+            spare = copy.deepcopy(model)
+        if precision == "bf16" and tcfg.bf16_weights:
+            tcfg.bf16_weights = False  # the bf16 twin copies a plain model; DDP/FSDP wrap the model itself
+    wrapped = wrap_model(model, info, tc.parallel, device, getattr(tc, "activation_checkpointing", False))
 
     # the run folder: everything predict/eval need, written before training starts (a resume keeps the files)
     data.report["schedule"] = {"max_steps": tcfg.max_steps, "steps_per_epoch": steps_per_epoch,
                                "warmup_steps": tcfg.warmup_steps, "eval_every": tcfg.eval_every}
-    if resume is None:
-        if prep.save is not None:
-            prep.save(run_dir)
-        write_run_json(run_dir, task.name, task.config_file, **prep.meta)
-    (run_dir / task.config_file).write_text(dump_yaml(cfg))  # on a resume: with the overrides it was given
-    (run_dir / "data.json").write_text(json.dumps(data.report, indent=2) + "\n")
+    if info.is_main:
+        if resume is None:
+            if prep.save is not None:
+                prep.save(run_dir)
+            write_run_json(run_dir, task.name, task.config_file, **prep.meta)
+        (run_dir / task.config_file).write_text(dump_yaml(cfg))  # on a resume: with the overrides it was given
+        (run_dir / "data.json").write_text(json.dumps(data.report, indent=2) + "\n")
 
     if prep.evaluate is None:
         log("warning: the validation split is empty: no evaluation during training; the last checkpoint is used")
@@ -110,21 +144,30 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
     budget = task.time_budget_minutes(cfg) if task.time_budget_minutes else 0
     if budget:
         callbacks.append(TimeBudget(60.0 * budget))
-    trainer = Trainer(model, prep.objective, tcfg, run_dir, prep.batch, evaluate=prep.evaluate, device=device,
-                      precision=precision, log=log, on_eval=prep.on_eval, metric=prep.metric, callbacks=callbacks)
+    trainer = Trainer(wrapped, prep.objective, tcfg, run_dir, prep.batch, evaluate=prep.evaluate, device=device,
+                      precision=precision, log=log, on_eval=prep.on_eval, metric=prep.metric, callbacks=callbacks,
+                      world_size=info.world_size, is_main=info.is_main, rank=info.rank, global_batches=True,
+                      seed=cfg.seed)
     trainer.throughput_unit = task.throughput_unit
     trainer.resume_hint = f"continue with kiln finetune {task.name} --resume {run_dir}"
     result = trainer.fit(resume_from=run_dir if resume is not None else None)
+    if info.is_main:
+        _finish(task, cfg, prep, spare if spare is not None else unwrap(wrapped), trainer, result, precision,
+                callbacks[0], run_dir, log)
+    return run_dir
+
+
+def _finish(task: Task, cfg, prep, model, trainer, result, precision, early, run_dir: Path, log) -> None:
+    """Rank 0: the best checkpoint into the plain model, the task's test pass, eval/summary.json."""
     best = trainer.best
     summary = {"steps": result["step"], "seconds": result["elapsed"], "train_seconds": trainer.train_seconds,
                "eval_seconds": trainer.eval_seconds, "best_step": best.step, "best_" + prep.metric: best.value,
-               "stopped_early_at": callbacks[0].stopped_at, "precision": precision}
+               "stopped_early_at": early.stopped_at, "precision": precision}
     log(f"trained {result['step']} steps in {result['elapsed']:.1f}s ({trainer.eval_seconds:.1f}s of it "
         f"evaluating); best {prep.metric} {best.value if best.value is not None else float('nan'):.4f} at step "
         f"{best.step}")
-
     ckpt = find_checkpoint(run_dir, "best")  # the best by the metric; the newest without a validation split
-    load_weights(unwrap(model), ckpt / "model.safetensors")
+    load_weights(model, ckpt / "model.safetensors")
     summary["checkpoint"] = str(ckpt)
     summary.update(task.summary(result, trainer) if hasattr(task, "summary") else {})
     prep.state["summary"] = summary
@@ -132,14 +175,13 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
     (run_dir / "eval").mkdir(exist_ok=True)
     (run_dir / "eval" / "summary.json").write_text(json.dumps({"train": summary, **results}, indent=2) + "\n")
     log(f"done: run folder {run_dir}")
-    lock.release()
-    return run_dir
 
 
 def finetune_from_cli(task: Task, config: str | None, overrides: list[str], resume: str | None = None) -> Path:
     cfg = load_config(recipe_for(task, config, resume), overrides, cls=task.config_cls)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return finetune(task, cfg, resume=resume)
+    with leave_process_group_after():
+        return finetune(task, cfg, resume=resume)
 
 
 def recipe_for(task: Task, config, resume):

@@ -112,6 +112,34 @@ def main_first(info: DistInfo, fn):
     return result if info.is_main else fn()
 
 
+def on_main(is_main: bool, fn):
+    """fn() on rank 0 only, its result on every rank; an exception there is raised on every rank (a KilnError
+    as itself), so no rank waits for a result that never comes."""
+    box = [None, None]
+    if is_main:
+        try:
+            box[0] = fn()
+        except KilnError as e:
+            box[1] = ("user", str(e))
+        except Exception as e:  # noqa: BLE001 (re-raised below, on every rank)
+            box[1] = ("bug", f"{type(e).__name__}: {e}")
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        kind, message = box[1]
+        raise KilnError(message) if kind == "user" else RuntimeError(f"on rank 0: {message}")
+    return box[0]
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's weights on every rank, before wrapping (DDP does this itself; FSDP2 does not): preparation may
+    draw random numbers on rank 0 only (importing a backbone), so a freshly initialised head can differ."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
 def broadcast(info: DistInfo, value):
     """Rank 0's value on every rank (e.g. the run folder name with its timestamp)."""
     if not info.enabled:

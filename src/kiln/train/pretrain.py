@@ -183,7 +183,8 @@ def run_pretrain(cfg: RunConfig, resume: str | Path | None = None, quiet: bool =
         def evaluate(m) -> dict:  # noqa: F811
             return plan.evaluate(m, lambda: (b.to(device) for b in eval_windows(val_src, T, B, cfg.train.eval_batches)))
     trainer = Trainer(model, train_objective, train_cfg, run_dir, next_batch, evaluate=evaluate,
-                      device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main)
+                      device=device, precision=precision, log=log, world_size=info.world_size, is_main=info.is_main,
+                      rank=info.rank, seed=cfg.seed)
     trainer.throughput_unit = plan.unit  # the trainer counts targets: for MLM the masked tokens, ~15% of the input
     if train_cfg.batch_ramp_tokens:
         from kiln.train.ramp import BatchRamp

@@ -50,3 +50,13 @@ def scale_batch_and_lr(cfg: RunConfig, world_size: int) -> tuple[TrainConfig, st
                  f"{t.lr * scale:.3g}, min_lr {t.min_lr:.3g} -> {t.min_lr * scale:.3g}")
     return dataclasses.replace(t, grad_accum=accum, lr=t.lr * scale, min_lr=t.min_lr * scale,
                                muon_lr=t.muon_lr * scale), line
+
+
+def check_micro_batches(t: TrainConfig, world_size: int) -> None:
+    """A fine-tuning step is train.grad_accum micro-batches of train.batch_size examples, whatever the number of
+    ranks; each rank takes whole micro-batches, so grad_accum must be a multiple of torchrun's world size."""
+    if t.grad_accum % world_size:
+        fix = world_size * max(1, round(t.grad_accum / world_size))
+        raise KilnError(f"train.grad_accum {t.grad_accum} is not a multiple of the {world_size} ranks: each rank takes "
+                        f"whole micro-batches of every step (set --train.grad_accum {fix}; the global batch is "
+                        f"train.batch_size x train.grad_accum)")

@@ -94,8 +94,16 @@ class Trainer:
                  next_batch: Callable[[int], object], evaluate: Callable[[torch.nn.Module], dict] | None = None,
                  device: str = "cpu", precision: str = "fp32", log=print, tokens_per_target: int = 1,
                  on_eval: Callable[[int, dict], None] | None = None, world_size: int = 1, is_main: bool = True,
-                 metric: str = "val_loss", callbacks: list[Callback] | None = None):
+                 metric: str = "val_loss", callbacks: list[Callback] | None = None, rank: int = 0,
+                 global_batches: bool = False, seed: int | None = None):
+        """global_batches: next_batch(i) is the i-th micro-batch of the whole run (not of this rank) and
+        cfg.grad_accum counts micro-batches per step over all ranks: rank r of W takes micro-batches r, r + W, ...
+        of each step, so the global batch and the order of examples do not depend on the number of ranks
+        (train.scaling.check_micro_batches: a multiple of the world size).
+        seed: reseed torch's RNG before each micro-batch from (seed, its global index), so dropout is a pure
+        function of the micro-batch too (a run on W ranks draws what one process draws; resume draws the same)."""
         self.model, self.objective, self.cfg, self.run_dir = model, objective, cfg, Path(run_dir)
+        self.rank, self.global_batches, self.seed = rank, global_batches, seed
         self.best = BestByMetric(metric)  # `best` checkpoint pointer: the best value of `metric`
         self.callbacks: list[Callback] = [self.best, *(callbacks or [])]
         self.horizon = cfg.max_steps  # where the loop and the lr schedule end (a time budget may move it)
@@ -110,7 +118,8 @@ class Trainer:
         self.ramp = None  # a kiln.train.ramp.BatchRamp when the global batch grows during training
         self.optimizer_name = cfg.optimizer
         if cfg.optimizer == "auto":  # Muon where its per-step Newton-Schulz cost is amortised, else AdamW
-            self.optimizer_name, ratio = choose_optimizer(unwrap(model), _tokens_per_step(next_batch, cfg))
+            per_step = _tokens_per_step(next_batch, cfg) * (1 if global_batches else world_size)  # the global step's
+            self.optimizer_name, ratio = choose_optimizer(unwrap(model), per_step)
             log(f"optimizer auto: {self.optimizer_name} (Muon's Newton-Schulz would cost {ratio:.2f}x the "
                 f"forward+backward FLOPs of a step; Muon up to {MUON_MAX_NS_RATIO:g}x)")
             cfg = dataclasses.replace(cfg, optimizer=self.optimizer_name)
@@ -198,13 +207,10 @@ class Trainer:
     def _step(self) -> tuple[float, float | None]:
         cfg, step = self.cfg, self.state.step
         lr = lr_at(step, cfg, self.horizon)
-        accum, first = cfg.grad_accum, step * cfg.grad_accum
-        if self.ramp is not None:
-            accum, first = self.ramp.accum(step), self.ramp.first_micro(step)
-            lr *= self.ramp.lr_factor(step)
-        self.current_lr = lr
-        set_lr(self.optimizer, lr)
-        batches = [to_device(self.next_batch(first + m), self.device) for m in range(accum)]
+        self.current_lr = lr * (self.ramp.lr_factor(step) if self.ramp is not None else 1.0)
+        set_lr(self.optimizer, self.current_lr)
+        indices = self.micro_batches(step)
+        batches = [to_device(self.next_batch(i), self.device) for i in indices]
         total = torch.tensor(float(sum(self.objective.targets(b) for b in batches)), device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(total)
@@ -212,6 +218,9 @@ class Trainer:
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             ctx = self.compiled.no_sync() if (not sync and hasattr(self.compiled, "no_sync")) else nullcontext()
+            if self.seed is not None:
+                torch.manual_seed(_micro_seed(self.seed, indices[i] if self.global_batches
+                                              else indices[i] * self.world_size + self.rank))
             with ctx:
                 with autocast("fp32" if self.bf16_weights else self.precision, self.device):
                     loss = self.objective.loss(self.compiled, batch)
@@ -229,13 +238,22 @@ class Trainer:
         if self.bf16_weights:
             _master_to_copy(self.model, self.compute_model, trainable_only=True)
         forget_packed(self.compute_model)  # the fused optimizer's update leaves the weights' versions as they were
-        mean_loss = loss_sum / total * self.world_size
-        if self.world_size > 1:
-            torch.distributed.all_reduce(mean_loss)
-            mean_loss = mean_loss / self.world_size
+        if self.world_size > 1:  # the sum over ranks first: the same number one process logs
+            torch.distributed.all_reduce(loss_sum)
+        mean_loss = loss_sum / total
         self.state.step += 1
         self.state.tokens += int(total.item()) * self.tokens_per_target
         return float(mean_loss), (float(grad_norm) if grad_norm is not None else None)
+
+    def micro_batches(self, step: int) -> list[int]:
+        """The indices this rank passes to next_batch at optimizer step `step`."""
+        if self.ramp is not None:
+            first = self.ramp.first_micro(step)
+            return list(range(first, first + self.ramp.accum(step)))
+        accum = self.cfg.grad_accum
+        if not self.global_batches:
+            return list(range(step * accum, (step + 1) * accum))
+        return list(range(step * accum + self.rank, (step + 1) * accum, self.world_size))
 
     def run_eval(self) -> dict:
         if self.evaluate is None:
@@ -243,7 +261,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.compute_model.eval()
         with torch.no_grad(), autocast("fp32" if self.bf16_weights else self.precision, self.device):
-            metrics = self.evaluate(self.compiled)
+            metrics = evaluate_on_ranks(self.evaluate, self.compiled, self.world_size, self.is_main)
         self.compute_model.train()
         self.eval_seconds += time.perf_counter() - t0
         for cb in self.callbacks:
@@ -337,6 +355,29 @@ class Trainer:
                 metrics.close()
         return {"step": self.state.step, "tokens": self.state.tokens, "elapsed": self.state.elapsed,
                 "best_val_loss": self.state.best_val, "reached_target_at": self.reached_target_at, **last_eval}
+
+
+def _micro_seed(seed: int, index: int) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + index) % (1 << 63)
+
+
+def evaluate_on_ranks(evaluate, model: torch.nn.Module, world_size: int, is_main: bool) -> dict:
+    """evaluate(model) as one process computes it. Under DDP, rank 0 evaluates the plain module and sends the
+    metrics to the others (no rank repeats it; a task may decode with the model's own methods). Under FSDP every
+    rank must take part in the forward's all-gathers: all evaluate the same batches, with the root's own weights
+    (embeddings, head) gathered for the whole evaluation, since decoding calls more than forward()."""
+    if world_size <= 1:
+        return evaluate(model)
+    from kiln.train.distributed import is_sharded, on_main
+
+    plain = unwrap(model)
+    if not is_sharded(plain):
+        return on_main(is_main, lambda: evaluate(plain))
+    plain.unshard()
+    try:
+        return evaluate(model)
+    finally:
+        plain.reshard()
 
 
 def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
