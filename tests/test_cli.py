@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from conftest import TINY, assert_user_error
 from kiln.cli import main
@@ -40,6 +41,7 @@ def test_a_mistake_in_a_recipe_or_a_run_path_is_one_line_before_torch_is_importe
                 ["finetune", "classify", "--train.lrr", "1"], ["finetune", "seq2seq", "--train.lr", "x"],
                 ["finetune", "qa", "--data.max_length", "abc"], ["finetune", "tokens", "--data.nope", "1"],
                 ["finetune", "image", "--augment.flip", "maybe"],
+                ["generate", ".", "--top-p", "1.5"], ["generate", ".", "--max-new-tokens", "-5"],
                 ["generate", "nowhere", "--prompt", "a"], ["serve", "nowhere"], ["eval", "nowhere,also", "x.csv"],
                 ["translate", "nowhere", "--text", "a"], ["quantize", "nowhere", "--out", "q"]]
     code = ("import contextlib, io, json, sys\nfrom kiln.cli import main\nout = []\n"
@@ -57,6 +59,7 @@ def test_a_mistake_in_a_recipe_or_a_run_path_is_one_line_before_torch_is_importe
         assert rc == 2 and err.startswith("kiln: error:") and err.count("\n") == 1, (argv, err)
         assert not torch_loaded, argv
     assert "did you mean 'train.lr'" in result[0][1] and "expects float" in result[1][1]
+    assert "--top-p must be in (0, 1], got 1.5" in result[-7][1] and "--max-new-tokens must be" in result[-6][1]
     assert all(err == "kiln: error: run folder not found: nowhere\n" for _, err, _ in result[-5:]), result[-5:]
 
 
@@ -209,9 +212,24 @@ def test_viz_attention_writes_a_grid_of_layers_by_heads(corpus, tmp_path, capsys
     assert float(maps[0][0].triu(1).abs().max()) == 0.0  # causal: no weight on future keys
 
 
+def test_generate_settings_out_of_range_are_one_line_before_the_run_is_loaded(tmp_path, capsys):
+    """kiln generate checks its settings as kiln.sample and kiln serve do (kiln.model.generation_settings): one
+    line, exit 2, before the run is read (this folder holds no run at all)."""
+    for flag, value, expected in (("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+                                  ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+                                  ("--max-new-tokens", "-5", "--max-new-tokens must be >= 0, got -5"),
+                                  ("--temperature", "-1", "--temperature must be >= 0, got -1.0"),
+                                  ("--temperature", "nan", "--temperature must be a finite number >= 0, got nan"),
+                                  ("--top-k", "-1", "--top-k must be >= 0, got -1"),
+                                  ("--num-beams", "0", "--num-beams must be >= 1, got 0")):
+        err = assert_user_error(capsys, ["generate", tmp_path, "--prompt", "a", flag, value], expected)
+        assert err == f"kiln: error: {expected}", err
+
+
 def test_generate_stops_before_a_stop_string(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert main([str(a) for a in pretrain_args(corpus, run, "--train.max_steps", "5")]) == 0
+    capsys.readouterr()
     from kiln import sample
 
     full = sample(run, "ROMEO:", max_new_tokens=40, greedy=True)
@@ -220,6 +238,23 @@ def test_generate_stops_before_a_stop_string(corpus, tmp_path, capsys):
     cut = sample(run, "ROMEO:", max_new_tokens=40, greedy=True, stop=[stop])
     assert cut == "ROMEO:" + generated[: generated.index(stop)]
     assert stop not in cut[len("ROMEO:"):]
+    # max_new_tokens 0 returns the prompt (beam search too, which would otherwise add one token)
+    assert sample(run, "ROMEO:", max_new_tokens=0) == sample(run, "ROMEO:", max_new_tokens=0, num_beams=2) == "ROMEO:"
+    assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "ROMEO:\n"
+    # the Python face refuses what the CLI refuses, with the same line (the setting named as the API spells it)
+    from kiln.errors import KilnError
+
+    for kw, message in (({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+                        ({"max_new_tokens": -5}, "max_new_tokens must be >= 0, got -5"),
+                        ({"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
+                        ({"top_k": -1}, "top_k must be >= 0, got -1"),
+                        ({"num_beams": 0}, "num_beams must be >= 1, got 0")):
+        with pytest.raises(KilnError) as e:
+            sample(run, "ROMEO:", **kw)
+        assert str(e.value) == message, kw
+    with pytest.raises(KilnError, match="top_p must be in"):  # checked before the run is read
+        sample(tmp_path / "no-run-here", top_p=0)
 
 
 def test_pretrain_init_starts_from_another_runs_weights_and_tokenizer(corpus, tmp_path, capsys):

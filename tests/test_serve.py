@@ -260,6 +260,21 @@ def test_bad_requests_are_4xx_json_naming_the_field(server, lm_run):
     assert e.value.code == "no_chat_template"
     code, err, _ = post(f"{server.url}/v1/completions", None, raw=b"{not json")
     assert code == 400 and err["error"]["code"] == "invalid_json"
+    # the generation settings are checked where kiln generate and kiln.sample check them
+    # (kiln.model.generation_settings): the same line, as an OpenAI-shaped 400 naming the field
+    for extra, message in (({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+                           ({"top_p": 0}, "top_p must be in (0, 1], got 0.0"),
+                           ({"temperature": -1}, "temperature must be >= 0, got -1.0"),
+                           ({"top_k": -1}, "top_k must be >= 0, got -1")):
+        code, err, _ = post(f"{server.url}/v1/completions", {"model": lm_run.name, "prompt": "ROMEO:",
+                                                             "max_tokens": 4, **extra})
+        assert code == 400 and err == {"error": {"message": message, "type": "invalid_request_error",
+                                                 "param": next(iter(extra)), "code": "invalid_value"}}, (extra, err)
+    code, err, _ = post(f"{server.url}/v1/completions", {"prompt": "ROMEO:", "max_tokens": -5})
+    assert code == 400 and err["error"]["param"] == "max_tokens", err  # the server's own bounds: 1 to 4096
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=lm_run.name, prompt="ROMEO:", max_tokens=4, top_p=1.5)
+    assert e.value.status_code == 400 and e.value.param == "top_p"
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # a 2 MB body: refused on its header

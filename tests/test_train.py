@@ -184,6 +184,46 @@ def test_layer_lr_decay_scales_lr_by_depth_and_rejects_bad_values():
         build_optimizer(model, TrainConfig(layer_lr_decay=1.5))
 
 
+def test_lr_0_with_muon_is_a_frozen_run_and_lr_above_0_keeps_muons_schedule(corpus, tmp_path):
+    """--train.lr 0 is a frozen run with every optimizer: with Muon it once divided by it (muon_lr / lr) and
+    ended in a ZeroDivisionError; and min_lr > 0 no longer lifts a peak of 0 midway through the decay."""
+    from kiln.config import TrainConfig
+    from kiln.model.config import ModelConfig
+    from kiln.train.optim import build_optimizer, lr_at, set_lr
+
+    model = Transformer(ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, context_length=8,
+                                    tie_embeddings=False))
+    cfg = TrainConfig(optimizer="muon", lr=0.0, min_lr=1e-3, weight_decay=0.1, warmup_steps=2, max_steps=6)
+    opt = build_optimizer(model, cfg)
+    assert len(opt.optimizers) == 2  # Muon for the hidden matrices, AdamW for the rest
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    for step in range(cfg.max_steps):
+        assert lr_at(step, cfg) == 0.0
+        set_lr(opt, lr_at(step, cfg))
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert not changed, changed  # neither AdamW's part (embeddings, head, norms) nor Muon's moved
+    # lr > 0: Muon's lr is the schedule's times muon_lr / lr, as before (the same float, bit for bit)
+    cfg = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02, min_lr=1e-4, warmup_steps=2, max_steps=6)
+    opt = build_optimizer(model, cfg)
+    for step in range(cfg.max_steps):
+        set_lr(opt, lr_at(step, cfg))
+        assert opt.optimizers[0].param_groups[0]["lr"] == lr_at(step, cfg) * (cfg.muon_lr / cfg.lr)
+        assert all(g["lr"] == lr_at(step, cfg) for g in opt.optimizers[1].param_groups)
+    # and through the CLI: the run finishes; its evaluations at steps 2 and 4 see the same weights
+    from kiln.cli import main
+
+    run = tmp_path / "frozen"
+    assert main(["pretrain", "--data.source", str(corpus), "--out", str(run), *TINY, "--train.max_steps", "4",
+                 "--train.eval_every", "2", "--train.optimizer", "muon", "--train.lr", "0"]) == 0
+    with open(run / "metrics.csv") as f:
+        val = [float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")]
+    assert len(val) == 2 and val[0] == val[1], val
+
+
 def test_a_zero_gradient_at_the_first_step_is_an_error_not_a_silent_run(corpus, tmp_path):
     """A model that cannot learn (every gradient exactly zero, as compiled training once gave on a GPU) stops."""
     cfg = cfg_for(corpus, tmp_path / "run", "--train.max_steps", "5")

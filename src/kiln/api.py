@@ -34,8 +34,10 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
     (the returned text ends right before it). num_beams > 1: beam search (sampling settings ignored; stop
     strings cut the best beam's text afterwards)."""
     from kiln.data.tokenizer import encode_text
+    from kiln.model.generation_settings import check_generation
     from kiln.run.load import load_for_decoding
 
+    check_generation(max_new_tokens, temperature, top_k, top_p, num_beams)  # before the model is loaded
     model, tokenizer, cfg, device, _ = load_for_decoding(run_dir, which, device, precision)
     if tokenizer is None:
         raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
@@ -49,8 +51,6 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
         return torch.tensor([any(s in tokenizer.decode(row.tolist()) for s in stop) for row in new_ids],
                             device=new_ids.device)
 
-    if num_beams < 1:
-        raise KilnError(f"num_beams must be >= 1, got {num_beams}")
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          greedy=greedy, generator=gen, stop=hit_stop if stop and num_beams == 1 else None,
                          num_beams=num_beams)

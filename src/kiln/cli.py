@@ -301,6 +301,11 @@ def _dispatch(args, extra: list[str]) -> int | None:
         prepare(cfg.data, Path(args.out), seed=cfg.seed)
         return 0
     if args.verb == "generate":
+        from kiln.model.generation_settings import CLI_FLAGS, check_generation
+
+        # one line before torch is imported (~3 s): the same check kiln.sample and kiln serve make
+        check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_beams,
+                         names=CLI_FLAGS)
         from kiln.api import sample
 
         print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

@@ -38,8 +38,11 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     `stop(new_ids [B, n]) -> bool tensor [B]` marks rows as finished (stop strings, see kiln.api.sample).
     num_beams > 1: beam search as Hugging Face's generate(num_beams=..., length_penalty=..., early_stopping=...)
     (kiln.model.beam.beam_search_causal); the best hypothesis of each prompt, padded with eos after its eos.
-    Sampling settings and `stop` do not apply to it.
+    Sampling settings and `stop` do not apply to it. max_new_tokens 0 returns `idx` as it is.
+    (The faces check these settings with kiln.model.generation_settings.check_generation.)
     """
+    if max_new_tokens == 0:  # beam search would still add one token
+        return idx
     if num_beams > 1:
         if stop is not None:
             raise ValueError("stop is not supported with num_beams > 1")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.errors import KilnError, did_you_mean
+from kiln.model.generation_settings import GenerationError, check_generation
 from kiln.serve.engine import Engine, Job, QueueFull, ShuttingDown, _Cancelled
 
 MAX_TOKENS = 4096          # one request's max_tokens ceiling
@@ -50,10 +51,12 @@ class CompletionRequest(_Strict):
 
     model: str | None = None
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
+    # the server's own bounds (OpenAI's); the ranges every face shares are kiln.model.generation_settings's,
+    # checked in completions() as kiln generate and kiln.sample check them
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    temperature: float = Field(1.0, le=2)
+    top_p: float = 1.0
+    top_k: int = 0
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -270,6 +273,11 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
             raise APIError(404, "this server serves a classifier, not a language model: POST /v1/classify",
                            code="not_found")
         check_model(req.model)
+        try:
+            check_generation(req.max_tokens, req.temperature, req.top_k, req.top_p,
+                             names={"max_new_tokens": "max_tokens"})
+        except GenerationError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         ctx = backend.context_length

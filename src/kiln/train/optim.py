@@ -141,7 +141,7 @@ def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str, ns_d
         return OptimizerGroup([Lamb(_decay_groups(named, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))])
     # muon: hidden 2-D matrices with Muon, everything else with AdamW
     hidden, rest_decay, no_decay = _hidden_matrices(model, named)
-    groups = [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.lr}]
+    groups = [{"params": hidden, "lr_scale": muon_lr_scale(cfg)}]
     if any(type(p).__name__ == "DTensor" for p in hidden):  # FSDP2 shards: torch's Muon handles DTensors
         muon = torch.optim.Muon(groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
                                 adjust_lr_fn="match_rms_adamw")
@@ -154,9 +154,18 @@ def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str, ns_d
     return OptimizerGroup([muon, adam])
 
 
+def muon_lr_scale(cfg: TrainConfig) -> float:
+    """Muon's lr over the schedule's (set_lr multiplies): Muon follows train.lr's schedule, scaled so that its
+    peak is train.muon_lr. lr 0 is a frozen run: Muon's part is frozen too (its lr and weight decay are 0)."""
+    return cfg.muon_lr / cfg.lr if cfg.lr > 0 else 0.0
+
+
 def lr_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
     """Warmup then cosine/linear decay to min_lr at max_steps (default cfg.max_steps; a time budget passes the
-    steps that fit). A pure function of the step: nothing to resume."""
+    steps that fit). A pure function of the step: nothing to resume. A peak lr of 0 is a frozen run: 0 at every
+    step, whatever min_lr says (a decay from 0 to min_lr would start training midway)."""
+    if cfg.lr == 0:
+        return 0.0
     total = cfg.max_steps if max_steps is None else max_steps
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
