@@ -113,7 +113,7 @@ def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
         tasks.get("seq2seq").check(cfg)
         lengths = (cfg.data.max_source_length, cfg.data.max_target_length)
     else:
-        from kiln.train.pretrain import scale_batch_and_lr
+        from kiln.train.scaling import scale_batch_and_lr
 
         text = (Path(__file__).parents[1] / "src/kiln/assets/tinyshakespeare.txt").read_text()
         cfg.model.vocab_size = cfg.data.vocab_size if cfg.data.tokenizer == "wordpiece" else len(set(text))

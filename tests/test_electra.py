@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import TINY, run_until_crash
 from kiln.config import load_config
 from kiln.errors import KilnError
-from kiln.train.pretrain import run_pretrain
+from kiln.tasks.lm import run_pretrain
 
 ENCODER = ["--objective", "electra", "--model.arch", "encoder", "--model.position", "rope",
            "--electra.generator_fraction", "0.5"]

@@ -18,7 +18,7 @@ from kiln.model.lora import LoraLinear, LoraInt8Linear, LoraSpec, apply_lora, me
 from kiln.model.transformer import Transformer
 from kiln.run.checkpoint import checkpoint_lora, find_checkpoint, load_weights, save_checkpoint
 from kiln.run.load import build_model
-from kiln.train.pretrain import run_pretrain
+from kiln.tasks.lm import run_pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

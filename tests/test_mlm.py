@@ -12,7 +12,7 @@ from kiln.config import load_config
 from kiln.data.shards import read_manifest
 from kiln.errors import KilnError
 from kiln.train.mlm import IGNORE, MaskedLM
-from kiln.train.pretrain import run_pretrain
+from kiln.tasks.lm import run_pretrain
 
 
 def test_masking_rates_determinism_and_special_tokens():

@@ -24,7 +24,8 @@ from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
 from kiln.data.batches import ArrayTokens
 from kiln.train.lamb import Lamb
-from kiln.train.pretrain import run_pretrain, scale_batch_and_lr
+from kiln.tasks.lm import run_pretrain
+from kiln.train.scaling import scale_batch_and_lr
 
 quiet = lambda *a: None  # noqa: E731
 

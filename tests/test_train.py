@@ -10,7 +10,7 @@ from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
 from kiln.data.batches import ArrayTokens, TokenBatches
 from kiln.train.objectives import CausalLM
-from kiln.train.pretrain import run_pretrain
+from kiln.tasks.lm import run_pretrain
 from kiln.train.trainer import Trainer
 
 

@@ -62,7 +62,7 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
 def pretrain(config: str | Path | RunConfig | None = None, overrides: list[str] | dict | None = None,
              resume: str | Path | None = None) -> Path:
     """Train a model from a config (file, RunConfig or None for the default recipe). Returns the run folder."""
-    from kiln.train.pretrain import run_pretrain
+    from kiln.tasks.lm import run_pretrain
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     return run_pretrain(cfg, resume=resume)
@@ -73,12 +73,12 @@ def finetune(task: str, config: str | Path | None = None, overrides: list[str] |
     """Fine-tune a task ("classify", "seq2seq", ...) from a config file and overrides, or continue the stopped
     run folder `resume` exactly (its own config; overrides still apply). Returns the run folder."""
     from kiln import tasks
-    from kiln.tasks.finetune import finetune as run, recipe_for
+    from kiln.tasks.driver import recipe_for, train
 
     t = tasks.get(task)
     cfg = config if isinstance(config, t.config_cls) else load_config(recipe_for(t, config, resume), overrides,
                                                                         cls=t.config_cls)
-    return run(t, cfg, quiet=quiet, resume=resume)
+    return train(t, cfg, quiet=quiet, resume=resume)
 
 
 def prepare_data(config: str | Path | None = None, overrides: list[str] | dict | None = None,
@@ -101,11 +101,8 @@ def evaluate(run_dir: str | Path, file: str | Path, out: str | Path | None = Non
 
     run = Path(run_dir)
     kind = "classify" if ("," in str(run_dir) and not run.exists()) else run_kind(run)  # a,b,c: an ensemble
-    if kind == "pretrain":
-        from kiln.eval.lm import evaluate_text
-
-        return evaluate_text(run, file, out, which, stride, batch_size, device, log=log)
-    return tasks.get(kind).evaluate_file(run_dir, file, out, which, log=log, num_beams=num_beams)
+    return tasks.get(kind).evaluate_file(run_dir, file, out, which, log=log, num_beams=num_beams, stride=stride,
+                                         batch_size=batch_size, device=device)
 
 
 def predict(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best",
@@ -119,8 +116,8 @@ def predict(run_dir: str | Path, file: str | Path, out: str | Path | None = None
     kind = "classify" if ("," in str(run_dir) and not run.exists()) else run_kind(run)
     from kiln.tasks.base import Task
 
-    task = tasks.get(kind) if kind != "pretrain" else None
-    if task is None or type(task).predict_file is Task.predict_file:
+    task = tasks.get(kind)
+    if type(task).predict_file is Task.predict_file:
         able = ", ".join(n for n in tasks.REGISTRY if type(tasks.get(n)).predict_file is not Task.predict_file)
         hint = ("a pretraining run: fine-tune it first (`kiln finetune TASK --init RUN`), or sample from it with "
                 "`kiln generate`") if kind == "pretrain" else f"a {kind} run: kiln eval and kiln translate use it"

@@ -287,8 +287,10 @@ def _dispatch(args, extra: list[str]) -> int | None:
 
         scale_batch_and_lr(cfg, env_world()[1])  # an impossible global batch: every torchrun rank says so at once
         refuse_a_busy_resume(args.resume)
-        from kiln.train.pretrain import pretrain_from_cli
-        return _training(pretrain_from_cli, cfg, args.resume)
+        from kiln.tasks.driver import train_from_cli
+        from kiln.tasks.lm import TASK
+
+        return _training(train_from_cli, TASK, cfg, args.resume)
     if args.verb == "data":
         if args.data_verb != "prepare":
             raise KilnError("usage: kiln data prepare [CONFIG.yaml] --out DIR [--data.KEY VALUE ...]")
@@ -319,8 +321,10 @@ def _dispatch(args, extra: list[str]) -> int | None:
               args.precision)
         return 0
     if args.verb == "distill":
-        from kiln.train.pretrain import distill_from_cli
-        return _training(distill_from_cli, args.teacher, extra)
+        from kiln.tasks.driver import train_from_cli
+        from kiln.tasks.lm import TASK, distill_config
+
+        return _training(train_from_cli, TASK, distill_config(args.teacher, extra))
     if args.verb == "prune":
         from kiln.compress.prune import prune_run
 
@@ -406,12 +410,17 @@ def _dispatch(args, extra: list[str]) -> int | None:
                             f"TASK is {' or '.join(tasks.REGISTRY)} (kiln finetune TASK --help)")
         if args.resume is None:  # the recipe and its overrides first: a mistake is one line before torch is imported
             from kiln.config import load_config
+            from kiln.train.scaling import check_micro_batches, env_world
 
-            load_config(args.config, extra, cls=tasks.config_class(args.finetune_verb))
+            cfg = load_config(args.config, extra, cls=tasks.config_class(args.finetune_verb))
+            check_micro_batches(cfg.train, env_world()[1])  # every torchrun rank refuses at once
         refuse_a_busy_resume(args.resume)
-        from kiln.tasks.finetune import finetune_from_cli
+        from kiln.config import load_config
+        from kiln.tasks.driver import recipe_for, train_from_cli
 
-        return _training(finetune_from_cli, tasks.get(args.finetune_verb), args.config, extra, args.resume)
+        task = tasks.get(args.finetune_verb)
+        cfg = load_config(recipe_for(task, args.config, args.resume), extra, cls=task.config_cls)
+        return _training(train_from_cli, task, cfg, args.resume)
     if args.verb == "predict":
         from kiln.api import predict
 

@@ -1,4 +1,4 @@
-"""Fine-tuning tasks on one driver (kiln.tasks.finetune), and the registry every verb dispatches through.
+"""Fine-tuning tasks on one driver (kiln.tasks.driver), and the registry every verb dispatches through.
 
 `get(kind)` returns the task for a run kind (run.json's "kind"); `for_run(run_dir)` the task of a run folder.
 Tasks are imported on first use: `import kiln` stays light.
@@ -26,10 +26,14 @@ CONFIGS = {"classify": "kiln.config:ClassifyConfig", "seq2seq": "kiln.config:Seq
            "image": "kiln.data.images:ImageConfig"}
 
 
+# every kind of run the one driver trains: pretraining (`kiln pretrain`, `kiln distill`) and the fine-tuning tasks
+KINDS = {"pretrain": "kiln.tasks.lm", **{kind: module for kind, (module, _) in REGISTRY.items()}}
+
+
 def get(kind: str):
-    if kind not in REGISTRY:
+    if kind not in KINDS:
         raise KilnError(f"unknown task {kind!r}{did_you_mean(kind, REGISTRY)}; tasks: {', '.join(REGISTRY)}")
-    return importlib.import_module(REGISTRY[kind][0]).TASK
+    return importlib.import_module(KINDS[kind]).TASK
 
 
 def config_class(kind: str) -> type:

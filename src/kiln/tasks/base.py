@@ -1,4 +1,4 @@
-"""The Task contract: what a fine-tuning task supplies to the one driver (kiln.tasks.finetune).
+"""The Task contract: what a fine-tuning task supplies to the one driver (kiln.tasks.driver).
 
 The driver owns what every task shares: config checks, the run folder and its lock, seed/threads/device/
 precision, the schedule, the Trainer with its callbacks (best by `metric`, early stopping, a time budget), the
@@ -56,6 +56,10 @@ class Prepared:
     on_eval: Callable[[int, dict], None] | None = None
     notes: list[str] = field(default_factory=list)     # lines for the model summary
     state: dict = field(default_factory=dict)          # what test() needs again (encodings, codec, ...)
+    unit: str = ""                                     # what the progress line counts (default: the task's)
+    global_batches: bool = True                        # batch(i) is the run's i-th micro-batch, split over ranks
+                                                       # by the trainer (False: each rank reads its own, as
+                                                       # pretraining's TokenBatches do)
 
 
 # train.* keys that only pretraining reads: a fine-tuning task (batch_unit set) refuses the first three when set
@@ -87,6 +91,13 @@ class Task:
         return [(f, d, h + _FINETUNE_NOTES.get(f[8:], "") if f.startswith("--train.") else h) for f, d, h in rows
                 if not (f.startswith("--train.") and f[8:] in PRETRAIN_ONLY) and self.shows(f)]
 
+    @property
+    def verb(self) -> str:
+        """The command that trains it: `kiln finetune NAME` (pretraining says `pretrain`)."""
+        return f"finetune {self.name}"
+
+    checks_data = True  # a resume compares the data read now with data.json (exact resume needs the same examples)
+
     def shows(self, flag: str) -> bool:
         """Whether --help lists this key; fine-tuning tasks hide the model keys (they come from init)."""
         return not flag.startswith("--model.")
@@ -109,10 +120,19 @@ class Task:
     def prepare(self, cfg, run_dir: Path, data: Data, device: str, log) -> Prepared:
         raise NotImplementedError
 
-    def schedule(self, cfg, tcfg, steps_per_epoch: int) -> None:
-        """Fill in the derived schedule keys of the trainer's copy of the train config (in place)."""
+    def schedule(self, cfg, tcfg, steps_per_epoch: int) -> str | None:
+        """Fill in the derived schedule keys of the trainer's copy of the train config (in place); a line to log."""
         if tcfg.save_every <= 0:
             tcfg.save_every = tcfg.max_steps
+        return None
+
+    def ramp(self, tcfg, cfg, log):
+        """A kiln.train.ramp.BatchRamp where the global batch grows during training (pretraining), else None."""
+        return None
+
+    def summary(self, result: dict, trainer) -> dict:
+        """What the task adds to eval/summary.json's "train" (throughput in its own unit)."""
+        return {}
 
     def test(self, cfg, prepared: Prepared, model, ckpt: Path, run_dir: Path, log) -> dict:
         return {}

@@ -3,7 +3,7 @@
     kiln finetune image configs/vit-fashion-mnist.yaml
     kiln finetune image --data.train photos/ --init google-vit-folder/
 
-The task on the shared driver (kiln.tasks.finetune): read the images (kiln.data.images: a class-per-folder tree,
+The task on the shared driver (kiln.tasks.driver): read the images (kiln.data.images: a class-per-folder tree,
 IDX files, a CSV; converted and resized to the model's size) and split them (stratified, seeded) -> the backbone:
 kiln's Transformer with a patch embedding (model.channels > 0), from scratch (the model section), from a kiln
 run, or from a Hugging Face ViT folder imported into <run>/base (a ViTForImageClassification's head is kept when
@@ -32,7 +32,7 @@ from kiln.eval.classification import val_metrics
 from kiln.eval.images import predict_probs, report
 from kiln.model.heads import ImageClassifier
 from kiln.tasks.base import Data, EpochTask, Prepared
-from kiln.tasks.finetune import is_hf_folder
+from kiln.tasks.backbone import is_hf_folder
 
 TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "embedding_norm", "mlm_head",
              "tie_embeddings", "type_vocab_size", "pad_token_id", "embed_scale", "sinusoid_layout", "head_bias")

@@ -28,7 +28,7 @@ from kiln.errors import KilnError
 from kiln.eval.qa import best_answers, squad_scores
 from kiln.model.heads import SpanHead
 from kiln.tasks.base import Data, EpochTask, Prepared
-from kiln.tasks.finetune import load_backbone
+from kiln.tasks.backbone import load_backbone
 from kiln.train.objectives import model_inputs
 
 FINETUNED = ("qa.yaml", "tokens.yaml", "classify.yaml", "seq2seq.yaml")  # run kinds that are no backbone

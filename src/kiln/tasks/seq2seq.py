@@ -3,7 +3,7 @@
     kiln finetune seq2seq configs/translate-en-es.yaml --data.train pairs.tsv \
         --seq2seq.source_field en --seq2seq.target_field es
 
-The task on the shared driver (kiln.tasks.finetune): read, dedup and split the pairs leak-free
+The task on the shared driver (kiln.tasks.driver): read, dedup and split the pairs leak-free
 (kiln.data.pairs) -> BPE tokenizer(s) trained on the train split -> an encoder-decoder from the config ->
 teacher forcing with label smoothing (kiln.train.objectives.Seq2SeqLM) -> at each evaluation the val loss and
 a fixed val subset decoded (greedy or beam) and scored (BLEU + chrF for `translate`, ROUGE for `summarize`),
@@ -37,7 +37,7 @@ from kiln.run.checkpoint import find_checkpoint, load_weights, unwrap
 from kiln.run.folder import run_kind
 from kiln.run.load import build_model
 from kiln.tasks.base import Data, Prepared, Task
-from kiln.tasks.finetune import load_backbone
+from kiln.tasks.backbone import load_backbone
 from kiln.tasks.seq2seq_decode import Encoded, PairBatches, decode_ids, decode_options, encode_pairs, mean_loss, \
     write_outputs
 from kiln.train.objectives import Seq2SeqLM
@@ -216,7 +216,7 @@ def metric_name(cfg: Seq2SeqConfig) -> str:
 
 def init_model(cfg: Seq2SeqConfig, run_dir: Path, log):
     """(model, codec, info, HF config file or None) of `init`: a seq2seq run (its model and codec), or an
-    encoder-decoder kiln run / HF folder (kiln.tasks.finetune.load_backbone) whose tokenizer.json is the shared
+    encoder-decoder kiln run / HF folder (kiln.tasks.backbone.load_backbone) whose tokenizer.json is the shared
     codec, with the decoder start, eos and pad ids of its HF config (Marian: <pad>, </s>, <pad>)."""
     path = Path(cfg.init).expanduser()
     if (path / CONFIG_FILE).is_file():

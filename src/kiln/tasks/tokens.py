@@ -29,7 +29,7 @@ from kiln.errors import KilnError
 from kiln.eval.tokens import entities, metrics_table, token_metrics
 from kiln.model.heads import TokenClassifier
 from kiln.tasks.base import Data, EpochTask, Prepared
-from kiln.tasks.finetune import load_backbone
+from kiln.tasks.backbone import load_backbone
 from kiln.tasks.qa import FINETUNED, load_task_run, pad_rows
 from kiln.train.objectives import model_inputs
 

@@ -42,6 +42,8 @@ class DistillLM(CausalLM):
         if self.alpha == 0.0:  # the same student without its teacher (the baseline of a distillation study)
             return ce
         with torch.no_grad():
+            if torch.is_autocast_enabled(x.device.type) and next(self.teacher.parameters()).dtype == torch.float32:
+                self.teacher.to(torch.bfloat16)  # under bf16 autocast the teacher only runs forward: half the bytes
             t_logits = self.teacher(x).float().flatten(0, 1)
         T = self.temperature
         kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
@@ -93,6 +95,30 @@ class ClassificationObjective:
         t_logp = torch.logsumexp(F.log_softmax(t / T, -1), dim=1) - math.log(t.shape[1])  # log of the mean
         kd = F.kl_div(F.log_softmax(logits / T, -1), t_logp, log_target=True, reduction="sum") * (T * T)
         return self.alpha * kd + (1.0 - self.alpha) * ce
+
+
+class MultiLabelObjective:
+    """Multi-label classification: binary cross-entropy with logits of every label (a sigmoid each), averaged over
+    the labels and summed over the examples; `labels` is the multi-hot [B, n_labels] float target."""
+
+    def targets(self, batch) -> int:
+        return int(batch["labels"].shape[0])
+
+    def loss(self, model, batch) -> torch.Tensor:
+        logits = model(**model_inputs(batch)).float()
+        y = batch["labels"].to(logits.device, torch.float32)
+        return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum()
+
+
+class RegressionObjective:
+    """Regression: squared error of the one output against the `labels` [B] numbers, summed (the mean is the MSE)."""
+
+    def targets(self, batch) -> int:
+        return int(batch["labels"].shape[0])
+
+    def loss(self, model, batch) -> torch.Tensor:
+        pred = model(**model_inputs(batch)).float()[:, 0]
+        return F.mse_loss(pred, batch["labels"].to(pred.device, torch.float32), reduction="sum")
 
 
 class Seq2SeqLM:

@@ -1,5 +1,5 @@
 """The pretraining objectives, registered by name (`objective:` in the config): what each needs of the model and
-the data, and how it turns token windows into a loss. The wiring (kiln.train.pretrain) is the same for all.
+the data, and how it turns token windows into a loss. The wiring (kiln.tasks.lm on the one driver) is the same for all.
 
     OBJECTIVES["mlm"].plan(cfg, run_dir, manifest) -> Plan(objective, masks windows per micro-batch, evaluates
                                                            masked-token loss/accuracy)

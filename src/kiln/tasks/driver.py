@@ -1,9 +1,11 @@
-"""The one fine-tuning driver: a Task (kiln.tasks.base) in, a trained, evaluated run folder out.
+"""The one driver: a Task (kiln.tasks.base) in, a trained, evaluated run folder out. Every run goes through it:
+pretraining (kiln.tasks.lm: `kiln pretrain`, `kiln distill`) and every `kiln finetune TASK`.
 
-    read the data (every input error before anything is written) -> create and lock the run folder ->
-    seed, threads, device -> task.prepare (backbone, encoding, model + head, batches, objective) -> schedule ->
-    precision -> run.json, config, data.json -> the Trainer with callbacks (best by the task's metric, early
-    stopping, a time budget) -> the best checkpoint -> task.test -> eval/summary.json
+    read the data (every input error before anything is written) -> under torchrun, join the process group ->
+    create and lock the run folder (rank 0) -> seed, threads, device -> task.prepare (data, backbone, encoding,
+    model + head, batches, objective; rank 0 first) -> schedule -> precision -> run.json, config, data.json ->
+    DDP / FSDP2 -> the Trainer with callbacks (best by the task's metric, early stopping, a time budget) -> the
+    best checkpoint -> task.test (rank 0) -> eval/summary.json
 
 `resume=RUN_DIR` continues a stopped run exactly: the same data (checked against data.json), the same
 preparation, the newest checkpoint's weights, optimizer, RNG and callback state; batches are a pure function of
@@ -35,7 +37,7 @@ from kiln.train.scaling import check_micro_batches, env_world
 from kiln.train.trainer import Trainer
 
 
-def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = None) -> Path:
+def train(task: Task, cfg, quiet: bool = False, resume: str | Path | None = None) -> Path:
     """Train `task` as `cfg` says (or continue the run folder `resume`); returns the run folder. Under torchrun
     every rank runs this: rank 0 writes the run folder, each rank takes its share of every step's micro-batches
     (kiln.train.trainer.Trainer's global_batches), evaluation and the test pass give what one process gives."""
@@ -44,33 +46,33 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
     tc = cfg.train
     lora = getattr(tc, "lora", None)
     if lora is not None and lora.rank and not getattr(cfg, "init", ""):
-        raise KilnError(f"train.lora.rank {lora.rank}: LoRA adapts a pretrained model, and finetune {task.name} "
-                        "has no init here (set init to a kiln run or Hugging Face folder, or train.lora.rank 0)")
-    check_micro_batches(tc, env_world()[1])
+        raise KilnError(f"train.lora.rank {lora.rank}: LoRA adapts a pretrained model, and {task.verb} has no init "
+                        "here (set init to a kiln run or Hugging Face folder, or train.lora.rank 0)")
+    if task.batch_unit:
+        check_micro_batches(tc, env_world()[1])
     device = resolve_device(tc.device)
     info, device = init_distributed(tc.backend, device)
     if resume is None:
         run_dir = broadcast(info, default_run_dir(cfg.name, cfg.out))  # rank 0's timestamp
         if holds_run(run_dir):
             raise KilnError(f"run folder {run_dir} already holds checkpoints; pick another --out (or continue it: "
-                            f"kiln finetune {task.name} --resume {run_dir})")
+                            f"kiln {task.verb} --resume {run_dir})")
         saved_data = None
     else:
         run_dir = _resumable(task, Path(resume))
         ckpt = find_checkpoint(run_dir)  # fails early on a folder without a complete checkpoint
-        saved_data = _saved_data(run_dir)
+        saved_data = _saved_data(run_dir) if task.checks_data else None
     log0: list[str] = []
     data = task.read(cfg, log0.append)  # every input error before anything is created
-    if resume is not None:
+    if saved_data is not None:
         _check_same_data(run_dir, saved_data, data.report, read_only=True)  # refused before writing anything
 
     created = not run_dir.exists()
     lock = None
     if info.is_main:
-        lock = create_run(run_dir, task.name) if resume is None else RunLock(run_dir).acquire()
+        lock = create_run(run_dir, task.name, resume_hint=True) if resume is None else RunLock(run_dir).acquire()
     log = RunLog(run_dir, quiet) if info.is_main else RunLog(None, quiet=True)  # one writer: rank 0
-    log(f"kiln finetune {task.name} -> {run_dir}" if resume is None else
-        f"kiln finetune {task.name} --resume {run_dir} (from {ckpt.name})")
+    log(f"kiln {task.verb} -> {run_dir}" if resume is None else f"kiln {task.verb} --resume {run_dir} (from {ckpt.name})")
     for line in log0:
         log(line)
     torch.manual_seed(cfg.seed)
@@ -78,7 +80,7 @@ def finetune(task: Task, cfg, quiet: bool = False, resume: str | Path | None = N
         torch.set_num_threads(tc.threads)
     try:  # errors found once the backbone is loaded: leave no run folder behind
         prep = main_first(info, lambda: _prepare(task, cfg, run_dir, data, device, log, lora))  # rank 0 imports first
-        if resume is not None:
+        if saved_data is not None:
             _check_same_data(run_dir, saved_data, data.report)
     except KilnError:
         if lock is not None:
@@ -107,24 +109,29 @@ def _train(task: Task, cfg, prep, data, run_dir: Path, device: str, info, log, r
     tc = cfg.train
     steps_per_epoch = math.ceil(prep.n_train / tc.batch_size / tc.grad_accum)
     tcfg = dataclasses.replace(tc)  # the trainer's own copy, derived keys filled in; config.yaml keeps the user's
-    task.schedule(cfg, tcfg, steps_per_epoch)
+    line = task.schedule(cfg, tcfg, steps_per_epoch)
     precision, reason = broadcast(info, choose_precision(tc.precision, device))  # ranks agree on rank 0's
     log(reason)
     model = prep.model.to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {_count(n_params)} parameters" + "".join(f"; {n}" for n in prep.notes) + f"; {tcfg.max_steps} steps "
-        f"({tcfg.max_steps / max(steps_per_epoch, 1):.2f} epochs of {steps_per_epoch}), batch {tc.batch_size} x "
-        f"{tc.grad_accum}, lr {tc.lr:g}, warmup {tcfg.warmup_steps}")
+    if task.batch_unit:  # a schedule in epochs of examples
+        log(f"model: {_count(n_params)} parameters" + "".join(f"; {n}" for n in prep.notes) + f"; {tcfg.max_steps} "
+            f"steps ({tcfg.max_steps / max(steps_per_epoch, 1):.2f} epochs of {steps_per_epoch}), batch "
+            f"{tc.batch_size} x {tc.grad_accum}, lr {tc.lr:g}, warmup {tcfg.warmup_steps}")
     spare = None
     if info.enabled:
         broadcast_parameters(model)
-        log(f"distributed: {info.world_size} ranks, backend {info.backend}, {tc.parallel}; each rank "
-            f"{tc.grad_accum // info.world_size} of the {tc.grad_accum} micro-batches of every step")
+        log(f"distributed: {info.world_size} ranks, backend {info.backend}, {tc.parallel}"
+            f"{', activation checkpointing' if getattr(tc, 'activation_checkpointing', False) else ''}"
+            + (f"; each rank {tc.grad_accum // info.world_size} of the {tc.grad_accum} micro-batches of every step"
+               if prep.global_batches else ""))
         if tc.parallel == "fsdp" and info.is_main:  # the test pass runs on rank 0, on a plain copy
             spare = copy.deepcopy(model)
         if precision == "bf16" and tcfg.bf16_weights:
             tcfg.bf16_weights = False  # the bf16 twin copies a plain model; DDP/FSDP wrap the model itself
+    if line:
+        log(line)
     wrapped = wrap_model(model, info, tc.parallel, device, getattr(tc, "activation_checkpointing", False))
 
     # the run folder: everything predict/eval need, written before training starts (a resume keeps the files)
@@ -146,10 +153,11 @@ def _train(task: Task, cfg, prep, data, run_dir: Path, device: str, info, log, r
         callbacks.append(TimeBudget(60.0 * budget))
     trainer = Trainer(wrapped, prep.objective, tcfg, run_dir, prep.batch, evaluate=prep.evaluate, device=device,
                       precision=precision, log=log, on_eval=prep.on_eval, metric=prep.metric, callbacks=callbacks,
-                      world_size=info.world_size, is_main=info.is_main, rank=info.rank, global_batches=True,
-                      seed=cfg.seed)
-    trainer.throughput_unit = task.throughput_unit
-    trainer.resume_hint = f"continue with kiln finetune {task.name} --resume {run_dir}"
+                      world_size=info.world_size, is_main=info.is_main, rank=info.rank,
+                      global_batches=prep.global_batches, seed=cfg.seed)
+    trainer.throughput_unit = prep.unit or task.throughput_unit
+    trainer.ramp = task.ramp(tcfg, cfg, log)
+    trainer.resume_hint = f"continue with kiln {task.verb} --resume {run_dir}"
     result = trainer.fit(resume_from=run_dir if resume is not None else None)
     if info.is_main:
         _finish(task, cfg, prep, spare if spare is not None else unwrap(wrapped), trainer, result, precision,
@@ -169,7 +177,7 @@ def _finish(task: Task, cfg, prep, model, trainer, result, precision, early, run
     ckpt = find_checkpoint(run_dir, "best")  # the best by the metric; the newest without a validation split
     load_weights(model, ckpt / "model.safetensors")
     summary["checkpoint"] = str(ckpt)
-    summary.update(task.summary(result, trainer) if hasattr(task, "summary") else {})
+    summary.update(task.summary(result, trainer))
     prep.state["summary"] = summary
     results = task.test(cfg, prep, model, ckpt, run_dir, log)
     (run_dir / "eval").mkdir(exist_ok=True)
@@ -177,11 +185,11 @@ def _finish(task: Task, cfg, prep, model, trainer, result, precision, early, run
     log(f"done: run folder {run_dir}")
 
 
-def finetune_from_cli(task: Task, config: str | None, overrides: list[str], resume: str | None = None) -> Path:
-    cfg = load_config(recipe_for(task, config, resume), overrides, cls=task.config_cls)
+def train_from_cli(task: Task, cfg, resume: str | None = None) -> Path:
+    """A run from the command line, in or out of torchrun: the process group (if any) is left at the end."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with leave_process_group_after():
-        return finetune(task, cfg, resume=resume)
+        return train(task, cfg, resume=resume)
 
 
 def recipe_for(task: Task, config, resume):
@@ -201,7 +209,7 @@ def _resumable(task: Task, run_dir: Path) -> Path:
     kind = run_kind(run_dir)  # one line when it is no run folder at all
     if kind != task.name:
         verb = "pretrain" if kind == "pretrain" else f"finetune {kind}"
-        raise KilnError(f"cannot resume {run_dir} with finetune {task.name}: it is a {kind} run "
+        raise KilnError(f"cannot resume {run_dir} with {task.verb}: it is a {kind} run "
                         f"(kiln {verb} --resume {run_dir})")
     return run_dir
 
@@ -227,44 +235,6 @@ def _check_same_data(run_dir: Path, before: dict, report: dict, read_only: bool 
             raise KilnError(f"cannot resume {run_dir}: the data differ from when the run started ({key}: "
                             f"{json.dumps(before.get(key))[:120]} in data.json, now {json.dumps(now.get(key))[:120]});"
                             " exact resume needs the same files")
-
-
-def is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
-
-
-def load_backbone(init: str, checkpoint: str, run_dir: Path, log, refuse: tuple[str, ...] = ()):
-    """(backbone, tokenizer, info) from `init`: a kiln run folder, or a Hugging Face folder imported into
-    run_dir/base. `refuse`: config files of run kinds that are no backbone (a fine-tuned classifier)."""
-    from kiln.run.load import load
-
-    if not init:
-        raise KilnError("init is empty: name a kiln run folder or a Hugging Face model folder (--init PATH)")
-    path = Path(init).expanduser()
-    if not path.exists():
-        raise KilnError(f"init not found: {path}")
-    info = {"init": str(path)}
-    for name in refuse:
-        if (path / name).is_file():
-            raise KilnError(f"init {path} is a fine-tuned run ({name}); start from its backbone (a kiln run or HF "
-                            "folder)")
-    if is_hf_folder(path):
-        from kiln.interop.hf import import_hf
-
-        base = run_dir / "base"
-        if (base / "config.yaml").is_file():
-            log(f"using the backbone already imported into {base}")
-        else:
-            log(f"importing Hugging Face model {path} -> {base}")
-            import_hf(path, base)
-        info.update(kind="huggingface", imported_to=str(base))
-        backbone, tokenizer, run_cfg = load(base)
-    else:
-        backbone, tokenizer, run_cfg = load(path, checkpoint, quantized_ok=False)
-        info.update(kind="kiln", checkpoint=checkpoint)
-    if tokenizer is None:
-        raise KilnError(f"init {path} has no tokenizer.json; fine-tuning needs the backbone's tokenizer")
-    return backbone, tokenizer, info
 
 
 def _count(n: int) -> str:

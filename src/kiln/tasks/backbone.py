@@ -1,0 +1,46 @@
+"""The backbone a fine-tuning task starts from: a kiln run folder, or a Hugging Face folder imported once into the
+run folder (run_dir/base), with its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def load_backbone(init: str, checkpoint: str, run_dir: Path, log, refuse: tuple[str, ...] = ()):
+    """(backbone, tokenizer, info) from `init`: a kiln run folder, or a Hugging Face folder imported into
+    run_dir/base. `refuse`: config files of run kinds that are no backbone (a fine-tuned classifier)."""
+    from kiln.run.load import load
+
+    if not init:
+        raise KilnError("init is empty: name a kiln run folder or a Hugging Face model folder (--init PATH)")
+    path = Path(init).expanduser()
+    if not path.exists():
+        raise KilnError(f"init not found: {path}")
+    info = {"init": str(path)}
+    for name in refuse:
+        if (path / name).is_file():
+            raise KilnError(f"init {path} is a fine-tuned run ({name}); start from its backbone (a kiln run or HF "
+                            "folder)")
+    if is_hf_folder(path):
+        from kiln.interop.hf import import_hf
+
+        base = run_dir / "base"
+        if (base / "config.yaml").is_file():
+            log(f"using the backbone already imported into {base}")
+        else:
+            log(f"importing Hugging Face model {path} -> {base}")
+            import_hf(path, base)
+        info.update(kind="huggingface", imported_to=str(base))
+        backbone, tokenizer, run_cfg = load(base)
+    else:
+        backbone, tokenizer, run_cfg = load(path, checkpoint, quantized_ok=False)
+        info.update(kind="kiln", checkpoint=checkpoint)
+    if tokenizer is None:
+        raise KilnError(f"init {path} has no tokenizer.json; fine-tuning needs the backbone's tokenizer")
+    return backbone, tokenizer, info
