@@ -102,7 +102,17 @@ class TrainConfig:
     target_loss: float = _f(0.0, "stop when val loss reaches this value; 0 = never", range=">= 0")
     sample_tokens: int = _f(200, "tokens of a generated sample printed at the end (decoders); 0 = none", range=">= 0")
     sample_prompt: str = _f("\n", "prompt of that sample")
-    tensorboard: bool = _f(True, "write TensorBoard events (if tensorboard is installed)")
+    tensorboard: bool = _f(True, "write TensorBoard events (if tensorboard is installed) when train.trackers names "
+                           "tensorboard; false turns them off (the key of older configs)")
+    trackers: str = _f("tensorboard", "where metrics go besides metrics.csv: a comma list of tensorboard | mlflow | "
+                       "wandb, or none (rank 0 logs; --resume continues the same tracked run)",
+                       choices=("tensorboard", "mlflow", "wandb", "none"), several=True)
+    mlflow_uri: str = _f("", "MLflow tracking URI (sqlite:///..., http://...); empty = $MLFLOW_TRACKING_URI, else "
+                         "sqlite:///<run folder>/mlruns/mlflow.db")
+    mlflow_experiment: str = _f("kiln", "MLflow experiment the run is logged under")
+    wandb_project: str = _f("kiln", "Weights & Biases project")
+    wandb_mode: str = _f("offline", "W&B mode: offline (files in <run folder>/wandb, no account; upload later with "
+                         "`wandb sync`) | online", choices=("offline", "online"))
     backend: str = _f("auto", "distributed backend under torchrun: auto (nccl on cuda, gloo on cpu) | nccl | gloo",
                       choices=("auto", "nccl", "gloo"))
     parallel: str = _f("ddp", "data parallelism under torchrun: ddp | fsdp (FSDP2, each block then the root "

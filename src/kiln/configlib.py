@@ -25,7 +25,7 @@ RANGE_OVERRIDES: dict[type, dict[str, str]] = {}
 
 def _f(default, help: str, **meta):
     """A config field: its default, one line of help (--help is generated from it) and metadata such as
-    range=">= 1" or choices=(...)."""
+    range=">= 1" or choices=(...) (with several=True: a comma list of them)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
@@ -95,9 +95,19 @@ def update_dataclass(obj, values: dict, prefix: str = "", where: str = "config",
                 raise KilnError(f"{where}: {full} expects a mapping of keys, got {value!r}")
             update_dataclass(getattr(obj, key), value, f"{full}.", outer, given)
             continue
+        meta = names[key].metadata
+        if meta.get("several") and isinstance(value, list):  # YAML: trackers: [mlflow, wandb]
+            value = ",".join(str(v) for v in value)
         value = _coerce(full, value, tp, where)
-        choices = names[key].metadata.get("choices")
-        if choices and value not in choices:
+        choices = meta.get("choices")
+        if choices and meta.get("several"):  # a comma list, each item one of the choices
+            items = [v.strip() for v in str(value).split(",") if v.strip()]
+            for item in items or [""]:
+                if item not in choices:
+                    raise KilnError(f"{where}: {full} must be a comma list of {', '.join(choices)}; got "
+                                    f"{item!r}{did_you_mean(item, choices)}")
+            value = ",".join(items)
+        elif choices and value not in choices:
             raise KilnError(f"{where}: {full} must be one of {', '.join(choices)}; got {value!r}"
                             f"{did_you_mean(str(value), choices)}")
         setattr(obj, key, value)

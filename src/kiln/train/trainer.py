@@ -24,6 +24,7 @@ from kiln.model.packed import forget as forget_packed
 from kiln.report.metrics import MetricsLog
 from kiln.report.plots import loss_curve
 from kiln.report.progress import Progress
+from kiln.report.trackers import check_installed, open_trackers
 from kiln.run.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, unwrap
 from kiln.train.callbacks import BestByMetric, Callback
 from kiln.train.distributed import full_model_state, full_optimizer_state, load_model_state, load_optimizer_state
@@ -123,6 +124,7 @@ class Trainer:
             log(f"optimizer auto: {self.optimizer_name} (Muon's Newton-Schulz would cost {ratio:.2f}x the "
                 f"forward+backward FLOPs of a step; Muon up to {MUON_MAX_NS_RATIO:g}x)")
             cfg = dataclasses.replace(cfg, optimizer=self.optimizer_name)
+        check_installed(cfg)  # train.trackers' libraries, on every rank before any step (one line if missing)
         self.optimizer = build_optimizer(unwrap(model), cfg, "cpu" if device == "cpu" else device, precision)
         self.state = TrainState()
         # bf16 weights: forward/backward run in a bf16 copy; the fp32 model is the master copy that the
@@ -273,8 +275,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             self.restore(resume_from)
-        metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resume_from else None,
-                             tensorboard=cfg.tensorboard and self.is_main) if self.is_main else None
+        resume_step = self.state.step if resume_from else None
+        metrics = MetricsLog(self.run_dir, resume_step=resume_step, trackers=open_trackers(
+            self.run_dir, cfg, resume_step)) if self.is_main else None  # only rank 0 logs
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = Progress(self.horizon, self.state.step, cfg.log_every, log=self.log,
                             unit=self.throughput_unit) if self.is_main else None
@@ -285,6 +288,7 @@ class Trainer:
         window_t, window_tokens = time.perf_counter(), self.state.tokens
         session_t0 = time.perf_counter() - self.state.elapsed
         first_step = self.state.step + 1
+        outcome = "failed"
         try:
             while self.state.step < self.horizon and self.stop_reason is None:
                 loss, grad_norm = self.train_step()
@@ -343,16 +347,18 @@ class Trainer:
                         progress.write(f"{name} received: saved checkpoint at step {step}; {self.resume_hint}")
                     if plot is not None:
                         plot.flush()
+                    outcome = "killed"
                     raise Interrupted(name)
             if plot is not None:
                 plot.flush()
+            outcome = "finished"
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             if progress is not None:
                 progress.close()
             if metrics is not None:
-                metrics.close()
+                metrics.close(outcome)  # how a tracked run ends: finished | killed | failed
         return {"step": self.state.step, "tokens": self.state.tokens, "elapsed": self.state.elapsed,
                 "best_val_loss": self.state.best_val, "reached_target_at": self.reached_target_at, **last_eval}
 
