@@ -22,8 +22,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from kiln.cli import main
 from test_classify import FAST, make_backbone, reviews, write_csv

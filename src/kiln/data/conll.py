@@ -30,7 +30,7 @@ import numpy as np
 
 from kiln.config import TrainConfig, _classify_train_defaults, _f
 from kiln.constants import IGNORE_INDEX
-from kiln.data.text import decode_bytes
+from kiln.data.encodings import decode_bytes
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 

@@ -16,7 +16,8 @@ import torch
 
 from kiln.config import Seq2SeqConfig
 from kiln.data import tasks
-from kiln.data.text import clean_text, column_hint
+from kiln.data.columns import column_hint
+from kiln.data.text import clean_text
 from kiln.errors import KilnError, did_you_mean
 
 

@@ -12,19 +12,18 @@ from __future__ import annotations
 import codecs
 import csv
 import itertools
-import json
 import re
 import unicodedata
 from pathlib import Path
 from typing import Iterator
 
-from kiln.errors import KilnError, did_you_mean, require
+from kiln.errors import KilnError, did_you_mean
+from kiln.data.encodings import SNIFF_BYTES, decode_utf8, not_utf8, codec_of, is_wide, resolve_encoding, check_choice, garbled, decode_bytes
+from kiln.data.columns import delimiter_for, column_names, column_hint, check_head, parquet_file, parquet_text_column, json_object
 
 EMBEDDED = {"kiln:tinyshakespeare": Path(__file__).resolve().parent.parent / "assets" / "tinyshakespeare.txt"}
 CHUNK_BYTES = 1 << 20          # plain text files are read ~1 MB of whole lines at a time
-SNIFF_BYTES = 8192             # a NUL byte in the first 8 KB means "binary file"
 PARQUET_BATCH_ROWS = 1024      # rows per record batch read from a .parquet file
-PARQUET_BUFFER = 1 << 20       # column chunks are read through a buffer of this size (not whole)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode Cc minus \t and \n
 
 
@@ -36,202 +35,6 @@ def clean_text(s: str) -> str:
     if not unicodedata.is_normalized("NFC", s):
         s = unicodedata.normalize("NFC", s)
     return s.lstrip("\ufeff") if s.startswith("\ufeff") else s
-
-
-def _decode(data: bytes, path: Path, offset: int = 0, line: int | None = None) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        at = None if line is None else line + data[:e.start].count(b"\n")
-        raise _not_utf8(path, offset + e.start, data[e.start], at) from None
-
-
-def _not_utf8(path: Path, offset: int, byte: int | None = None, line: int | None = None) -> KilnError:
-    what = f"invalid byte 0x{byte:02x}" if byte is not None else "invalid byte"
-    where = f"at offset {offset}" + (f", line {line}" if line is not None else "")
-    return KilnError(f"{path}: not UTF-8 text ({what} {where}); if it is in another encoding set data.encoding "
-                     f"(e.g. latin-1, cp1252, utf-16), or convert it: `iconv -f latin1 -t utf-8 {path.name} > "
-                     f"{path.stem}.utf8{path.suffix}`")
-
-
-# ----------------------------------------------------------------------------------------------- encodings
-
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32"),
-         (codecs.BOM_UTF8, "utf-8", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
-         (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"))
-ENCODINGS = ("utf-8", "latin-1", "cp1252", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "ascii", "iso-8859-15",
-             "cp1251", "shift_jis", "gb18030", "big5", "euc-kr")
-
-
-def codec_of(encoding: str) -> str:
-    """Python's name for data.encoding ('latin-1' -> 'iso8859-1'), or a one-line KilnError."""
-    try:
-        return codecs.lookup(encoding.strip() or "utf-8").name
-    except LookupError:
-        raise KilnError(f"data.encoding: unknown encoding {encoding!r}{did_you_mean(encoding, ENCODINGS)}; "
-                        f"use a Python codec name such as utf-8, latin-1, cp1252 or utf-16") from None
-
-
-def _wide(codec: str) -> bool:
-    return codec.startswith(("utf-16", "utf-32"))
-
-
-def resolve_encoding(path: Path, head: bytes, encoding: str = "utf-8") -> tuple[str, int]:
-    """(codec, length of the byte-order mark) for a file starting with `head`. A BOM is read: under the default
-    utf-8 a UTF-16/32 BOM says the encoding; under an encoding it contradicts it is an error (not mojibake)."""
-    codec = codec_of(encoding)
-    for bom, bom_codec, family in _BOMS:
-        if head.startswith(bom):
-            if codec in ("utf-8", "utf-8-sig") or codec.startswith(family.lower()):
-                return bom_codec, len(bom)
-            raise KilnError(f"{path}: starts with a {family} byte-order mark, but data.encoding is {encoding!r}; "
-                            f"leave data.encoding at utf-8 (the mark is read)"
-                            + ("" if family == "UTF-8" else f" or set it to {family.lower()}"))
-    return ("utf-8" if codec == "utf-8-sig" else codec), 0
-
-
-def _line_at(data: bytes, start: int, codec: str) -> int:
-    return data[:start].decode(codec, errors="replace").count("\n") + 1
-
-
-def check_choice(path: Path, data: bytes, codec: str, encoding: str, bom: int) -> None:
-    """A wrong data.encoding that would decode without an error (latin-1 takes any byte) is still an error:
-    UTF-8 text read as latin-1/cp1252, or text without NUL bytes read as UTF-16/32."""
-    if codec == "utf-8" or bom:
-        return
-    if not data.isascii() and not _wide(codec):
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            return
-        raise _garbled(path, encoding)
-    if _wide(codec) and b"\x00" not in data[:SNIFF_BYTES]:
-        todo = "leave data.encoding at utf-8" if _valid_utf8(data) else "check data.encoding"
-        raise KilnError(f"{path}: data.encoding is {encoding!r}, but the file has no byte-order mark and no NUL "
-                        f"bytes, so it is not {encoding}; {todo}")
-
-
-def _garbled(path: Path, encoding: str) -> KilnError:
-    return KilnError(f"{path}: data.encoding is {encoding!r}, but the file is UTF-8 (its non-ASCII characters "
-                     f"would be garbled, e.g. 'Ã©' for 'é'); leave data.encoding at utf-8")
-
-
-def _valid_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
-def decode_bytes(data: bytes, path: Path, encoding: str = "utf-8") -> str:
-    """A whole file's text in data.encoding (BOM read, a wrong choice an error naming the file, the byte offset
-    and the line); a NUL byte in 8-bit text means a binary file."""
-    codec, bom = resolve_encoding(path, data[:4], encoding)
-    if codec == "utf-8":
-        if b"\x00" in data[:SNIFF_BYTES]:
-            raise KilnError(f"{path}: looks like a binary file (NUL bytes), expected UTF-8 text")
-        return _decode(data[bom:], path, bom, line=1)
-    check_choice(path, data, codec, encoding, bom)
-    if not _wide(codec) and b"\x00" in data[:SNIFF_BYTES]:
-        raise KilnError(f"{path}: looks like a binary file (NUL bytes), expected {encoding} text")
-    try:
-        text = data[bom:].decode(codec)
-    except UnicodeDecodeError as e:
-        at = bom + e.start
-        raise KilnError(f"{path}: not valid {encoding} text (invalid byte 0x{data[at]:02x} at offset {at}, line "
-                        f"{_line_at(data, at, codec)}); check data.encoding") from None
-    if "\x00" in text[:SNIFF_BYTES]:
-        raise KilnError(f"{path}: looks like a binary file (NUL characters), expected {encoding} text")
-    return text
-
-
-# ----------------------------------------------------------------------------------------------- tables
-
-_DELIMITERS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
-
-
-def delimiter_for(path: Path, delimiter: str = "") -> str:
-    """data.delimiter (one character; tab, \\t, comma, semicolon, pipe, space by name), or the extension's:
-    a tab for .tsv/.txt, else a comma."""
-    if not delimiter:
-        return "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-    d = _DELIMITERS.get(delimiter.lower(), delimiter)
-    if len(d) != 1 or d in '"\r\n':
-        raise KilnError(f"data.delimiter must be one character (or tab, \\t, comma, semicolon, pipe, space), "
-                        f"got {delimiter!r}")
-    return d
-
-
-def column_names(path: Path, first: list[str], header: bool = True, columns: list[str] | None = None,
-                 ) -> tuple[list[str], bool]:
-    """(column names, whether the first row is data): the header row's names; with data.header false the
-    positions 0, 1, ...; data.columns names the columns in order (replacing a header row's names)."""
-    if columns:
-        if len(columns) != len(first):
-            raise KilnError(f"{path}:1: data.columns names {len(columns)} column(s) ({', '.join(columns)}), the "
-                            f"first row has {len(first)} field(s)")
-        if not header and [c.strip() for c in first] == list(columns):
-            raise KilnError(f"{path}:1: the first row is data.columns itself, so the file has a header row; "
-                            f"remove data.header false")
-        return list(columns), not header
-    if header:
-        return [h.strip() for h in first], False
-    return [str(i) for i in range(len(first))], True
-
-
-def column_hint(names: list[str], header: bool = True, columns: list[str] | None = None) -> str:
-    """What to set when a named column is missing: the delimiter (every row one column), or data.header."""
-    if len(names) == 1 and any(c in names[0] for c in "\t,;|"):
-        return "; every row is a single column: check data.delimiter"
-    if header and not columns:
-        return "; if the file has no header row, set data.header false (columns 0, 1, ...) or data.columns"
-    return ""
-
-
-def _check_head(path: Path, head: bytes) -> None:
-    if not head:
-        raise KilnError(f"{path}: file is empty")
-    if b"\x00" in head[:SNIFF_BYTES]:
-        raise KilnError(f"{path}: looks like a binary file (NUL bytes in the first 8 KB), expected UTF-8 text")
-
-
-def parquet_file(path: Path):
-    """pyarrow's ParquetFile for `path` (only its footer is read), or a one-line KilnError: pyarrow missing, not
-    a Parquet file."""
-    pq = require("pyarrow.parquet", "parquet", "reading .parquet files")
-    try:
-        # pre_buffer off: pyarrow's read-ahead cache would keep every column chunk read so far (peak RSS grew
-        # with the file: 1.19 GB on a 1 GB file); with it off and a buffer, memory is one batch (bench/parquet_memory.py)
-        return pq.ParquetFile(str(path), buffer_size=PARQUET_BUFFER, pre_buffer=False)
-    except Exception as e:  # pyarrow.ArrowInvalid (no magic bytes, a bad footer), OSError
-        raise KilnError(f"{path}: not a Parquet file ({str(e).splitlines()[0][:160]})") from None
-
-
-def parquet_text_column(path: Path, pf, name: str) -> None:
-    """A corpus's text column must exist (did-you-mean + the columns present) and hold strings."""
-    import pyarrow as pa
-
-    names = pf.schema_arrow.names
-    if name not in names:
-        raise KilnError(f"{path}: no column {name!r}{did_you_mean(name, names)}; columns present: "
-                        f"{', '.join(repr(n) for n in names) or '(none)'} (set data.text_field)")
-    t = pf.schema_arrow.field(name).type
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or str(t) == "string_view"):
-        raise KilnError(f"{path}: column {name!r} holds {t}, expected strings (set data.text_field)")
-
-
-def json_object(path: Path, lineno: int, line: str, expected: str = "a JSON object") -> dict:
-    """One JSONL row as a dict, or a one-line KilnError naming the file and line."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise KilnError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise KilnError(f"{path}:{lineno}: expected {expected}, got {type(row).__name__}")
-    return row
 
 
 class Corpus:
@@ -290,10 +93,10 @@ class Corpus:
         import weakref
 
         path, encoding = self.path, self.encoding
-        if _wide(codec):
+        if is_wide(codec):
             check_choice(path, head, codec, encoding, bom)
         else:
-            _check_head(path, head)
+            check_head(path, head)
         fd, name = tempfile.mkstemp(prefix="kiln-", suffix=f".utf8{path.suffix}")
         weakref.finalize(self, lambda n=name: os.path.exists(n) and os.unlink(n))
         decoder = codecs.getincrementaldecoder(codec)("strict")
@@ -323,8 +126,8 @@ class Corpus:
                 offset += len(data)
                 if not data:
                     break
-        if valid_utf8 and not ascii_only and not bom and not _wide(codec):
-            raise _garbled(path, encoding)
+        if valid_utf8 and not ascii_only and not bom and not is_wide(codec):
+            raise garbled(path, encoding)
         return Path(name)
 
     @property
@@ -356,7 +159,7 @@ class Corpus:
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
         offset, part = 0, 0
         with open(self.read_path, "rb") as f:
-            _check_head(path, f.read(SNIFF_BYTES))
+            check_head(path, f.read(SNIFF_BYTES))
             f.seek(0)
             while True:
                 data = f.read(CHUNK_BYTES)
@@ -387,7 +190,7 @@ class Corpus:
                     try:
                         text = decoder.decode(piece, final=False)
                     except UnicodeDecodeError as e:
-                        raise _not_utf8(path, offset - len(decoder.getstate()[0]) + e.start) from None
+                        raise not_utf8(path, offset - len(decoder.getstate()[0]) + e.start) from None
                     offset += len(piece)
                     self.bytes_read += len(piece)
                     text = clean_text(text)
@@ -396,7 +199,7 @@ class Corpus:
             try:
                 decoder.decode(b"", final=True)
             except UnicodeDecodeError:
-                raise _not_utf8(path, offset - len(decoder.getstate()[0])) from None
+                raise not_utf8(path, offset - len(decoder.getstate()[0])) from None
 
     # ---------------------------------------------------------------------------------- documents
 
@@ -421,11 +224,11 @@ class Corpus:
         """(line number, decoded line) of a file, checking for binary data and invalid UTF-8 (a leading
         byte-order mark dropped)."""
         with open(self.read_path if path == self.path else path, "rb") as f:
-            _check_head(path, f.read(SNIFF_BYTES))
+            check_head(path, f.read(SNIFF_BYTES))
             f.seek(0)
             offset = 0
             for lineno, raw in enumerate(f, 1):
-                line = _decode(raw, path, offset, lineno)
+                line = decode_utf8(raw, path, offset, lineno)
                 offset += len(raw)
                 self.bytes_read += len(raw)
                 yield lineno, (line[1:] if lineno == 1 and line.startswith("\ufeff") else line)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.config import dump_yaml, load_config
+from kiln.config import dump_yaml
 from kiln.errors import KilnError
 from kiln.run.checkpoint import find_checkpoint, load_weights, unwrap
 from kiln.run.device import choose_precision, resolve_device
