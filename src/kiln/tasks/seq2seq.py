@@ -123,46 +123,16 @@ class Seq2SeqTask(Task):
                 shutil.copyfile(hf_file, run_dir / HF_CONFIG_COPY)
             (run_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-        # the fixed validation subset decoded at every evaluation, and the val-loss subset
-        val_pairs, val_enc = splits["val"], enc["val"]
-        n_dec = min(s.eval_examples, len(val_pairs))
-        dec_src, dec_refs = val_enc.src[:n_dec], [p.target for p in val_pairs[:n_dec]]
-        n_loss = min(len(val_enc), max(tc.eval_batches * tc.batch_size, n_dec))
-        loss_enc = Encoded(val_enc.src[:n_loss], val_enc.tgt[:n_loss])
-        train_opt, keys = decode_options(cfg, training=True), TASK_METRICS[s.task]
-        history: list[tuple[int, dict]] = []
-        step = [0]
-
-        def evaluate(m) -> dict:
-            out = {"val_loss": mean_loss(m, loss_enc, codec, max(tc.batch_size, 16), device)}
-            out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
-            if n_dec:
-                hyps = decode_ids(m, codec, dec_src, train_opt, device)
-                out.update({f"val_{k}": v for k, v in text_metrics(s.task, hyps, dec_refs).items()})
-                how = "greedy" if train_opt.num_beams == 1 else f"beam {train_opt.num_beams}"
-                lines = [f"step {step[0]} samples ({how}):"]
-                for i in range(min(s.samples, n_dec)):
-                    lines += [f"  src: {val_pairs[i].source}", f"  ref: {dec_refs[i]}", f"  out: {hyps[i]}"]
-                for line in lines:
-                    log(line)
-                with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
-                    f.write("\n".join(lines) + "\n")
-            return out
-
-        def on_eval(st: int, m: dict) -> None:
-            history.append((st, dict(m)))
-            if n_dec:
-                metric_curve(history, keys, run_dir / "plots" / ("bleu.png" if s.task == "translate" else "rouge.png"),
-                             title=f"{run_dir.name}: validation {'/'.join(keys)} ({n_dec} examples)")
-
+        step = [0]  # the step whose samples evaluate() logs
+        evaluate, on_eval, history = _validation(cfg, splits["val"], enc["val"], codec, device, run_dir, log, step)
         batches = PairBatches(enc["train"], tc.batch_size, cfg.seed, codec.pad, codec.bos, codec.eos)
 
         def batch(i: int) -> dict:
-            step[0] = i // tc.grad_accum + 1  # the step whose samples evaluate() logs
+            step[0] = i // tc.grad_accum + 1
             return batches.batch(i)
 
         return Prepared(model, Seq2SeqLM(s.label_smoothing), batch, len(enc["train"]),
-                        evaluate if len(val_enc) else None, metric_name(cfg), meta, save, on_eval, notes,
+                        evaluate if len(enc["val"]) else None, metric_name(cfg), meta, save, on_eval, notes,
                         state={"enc": enc, "codec": codec, "history": history, "device": device,
                                "test_pairs": splits["test"]})
 
@@ -196,6 +166,46 @@ class Seq2SeqTask(Task):
 
     def evaluate_file(self, run_dir, file, out=None, which: str = "best", log=print, num_beams=None, **kw) -> dict:
         return evaluate_pairs(run_dir, file, out, which, num_beams, log=log)
+
+
+def _validation(cfg: Seq2SeqConfig, val_pairs, val_enc, codec, device: str, run_dir: Path, log, step: list):
+    """(evaluate, on_eval, history): the val loss on a fixed subset, and a fixed subset decoded at every evaluation
+    (BLEU/chrF or ROUGE, a few samples). Samples are logged and appended to samples.txt in on_eval, which only
+    rank 0 runs (under FSDP every rank evaluates) and which a resume replays without them."""
+    s, tc = cfg.seq2seq, cfg.train
+    n_dec = min(s.eval_examples, len(val_pairs))
+    dec_src, dec_refs = val_enc.src[:n_dec], [p.target for p in val_pairs[:n_dec]]
+    n_loss = min(len(val_enc), max(tc.eval_batches * tc.batch_size, n_dec))
+    loss_enc = Encoded(val_enc.src[:n_loss], val_enc.tgt[:n_loss])
+    train_opt, keys = decode_options(cfg, training=True), TASK_METRICS[s.task]
+    history: list[tuple[int, dict]] = []
+    samples: list[str] = []
+
+    def evaluate(m) -> dict:
+        out = {"val_loss": mean_loss(m, loss_enc, codec, max(tc.batch_size, 16), device)}
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+        if n_dec:
+            hyps = decode_ids(m, codec, dec_src, train_opt, device)
+            out.update({f"val_{k}": v for k, v in text_metrics(s.task, hyps, dec_refs).items()})
+            how = "greedy" if train_opt.num_beams == 1 else f"beam {train_opt.num_beams}"
+            samples[:] = [f"step {step[0]} samples ({how}):"]
+            for i in range(min(s.samples, n_dec)):
+                samples.extend([f"  src: {val_pairs[i].source}", f"  ref: {dec_refs[i]}", f"  out: {hyps[i]}"])
+        return out
+
+    def on_eval(st: int, m: dict) -> None:
+        history.append((st, dict(m)))
+        if samples:
+            for line in samples:
+                log(line)
+            with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                f.write("\n".join(samples) + "\n")
+            samples.clear()
+        if n_dec:
+            metric_curve(history, keys, run_dir / "plots" / ("bleu.png" if s.task == "translate" else "rouge.png"),
+                         title=f"{run_dir.name}: validation {'/'.join(keys)} ({n_dec} examples)")
+
+    return evaluate, on_eval, history
 
 
 TASK = Seq2SeqTask()
