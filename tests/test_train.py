@@ -54,7 +54,7 @@ def test_tiny_gpt_learns_and_writes_a_complete_run_folder(corpus, tmp_path):
 
 
 def test_the_loss_plot_is_redrawn_at_most_every_10_s_and_the_end_shows_the_last_evaluation(tmp_path, monkeypatch):
-    import kiln.train.trainer as trainer_module
+    import kiln.report.plots as trainer_module
 
     now, drawn = [0.0], []
     monkeypatch.setattr(trainer_module, "loss_curve", lambda metrics, path, **kw: drawn.append(now[0]))
@@ -69,7 +69,7 @@ def test_the_loss_plot_is_redrawn_at_most_every_10_s_and_the_end_shows_the_last_
 
 
 def test_a_run_draws_its_loss_plot_at_the_first_evaluation_and_shows_the_last(corpus, tmp_path, monkeypatch):
-    import kiln.train.trainer as trainer_module
+    import kiln.report.plots as trainer_module
 
     real, shown = trainer_module.loss_curve, []  # the last evaluation step each drawing shows
 

@@ -22,7 +22,7 @@ from kiln.config import TrainConfig
 from kiln.errors import KilnError
 from kiln.model.packed import forget as forget_packed
 from kiln.report.metrics import MetricsLog
-from kiln.report.plots import loss_curve
+from kiln.report.plots import LossPlot
 from kiln.report.progress import Progress
 from kiln.report.trackers import check_installed, open_trackers
 from kiln.run.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, unwrap
@@ -30,35 +30,13 @@ from kiln.train.callbacks import BestByMetric, Callback
 from kiln.train.distributed import full_model_state, full_optimizer_state, load_model_state, load_optimizer_state
 from kiln.train.optim import MUON_MAX_NS_RATIO, build_optimizer, choose_optimizer, lr_at, set_lr
 from kiln.run.device import autocast
+from kiln.train.bf16 import bf16_copy, grads_to_master, master_to_copy
 
 
 class Objective(Protocol):
     def targets(self, batch) -> int: ...  # number of target tokens/labels in the batch
 
     def loss(self, model, batch) -> torch.Tensor: ...  # SUM of per-target losses (not the mean)
-
-
-PLOT_EVERY_S = 10.0  # plots/loss.png: at the first evaluation, then at most every 10 s of wall time, and at the end
-
-
-class LossPlot:
-    """plots/loss.png, redrawn at evaluations: the first one, then no more often than every PLOT_EVERY_S seconds
-    (each redraw costs ~0.2-0.3 s of CPU: 45 s over the test suite's 226 draws, a few % of a tiny model's run),
-    and once more when the run ends or stops with evaluations the file does not show yet."""
-
-    def __init__(self, metrics: MetricsLog, path: Path, title: str, per: str, clock=time.perf_counter):
-        self.metrics, self.path, self.title, self.per, self.clock = metrics, path, title, per, clock
-        self.drawn_at, self.pending = -math.inf, False
-
-    def evaluated(self) -> None:
-        self.pending = True
-        if self.clock() - self.drawn_at >= PLOT_EVERY_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            loss_curve(self.metrics, self.path, title=self.title, per=self.per)
-            self.drawn_at, self.pending = self.clock(), False
 
 
 class Interrupted(Exception):
@@ -130,7 +108,7 @@ class Trainer:
         # bf16 weights: forward/backward run in a bf16 copy; the fp32 model is the master copy that the
         # optimizer updates and checkpoints store (exact resume, no precision lost in the weights).
         self.bf16_weights = precision == "bf16" and cfg.bf16_weights
-        self.compute_model = _bf16_copy(model) if self.bf16_weights else model
+        self.compute_model = bf16_copy(model) if self.bf16_weights else model
         self.compiled = torch.compile(self.compute_model) if cfg.compile else self.compute_model
         self._stop_signal: int | None = None
         self.reached_target_at: float | None = None
@@ -162,7 +140,7 @@ class Trainer:
         state = load_trainer_state(ckpt)
         load_model_state(self.model, ckpt / "model.safetensors")
         if self.bf16_weights:
-            _master_to_copy(self.model, self.compute_model)
+            master_to_copy(self.model, self.compute_model)
         try:
             if state.get("optimizer_format") == "fqn":
                 load_optimizer_state(self.model, self.optimizer, state["optimizer"])
@@ -229,7 +207,7 @@ class Trainer:
                 (loss / total * self.world_size).backward()  # DDP averages over ranks; undo it to get a sum
             loss_sum += loss.detach().float()
         if self.bf16_weights:
-            _grads_to_master(self.compute_model, self.model)
+            grads_to_master(self.compute_model, self.model)
         grad_norm = None
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -238,7 +216,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.bf16_weights:
-            _master_to_copy(self.model, self.compute_model, trainable_only=True)
+            master_to_copy(self.model, self.compute_model, trainable_only=True)
         forget_packed(self.compute_model)  # the fused optimizer's update leaves the weights' versions as they were
         if self.world_size > 1:  # the sum over ranks first: the same number one process logs
             torch.distributed.all_reduce(loss_sum)
@@ -270,6 +248,43 @@ class Trainer:
             cb.on_eval(self, metrics)
         return metrics
 
+    def _check_step(self, step: int, loss: float, grad_norm: float | None, first_step: int) -> None:
+        """Stop with one line when training cannot go on: a gradient of exactly zero at the first step (not one
+        parameter would move), a loss that is no longer finite."""
+        cfg = self.cfg
+        if step == first_step and grad_norm == 0.0:
+            raise KilnError(f"the gradient is exactly zero at step {step}: the model would not learn"
+                            + (" (train.compile on: try train.compile false)" if cfg.compile else ""))
+        if not math.isfinite(loss):
+            latest = self.run_dir / "checkpoints" / "latest"
+            where = f"; the last good checkpoint is {latest.read_text().strip()}" if latest.is_file() else ""
+            raise KilnError(f"loss became {loss} at step {step} (lr {lr_at(step - 1, cfg, self.horizon):.2e}); "
+                            f"stopping without saving{where}. Try a lower train.lr or train.grad_clip > 0")
+
+    def _evaluate_and_save(self, step: int, progress, metrics, plot) -> dict:
+        """An evaluation: metrics logged (rank 0), the checkpoint saved (best pointer moved when the metric improved),
+        train.target_loss checked (reached_target_at set: the loop stops)."""
+        cfg = self.cfg
+        last_eval = self.run_eval()
+        self.evals.append((step, {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}))
+        val = last_eval.get("val_loss", math.inf)
+        is_best = bool(self.best.improved)
+        self.state.best_val = min(self.state.best_val, val)
+        if self.is_main:
+            line = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
+            progress.write(f"step {step}: {line}  ({self.state.elapsed:.1f}s)")
+            metrics.log(step, tokens=self.state.tokens, elapsed=self.state.elapsed, **last_eval)
+            plot.evaluated()
+            if self.on_eval:
+                self.on_eval(step, last_eval)
+        self.save(is_best=is_best, val_loss=val)
+        if cfg.target_loss and val <= cfg.target_loss and self.reached_target_at is None:
+            self.reached_target_at = self.state.elapsed
+            if self.is_main:
+                progress.write(f"reached target val loss {cfg.target_loss} at step {step} after "
+                               f"{self.state.elapsed:.1f}s; stopping")
+        return last_eval
+
     def fit(self, resume_from: Path | None = None) -> dict:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,15 +308,8 @@ class Trainer:
             while self.state.step < self.horizon and self.stop_reason is None:
                 loss, grad_norm = self.train_step()
                 step = self.state.step
-                if step == first_step and grad_norm == 0.0:  # not one parameter would move: fail, do not pretend
-                    raise KilnError(f"the gradient is exactly zero at step {step}: the model would not learn"
-                                    + (" (train.compile on: try train.compile false)" if cfg.compile else ""))
                 self.state.elapsed = time.perf_counter() - session_t0
-                if not math.isfinite(loss):
-                    latest = self.run_dir / "checkpoints" / "latest"
-                    where = f"; the last good checkpoint is {latest.read_text().strip()}" if latest.is_file() else ""
-                    raise KilnError(f"loss became {loss} at step {step} (lr {lr_at(step - 1, cfg, self.horizon):.2e}); stopping "
-                                    f"without saving{where}. Try a lower train.lr or train.grad_clip > 0")
+                self._check_step(step, loss, grad_norm, first_step)
                 now = time.perf_counter()
                 tps = (self.state.tokens - window_tokens) / max(now - window_t, 1e-9)
                 if progress is not None:
@@ -314,25 +322,9 @@ class Trainer:
                 is_eval = self.evaluate is not None and (step % cfg.eval_every == 0 or step == self.horizon)
                 saved = False
                 if is_eval:
-                    last_eval = self.run_eval()
-                    self.evals.append((step, {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}))
-                    val = last_eval.get("val_loss", math.inf)
-                    is_best = bool(self.best.improved)
-                    self.state.best_val = min(self.state.best_val, val)
-                    if self.is_main:
-                        line = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
-                        progress.write(f"step {step}: {line}  ({self.state.elapsed:.1f}s)")
-                        metrics.log(step, tokens=self.state.tokens, elapsed=self.state.elapsed, **last_eval)
-                        plot.evaluated()
-                        if self.on_eval:
-                            self.on_eval(step, last_eval)
-                    self.save(is_best=is_best, val_loss=val)
+                    last_eval = self._evaluate_and_save(step, progress, metrics, plot)
                     saved = True
-                    if cfg.target_loss and val <= cfg.target_loss and self.reached_target_at is None:
-                        self.reached_target_at = self.state.elapsed
-                        if self.is_main:
-                            progress.write(f"reached target val loss {cfg.target_loss} at step {step} "
-                                           f"after {self.state.elapsed:.1f}s; stopping")
+                    if self.reached_target_at is not None:
                         break
                 if not saved and (step % cfg.save_every == 0 or step == self.horizon):
                     self.save()
@@ -384,29 +376,3 @@ def evaluate_on_ranks(evaluate, model: torch.nn.Module, world_size: int, is_main
         return evaluate(model)
     finally:
         plain.reshard()
-
-
-def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    twin = copy.deepcopy(model)
-    for p in twin.parameters():  # parameters only: buffers such as RoPE tables stay fp32
-        if p.is_floating_point():  # int8 weights (a LoRA run's int8 base) stay int8
-            p.data = p.data.to(torch.bfloat16)
-    return twin
-
-
-@torch.no_grad()
-def _grads_to_master(compute: torch.nn.Module, master: torch.nn.Module) -> None:
-    for pc, pm in zip(compute.parameters(), master.parameters(), strict=True):
-        pm.grad = None if pc.grad is None else pc.grad.float()
-        pc.grad = None
-
-
-@torch.no_grad()
-def _master_to_copy(master: torch.nn.Module, compute: torch.nn.Module, trainable_only: bool = False) -> None:
-    """trainable_only: after an optimizer step, only what it moved (a LoRA run's frozen base never changes)."""
-    pairs = [(c, m) for c, m in zip(compute.parameters(), master.parameters(), strict=True)
-             if m.requires_grad or not trainable_only]
-    if pairs:
-        torch._foreach_copy_([c for c, _ in pairs], [m for _, m in pairs])
