@@ -1,9 +1,9 @@
-"""The model side of `kiln serve`: a bounded queue of requests and one worker thread that batches them.
+"""The model side of `kiln serve`: one worker thread that batches the queued jobs onto the model.
 
 No web framework here (kiln.serve.app is the HTTP face). The worker takes the oldest waiting request and
-every other waiting one it can run in the same forward passes (up to --max-batch), runs them together, and
-starts again: static batching of the requests that arrive while a batch runs. Requests beyond --queue waiting
-are refused at once (QueueFull -> HTTP 503), so memory stays bounded under any load.
+every other waiting one it can run in the same forward passes (up to --max-batch; kiln.serve.jobs holds the
+queue and the batching rule), runs them together, and starts again. open_run picks the backend for a run
+folder: a language model (LMBackend, here) or a classifier (kiln.serve.classifier).
 
 Language-model runs decode with the model's own `generate` (kiln.model.generate) exactly as `kiln.api.sample`
 calls it: the same prompt encoding, the same stop-string test on the decoded new tokens, the same cut of the
@@ -17,127 +17,13 @@ alone: a seeded request (one generator per batch), and one whose prompt + max_to
 from __future__ import annotations
 
 import threading
-import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from kiln.errors import KilnError
+from kiln.serve.classifier import ClassifierBackend
+from kiln.serve.jobs import Cancelled, Job, JobQueue, ShuttingDown
 
-
-class QueueFull(Exception):
-    """More requests are waiting than --queue allows."""
-
-
-class ShuttingDown(Exception):
-    """The server is stopping and takes no new work."""
-
-
-# ----------------------------------------------------------------------------------------------- jobs
-
-
-@dataclass
-class Job:
-    """One prompt (or one list of texts to classify) waiting for, or running on, the model.
-
-    The worker calls on_delta(text) as text becomes final (streaming) and on_done(result) or on_error(exc)
-    once at the end; both are called from the worker thread."""
-
-    kind: str                                  # "complete" | "classify"
-    on_done: Callable[[dict], None]
-    on_error: Callable[[BaseException], None]
-    on_delta: Callable[[str], None] | None = None
-    # completion
-    ids: list[int] = field(default_factory=list)
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    # classification
-    texts: list[str] = field(default_factory=list)
-    pairs: list[str] | None = None
-    cancelled: bool = False
-    enqueued: float = field(default_factory=time.perf_counter)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def batch_key(self, ctx: int):
-        """Jobs with equal keys may share forward passes; None: this job runs alone."""
-        if self.kind == "classify":
-            return "classify"
-        if self.seed is not None or len(self.ids) + self.max_tokens > ctx:
-            return None
-        return ("greedy",) if self.greedy else ("sample", self.temperature, self.top_p, self.top_k)
-
-
-class JobQueue:
-    """FIFO of waiting jobs with a hard bound; take() hands the worker the next batch."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._jobs: deque[Job] = deque()
-        self._cond = threading.Condition()
-        self.closed = False
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def put(self, jobs: list[Job]) -> None:
-        """All of `jobs` or none (QueueFull): a request with several prompts is admitted whole."""
-        with self._cond:
-            if self.closed:
-                raise ShuttingDown()
-            if len(self._jobs) + len(jobs) > self.limit:
-                raise QueueFull()
-            self._jobs.extend(jobs)
-            self._cond.notify()
-
-    def take(self, max_batch: int, ctx: int, timeout: float = 0.5) -> list[Job]:
-        """The oldest live job and up to max_batch - 1 later ones that can share its batch ([] on timeout)."""
-        with self._cond:
-            while True:
-                while self._jobs and self._jobs[0].cancelled:
-                    self._jobs.popleft()
-                if self._jobs or self.closed:
-                    break
-                if not self._cond.wait(timeout):
-                    return []
-            if not self._jobs:
-                return []
-            first = self._jobs.popleft()
-            key = first.batch_key(ctx)
-            batch = [first]
-            if key is not None and max_batch > 1:
-                longest, most = len(first.ids), first.max_tokens
-                keep: deque[Job] = deque()
-                for job in self._jobs:
-                    fits = (len(batch) < max_batch and not job.cancelled and job.batch_key(ctx) == key
-                            and (key == "classify"
-                                 or max(longest, len(job.ids)) + max(most, job.max_tokens) <= ctx))
-                    if fits:
-                        batch.append(job)
-                        longest, most = max(longest, len(job.ids)), max(most, job.max_tokens)
-                    elif not job.cancelled:
-                        keep.append(job)
-                self._jobs = keep
-            return batch
-
-    def close(self) -> list[Job]:
-        """Refuse new jobs; returns the ones still waiting (the caller fails them)."""
-        with self._cond:
-            self.closed = True
-            left = list(self._jobs)
-            self._jobs.clear()
-            self._cond.notify_all()
-            return left
-
-
-# ----------------------------------------------------------------------------------------------- backends
+# ----------------------------------------------------------------------------------------------- language models
 
 
 class LMBackend:
@@ -255,7 +141,7 @@ class _Row:
 
     def finish(self) -> None:
         if self.reason == "cancelled":
-            self.job.on_error(ShuttingDown() if not self.job.cancelled else _Cancelled())
+            self.job.on_error(ShuttingDown() if not self.job.cancelled else Cancelled())
             return
         text = self.text()
         if self.job.on_delta:
@@ -264,10 +150,6 @@ class _Row:
             self._send(text)
         self.job.on_done({"text": text, "finish_reason": self.reason, "completion_tokens": len(self.ids),
                           "prompt_tokens": len(self.job.ids)})
-
-
-class _Cancelled(Exception):
-    """The client went away."""
 
 
 def _streamable(text: str, stop: list[str], hold: int) -> str:
@@ -281,57 +163,7 @@ def _streamable(text: str, stop: list[str], hold: int) -> str:
     return text
 
 
-def load_classifier_backend(run_dir: Path, which: str, device: str):
-    """Everything `kiln serve` needs of a classifier run: (label names, whether it reads text pairs,
-    predict(texts, pairs) -> class probabilities [n, n_classes] as `kiln predict` computes them, a model
-    description). The only place kiln.serve touches the classification task's internals."""
-    from kiln.data import tasks
-    from kiln.run.device import resolve_device
-    from kiln.tasks.classify_files import load_classifier
-    from kiln.tasks.text import encode_examples, predict_probs, prepare_tokenizer
-
-    device = resolve_device(device, what="--device")
-    model, tokenizer, cfg, labels = load_classifier(run_dir, which, device=device)
-    tok = prepare_tokenizer(tokenizer, cfg.data.max_length)
-    pad = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
-    batch_size = max(2 * cfg.train.batch_size, 16)  # as kiln predict
-
-    def predict(texts: list[str], pairs: list[str] | None = None):
-        rows = [tasks.Example(t, None, pairs[i] if pairs is not None else None) for i, t in enumerate(texts)]
-        enc = encode_examples(tok, rows, None, cfg.model, "request")
-        return predict_probs(model, enc, batch_size, pad, device)
-
-    info = {"kind": "classifier", "labels": labels, "max_length": cfg.data.max_length, "device": device,
-            "text_pair": bool(cfg.data.text_pair_field),
-            "parameters": sum(p.numel() for p in model.parameters())}
-    return labels, bool(cfg.data.text_pair_field), predict, info
-
-
-class ClassifierBackend:
-    kind = "classify"
-    context_length = 0
-
-    def __init__(self, run_dir: Path, which: str = "best", device: str = "auto"):
-        self.labels, self.pairs, self._predict, self.info = load_classifier_backend(run_dir, which, device)
-
-    def warm_up(self) -> None:
-        self._predict(["warm up"], ["warm up"] if self.pairs else None)
-
-    def run(self, jobs: list[Job], stopping: threading.Event) -> None:
-        """All texts of all jobs in one call (the task batches them by length), then split back per job."""
-        texts = [t for j in jobs for t in j.texts]
-        pairs = [p for j in jobs for p in j.pairs] if self.pairs else None
-        try:
-            probs = self._predict(texts, pairs)
-        except KilnError as e:
-            for j in jobs:
-                j.on_error(e)
-            return
-        at = 0
-        for j in jobs:
-            part = probs[at:at + len(j.texts)]
-            at += len(j.texts)
-            j.on_done({"probs": part.tolist()})
+# ----------------------------------------------------------------------------------------------- the run folder
 
 
 def _run_kind(run: Path) -> str:

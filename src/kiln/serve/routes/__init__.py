@@ -1,0 +1,7 @@
+"""The routes of `kiln serve`, one module per group; create_app includes their routers in this order."""
+
+from __future__ import annotations
+
+from kiln.serve.routes import classify, completions, models, playground
+
+ROUTERS = [playground.router, models.router, completions.router, classify.router]

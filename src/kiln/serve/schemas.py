@@ -1,0 +1,97 @@
+"""The request bodies `kiln serve` accepts: OpenAI's fields that kiln can honour, strictly typed.
+
+Strict models with extra="forbid": a misspelt or unsupported parameter is a 400 naming it (kiln.serve.errors
+turns pydantic's report into OpenAI's error shape), never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TOKENS = 4096          # one request's max_tokens ceiling
+MAX_INPUTS = 256           # texts in one /v1/classify request
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+def _only(value, allowed, what: str):
+    if value not in allowed:
+        raise ValueError(f"kiln serve supports {what}")
+    return value
+
+
+class CompletionRequest(_Strict):
+    """POST /v1/completions: OpenAI's fields (those kiln can honour) plus top_k."""
+
+    model: str | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
+    # the server's own bounds (OpenAI's); the ranges every face shares are kiln.model.generation_settings's,
+    # checked in kiln.serve.routes.completions as kiln generate and kiln.sample check them
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(1.0, le=2)
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v):
+        return _only(v, (1,), "only n=1 (send one request per completion)")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        return _only(v, (None, 1), "no best_of but 1")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        return _only(v, (None,), "no logprobs")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v):
+        return _only(v, (0, 0.0), "no penalty but 0")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        return _only(v or None, (None,), "no logit_bias")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        return _only(v, (None,), "no suffix")
+
+
+class ClassifyRequest(_Strict):
+    """POST /v1/classify: one text or a list; input_pair for a run trained on text pairs."""
+
+    model: str | None = None
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
+    input_pair: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)] | None = None
+
+
+def body_model(path: str) -> type[_Strict]:
+    """The request body a route reads, for naming the known fields in an "unknown parameter" error."""
+    return CompletionRequest if path.endswith("/completions") else ClassifyRequest
