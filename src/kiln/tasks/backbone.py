@@ -44,3 +44,17 @@ def load_backbone(init: str, checkpoint: str, run_dir: Path, log, refuse: tuple[
     if tokenizer is None:
         raise KilnError(f"init {path} has no tokenizer.json; fine-tuning needs the backbone's tokenizer")
     return backbone, tokenizer, info
+
+
+def adopt_backbone(cfg, run_dir: Path, log, refuse: tuple[str, ...] = ()):
+    """(backbone, tokenizer, info) of cfg.init, its shape as the run's model config (cfg.model, saved with the
+    run so it loads without init) and data.max_length capped at its context length."""
+    import copy
+
+    backbone, tokenizer, info = load_backbone(cfg.init, cfg.init_checkpoint, run_dir, log, refuse=refuse)
+    cfg.model = copy.deepcopy(backbone.config)
+    if cfg.data.max_length > cfg.model.context_length:
+        log(f"note: data.max_length {cfg.data.max_length} > the backbone's context_length "
+            f"{cfg.model.context_length}: using {cfg.model.context_length}")
+        cfg.data.max_length = cfg.model.context_length
+    return backbone, tokenizer, info

@@ -15,7 +15,6 @@ test.json, *_predictions.jsonl, summary.json), metrics.csv, log.txt, base/.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from kiln.errors import KilnError
 from kiln.eval.qa import best_answers, squad_scores
 from kiln.model.heads import SpanHead
 from kiln.tasks.base import Data, EpochTask, Prepared
-from kiln.tasks.backbone import load_backbone
+from kiln.tasks.backbone import adopt_backbone
 from kiln.train.objectives import model_inputs
 
 FINETUNED = ("qa.yaml", "tokens.yaml", "classify.yaml", "seq2seq.yaml")  # run kinds that are no backbone
@@ -157,12 +156,7 @@ class QATask(EpochTask):
         return Data(splits, report, {"null_answers": null})
 
     def prepare(self, cfg: QAConfig, run_dir: Path, data: Data, device: str, log) -> Prepared:
-        backbone, tokenizer, init_info = load_backbone(cfg.init, cfg.init_checkpoint, run_dir, log, refuse=FINETUNED)
-        cfg.model = copy.deepcopy(backbone.config)
-        if cfg.data.max_length > cfg.model.context_length:
-            log(f"note: data.max_length {cfg.data.max_length} > the backbone's context_length "
-                f"{cfg.model.context_length}: using {cfg.model.context_length}")
-            cfg.data.max_length = cfg.model.context_length
+        backbone, tokenizer, init_info = adopt_backbone(cfg, run_dir, log, refuse=FINETUNED)
         enc = {n: _encode(tokenizer, rows, cfg, cfg.data.train if n == "train" else n)
                for n, rows in data.splits.items()}
         report = data.report

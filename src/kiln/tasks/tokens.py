@@ -14,7 +14,6 @@ Run folder: tokens.yaml, run.json (kind tokens; labels, scheme), tokenizer.json,
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from kiln.errors import KilnError
 from kiln.eval.tokens import entities, metrics_table, token_metrics
 from kiln.model.heads import TokenClassifier
 from kiln.tasks.base import Data, EpochTask, Prepared
-from kiln.tasks.backbone import load_backbone
+from kiln.tasks.backbone import adopt_backbone
 from kiln.tasks.qa import FINETUNED, load_task_run, pad_rows
 from kiln.train.objectives import model_inputs
 
@@ -138,12 +137,7 @@ class TokensTask(EpochTask):
         return Data(splits, report, {"labels": labels, "scheme": scheme})
 
     def prepare(self, cfg: TokensConfig, run_dir: Path, data: Data, device: str, log) -> Prepared:
-        backbone, tokenizer, init_info = load_backbone(cfg.init, cfg.init_checkpoint, run_dir, log, refuse=FINETUNED)
-        cfg.model = copy.deepcopy(backbone.config)
-        if cfg.data.max_length > cfg.model.context_length:
-            log(f"note: data.max_length {cfg.data.max_length} > the backbone's context_length "
-                f"{cfg.model.context_length}: using {cfg.model.context_length}")
-            cfg.data.max_length = cfg.model.context_length
+        backbone, tokenizer, init_info = adopt_backbone(cfg, run_dir, log, refuse=FINETUNED)
         labels, scheme = data.extra["labels"], data.extra["scheme"]
         index = {t: i for i, t in enumerate(labels)}
         enc = {n: _encode(tokenizer, s, index, cfg, cfg.data.train if n == "train" else n)
