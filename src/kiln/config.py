@@ -188,13 +188,16 @@ class ClassifyDataConfig:
     test: str = _f("", "test file; empty = split off from train")
     text_field: str = _f("text", "column holding the text")
     text_pair_field: str = _f("", "optional second text column (sentence pairs); empty = none")
-    label_field: str = _f("label", "column holding the class label")
+    label_field: str = _f("label", "column holding the class label (problem multi_label: the labels of the text, "
+                          "joined by data.label_sep, or a JSONL list; regression: a number)")
+    label_sep: str = _f("|", "problem multi_label: separator of the labels in one cell of the label column")
     max_length: int = _f(128, "tokens per example (special tokens included); longer ones are cut and counted", range=">= 2")
     val_fraction: float = _f(0.1, "share of the unique texts held out for validation when data.val is empty", range="[0, 1)")
     test_fraction: float = _f(0.1, "share of the unique texts held out for test when data.test is empty", range="[0, 1)")
     dedup: bool = _f(True, "drop exact duplicate (text, label) rows; identical texts always share one split")
     split: str = _f("stratified", "how val/test are split off train: stratified (per label) | shuffle (one seeded "
-                    "shuffle of the unique texts, cut in order train | val | test)", choices=("stratified", "shuffle"))
+                    "shuffle of the unique texts, cut in order train | val | test; what multi_label and regression "
+                    "always use)", choices=("stratified", "shuffle"))
     split_seed: int = _f(-1, "seed of that split; -1 = the run's seed (a fixed split_seed keeps the split while "
                          "the seed varies)", range=">= -1")
     encoding: str = _f("utf-8", _ENCODING_HELP)
@@ -207,6 +210,13 @@ def _classify_train_defaults() -> TrainConfig:
     return TrainConfig(max_steps=0, batch_size=32, lr=5e-5, min_lr=0.0, warmup_steps=0, decay="linear",
                        weight_decay=0.01, beta2=0.999, eval_every=0, save_every=0, keep_last=1, log_every=10,
                        sample_tokens=0)
+
+
+# finetune classify's validation metrics, by problem (the first: metric auto)
+PROBLEM_METRICS = {"single_label": ("val_accuracy", "val_loss", "val_macro_f1"),
+                   "multi_label": ("val_micro_f1", "val_loss", "val_accuracy", "val_macro_f1"),
+                   "regression": ("val_loss", "val_pearson", "val_spearman")}
+METRICS = ("auto", *dict.fromkeys(m for ms in PROBLEM_METRICS.values() for m in ms))
 
 
 @dataclass
@@ -228,9 +238,18 @@ class ClassifyConfig:
                            "replaced by the tokenizer's mask token, drawn anew every step; 0 = off", range="[0, 1)")
     epochs: float = _f(3.0, "passes over the training split (sets train.max_steps when that is 0)", range="> 0")
     warmup_fraction: float = _f(0.06, "share of the steps for linear warmup when train.warmup_steps is 0", range="[0, 1)")
+    problem: str = _f("single_label", "single_label (one class per text: softmax, cross-entropy) | multi_label "
+                      "(any labels per text: a sigmoid per label, binary cross-entropy, a decision threshold per "
+                      "label) | regression (a number per text: one output, mean squared error)",
+                      choices=("single_label", "multi_label", "regression"))
+    threshold: float = _f(0.5, "multi_label: a label is predicted when its probability is >= this", range="(0, 1)")
+    tune_thresholds: bool = _f(False, "multi_label: after training, set each label's threshold to the one that "
+                               "maximises its F1 on the validation split (written to labels.json; test, kiln eval "
+                               "and kiln predict use it)")
     class_weights: str = _f("none", "none | balanced | label=weight,label=weight (weighted cross-entropy)")
-    metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint and drives early stopping",
-                     choices=("val_loss", "val_accuracy", "val_macro_f1"))
+    metric: str = _f("auto", "validation metric that picks the best checkpoint and drives early stopping; auto = "
+                     "val_accuracy (single_label), val_micro_f1 (multi_label: accuracy is exact-set match), "
+                     "val_loss (regression: the MSE)", choices=METRICS)
     patience: int = _f(0, "stop after this many evaluations without improvement of `metric`; 0 = never", range=">= 0")
     positive_label: str = _f("", "positive class of a binary task for ROC/PR (default: the second label)")
     keep_layers: str = _f("", "backbone blocks to keep, e.g. 0,2,4: a shallower student initialised from those "

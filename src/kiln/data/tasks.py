@@ -14,7 +14,9 @@ Rules (each a one-line KilnError or a counted, reported skip):
 - the named columns must exist (the error lists the columns present);
 - a CSV/TSV row with the wrong number of fields is an error naming the file and the line;
 - a row whose text is empty (after stripping) is skipped and counted in the report;
-- a row with an empty label is an error (the label column is required for training and evaluation).
+- a row with an empty label is an error (the label column is required for training and evaluation);
+- problem multi_label: a label cell holds labels joined by `label_sep` (or is a JSONL list); an empty set is an
+  error; problem regression: a label cell holds a finite number, anything else is an error.
 Splitting deduplicates exact (text, pair, label) rows and keeps every identical text inside one split, so
 no text is ever both trained on and evaluated; it is stratified by label and seeded. A label with a single
 example cannot be split: it stays in train (with a warning), and val/test have no example of it.
@@ -29,7 +31,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.data.text import clean_text, column_hint, column_names, decode_bytes, delimiter_for, json_object, parquet_file
+from kiln.data.columns import column_hint, column_names, delimiter_for, json_object, parquet_file
+from kiln.data.encodings import decode_bytes
+from kiln.data.text import clean_text
+from kiln.data.targets import label_set, number
 from kiln.errors import KilnError, did_you_mean
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".txt": "tsv"}
@@ -42,6 +47,7 @@ class Example:
     pair: str | None = None
     line: int = 0            # line of the source file the row starts on
     row: dict = field(default_factory=dict, repr=False)  # the raw row (predict writes selected columns back)
+    target: object = None    # multi_label: the tuple of labels (label: them joined); regression: the number
 
     @property
     def key(self) -> tuple[str, str]:
@@ -160,10 +166,11 @@ def _field(path: Path, lineno: int, row: dict, name: str) -> str:
 
 
 def read_examples(path: str | Path, text_field: str = "text", label_field: str | None = "label",
-                  text_pair_field: str = "", require_label: bool = True, fmt=None) -> tuple[list[Example], ReadReport]:
+                  text_pair_field: str = "", require_label: bool = True, fmt=None,
+                  problem: str = "single_label") -> tuple[list[Example], ReadReport]:
     """Examples of a CSV/TSV/JSONL/Parquet file. `label_field` None (or a missing column with require_label
     False) reads texts only (prediction). `fmt`: the data config section (data.encoding, header, columns,
-    delimiter)."""
+    delimiter, label_sep). `problem` multi_label / regression: Example.target holds the label set / number."""
     path = Path(path)
     rows, header = read_rows(path, fmt, [text_field, text_pair_field, label_field])
     if not rows:
@@ -185,12 +192,18 @@ def read_examples(path: str | Path, text_field: str = "text", label_field: str |
             report.empty_text += 1
             report.empty_text_lines.append(lineno)
             continue
-        label = None
-        if has_label:
+        label = target = None
+        if has_label and problem == "multi_label":
+            v = row.get(label_field)
+            label, target = label_set(f"{path}:{lineno}", v if isinstance(v, list) else _field(
+                path, lineno, row, label_field), label_field, getattr(fmt, "label_sep", "|") or "|", require_label)
+        elif has_label:
             label = _field(path, lineno, row, label_field).strip()
             if not label and require_label:
                 raise KilnError(f"{path}:{lineno}: empty label in column {label_field!r}")
-        out.append(Example(t, label or None, pair, lineno, row))
+            if label and problem == "regression":
+                target = number(f"{path}:{lineno}", label, label_field)
+        out.append(Example(t, label or None, pair, lineno, row, target))
     if not out:
         raise KilnError(f"{path}: every row has an empty text (column {text_field!r})")
     return out, report
@@ -199,9 +212,14 @@ def read_examples(path: str | Path, text_field: str = "text", label_field: str |
 # ----------------------------------------------------------------------------------------------- labels
 
 
+def names_of(e: Example) -> tuple:
+    """The labels of an example: its label set (multi_label) or its one label."""
+    return e.target if isinstance(e.target, tuple) else (e.label,) if e.label is not None else ()
+
+
 def label_names(examples: list[Example]) -> list[str]:
     """Sorted label names (numerically when every label is an integer)."""
-    names = {e.label for e in examples if e.label is not None}
+    names = {n for e in examples for n in names_of(e)}
     if all(n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
@@ -211,9 +229,10 @@ def check_labels(examples: list[Example], labels: list[str], path: str, train_pa
     """A label the model was not trained on (e.g. one only in the test file) is an error naming it."""
     known = set(labels)
     for e in examples:
-        if e.label is not None and e.label not in known:
-            raise KilnError(f"{path}:{e.line}: label {e.label!r} does not occur in {train_path} "
-                            f"(known labels: {', '.join(labels)}){did_you_mean(e.label, labels)}")
+        for n in names_of(e):
+            if n not in known:
+                raise KilnError(f"{path}:{e.line}: label {n!r} does not occur in {train_path} "
+                                f"(known labels: {', '.join(labels)}){did_you_mean(n, labels)}")
 
 
 def class_weights(spec: str, labels: list[str], train: list[Example]) -> list[float] | None:
@@ -349,6 +368,7 @@ def fingerprint(examples: list[Example]) -> str:
 def label_counts(examples: list[Example], labels: list[str]) -> dict[str, int]:
     counts = {name: 0 for name in labels}
     for e in examples:
-        if e.label in counts:
-            counts[e.label] += 1
+        for n in names_of(e):
+            if n in counts:
+                counts[n] += 1
     return counts

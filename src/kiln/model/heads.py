@@ -77,6 +77,20 @@ class SequenceClassifier(nn.Module):
         return self.head(self.dropout(self.features(input_ids, attention_mask, token_type_ids)))
 
 
+class SequenceRegressor(SequenceClassifier):
+    """SequenceClassifier with one output in the target's units: shift + scale * linear(pooled) -> [B, 1]. shift and
+    scale (the training targets' mean and standard deviation; plain numbers kept in labels.json, not weights) let
+    the linear layer learn a standardised target at any scale, starting as the constant predictor (the mean)."""
+
+    def __init__(self, backbone: nn.Module, pooling: str = "mean", dropout: float = 0.1, shift: float = 0.0,
+                 scale: float = 1.0):
+        super().__init__(backbone, 1, pooling, dropout)
+        self.shift, self.scale = float(shift), float(scale)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return super().forward(input_ids, attention_mask, token_type_ids).float() * self.scale + self.shift
+
+
 class ImageClassifier(nn.Module):
     """An image model (kiln's Transformer with model.channels > 0) + pooling + dropout + linear layer:
     pixels [B, C, H, W] -> logits [B, n_classes]. HF's ViTForImageClassification is pooling cls, no dropout.

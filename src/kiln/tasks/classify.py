@@ -2,11 +2,16 @@
 
     kiln finetune classify configs/classify-rotten.yaml --data.train reviews.csv --init runs/minilm
 
-The task on the shared driver (kiln.tasks.finetune): read the files (kiln.data.tasks) and split them (dedup,
+The task on the shared driver (kiln.tasks.driver): read the files (kiln.data.tasks) and split them (dedup,
 stratified or shuffled, seeded) -> the backbone (a kiln run, or a Hugging Face folder imported into
 <run>/base) -> kiln.model.heads.SequenceClassifier -> cross-entropy (kiln.train.objectives; with teachers,
 their averaged distributions: kiln.tasks.classify_distill) -> best checkpoint by a val metric -> test metrics
 and plots (kiln.eval.classification).
+
+Two variants by `problem` (the same reading, splits, backbone and run folder): multi_label (labels joined by
+data.label_sep or a JSONL list; a sigmoid per label, binary cross-entropy, a threshold per label, optionally
+tuned on val: tune_thresholds) and regression (a number per text: kiln.model.heads.SequenceRegressor, MSE;
+metrics kiln.eval.regression). Both split by one seeded shuffle (a label set or a number is no stratum).
 
 Run folder: classify.yaml, run.json (kind classify; labels, fields, pooling), labels.json, tokenizer.json,
 data.json, checkpoints/, eval/ (val.json, test.json, summary.json + PNGs), metrics.csv, plots/, log.txt, base/.
@@ -18,19 +23,25 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 
-from kiln.config import ClassifyConfig
+from kiln.config import PROBLEM_METRICS, ClassifyConfig
 from kiln.data import tasks
+from kiln.data.targets import target_summary
 from kiln.errors import KilnError
-from kiln.eval.classification import val_metrics
-from kiln.model.heads import SequenceClassifier
+from kiln.eval.classification import multilabel_val_metrics, tune_thresholds, val_metrics
+from kiln.eval.regression import regression_val_metrics
+from kiln.model.heads import SequenceClassifier, SequenceRegressor
 from kiln.tasks.base import Data, EpochTask, Prepared
 from kiln.tasks.classify_files import CONFIG_FILE, LABELS_FILE, evaluate_and_report, evaluate_file, load_classifier, \
-    predict_file, run_folders
-from kiln.tasks.finetune import load_backbone
+    predict_file, run_folders, scores
+from kiln.tasks.backbone import load_backbone
 from kiln.tasks.text import EpochBatches, encode_examples, predict_probs, prepare_tokenizer  # noqa: F401 (kiln serve)
 from kiln.train.mlm import special_ids
-from kiln.train.objectives import ClassificationObjective
+from kiln.train.objectives import ClassificationObjective, MultiLabelObjective, RegressionObjective
+
+SUMMARY_KEYS = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "samples_f1", "hamming_loss", "roc_auc", "mse",
+                "rmse", "mae", "r2", "pearson", "spearman")
 
 
 
@@ -56,6 +67,15 @@ class ClassifyTask(EpochTask):
             from kiln.compress.prune import parse_layers
 
             parse_layers(cfg.keep_layers)
+        if cfg.metric not in ("auto", *PROBLEM_METRICS[cfg.problem]):
+            raise KilnError(f"metric {cfg.metric} does not fit problem {cfg.problem}: choose auto, "
+                            + ", ".join(PROBLEM_METRICS[cfg.problem]))
+        for key, value in (("class_weights", cfg.class_weights.strip() not in ("", "none")),
+                           ("positive_label", cfg.positive_label), ("distill.teacher", d.teacher)):
+            if value and cfg.problem != "single_label":
+                raise KilnError(f"{key} is for problem single_label; this run's problem is {cfg.problem}")
+        if cfg.problem == "multi_label" and not cfg.data.label_sep:
+            raise KilnError("data.label_sep is empty: problem multi_label splits the label column on it")
 
     def read(self, cfg: ClassifyConfig, log) -> Data:
         from kiln.run.device import resolve_device
@@ -93,10 +113,10 @@ class ClassifyTask(EpochTask):
                 f"{cfg.model.context_length}: using {cfg.model.context_length}")
             cfg.data.max_length = cfg.model.context_length
         tok = prepare_tokenizer(tokenizer, cfg.data.max_length)
-        index = {name: i for i, name in enumerate(labels)}
+        index, problem = {name: i for i, name in enumerate(labels)}, cfg.problem
         splits, report = data.splits, data.report
-        enc = {name: encode_examples(tok, rows, index, cfg.model, cfg.data.train if name == "train" else name)
-               for name, rows in splits.items()}
+        enc = {name: encode_examples(tok, rows, index, cfg.model, cfg.data.train if name == "train" else name,
+                                     problem) for name, rows in splits.items()}
         report["truncated"] = {name: e.truncated for name, e in enc.items()}
         report["max_length"] = cfg.data.max_length
         for name, e in enc.items():
@@ -114,7 +134,7 @@ class ClassifyTask(EpochTask):
             attach_teachers(cfg, teachers, enc, splits, labels, tokenizer, index, device, log)
             data.extra["teachers"] = []  # free them before training
 
-        model = SequenceClassifier(backbone, len(labels), cfg.pooling, cfg.head_dropout)
+        model, objective, note, extra = _head(cfg, backbone, labels, enc["train"], weights)
         report["init"] = init_info
         if weights:
             log("class weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(labels, weights)))
@@ -124,8 +144,8 @@ class ClassifyTask(EpochTask):
         positive = data.extra["positive"]
         meta = {"labels": labels, "text_field": cfg.data.text_field, "text_pair_field": cfg.data.text_pair_field,
                 "label_field": cfg.data.label_field, "max_length": cfg.data.max_length, "pooling": model.pooling,
-                "positive_label": labels[positive if positive is not None else 1] if len(labels) == 2 else None,
-                "class_weights": weights}
+                "positive_label": labels[positive if positive is not None else 1] if len(labels) == 2 and
+                problem == "single_label" else None, "class_weights": weights, "problem": problem, **extra}
 
         def save(run_dir: Path) -> None:
             tokenizer.save(str(run_dir / "tokenizer.json"))
@@ -137,11 +157,10 @@ class ClassifyTask(EpochTask):
         evaluate = None
         if len(val):
             def evaluate(m):
-                return val_metrics(predict_probs(m, val, eval_bs, pad_id, device, "fp32"), val.labels, len(labels))
-        notes = [f"{cfg.model.arch} backbone ({init_info['kind']}: {cfg.init})", f"pooling {model.pooling}",
-                 f"{len(labels)} classes"]
-        return Prepared(model, ClassificationObjective(weights, cfg.distill.alpha, cfg.distill.temperature),
-                        batches.batch, len(enc["train"]), evaluate, cfg.metric, meta, save, notes=notes,
+                return _val_metrics(problem, scores(m, val, eval_bs, pad_id, problem, device), val.labels, meta)
+        notes = [f"{cfg.model.arch} backbone ({init_info['kind']}: {cfg.init})", f"pooling {model.pooling}", note]
+        metric = PROBLEM_METRICS[problem][0] if cfg.metric == "auto" else cfg.metric
+        return Prepared(model, objective, batches.batch, len(enc["train"]), evaluate, metric, meta, save, notes=notes,
                         state={"enc": enc, "pad_id": pad_id, "eval_bs": eval_bs, "device": device})
 
     def summary(self, result: dict, trainer) -> dict:
@@ -151,18 +170,23 @@ class ClassifyTask(EpochTask):
     def test(self, cfg, prep: Prepared, model, ckpt: Path, run_dir: Path, log) -> dict:
         from kiln.eval.classification import metrics_table
 
-        st, labels = prep.state, prep.meta["labels"]
+        st, labels, meta, problem = prep.state, prep.meta["labels"], prep.meta, cfg.problem
         positive = labels.index(prep.meta["positive_label"]) if prep.meta["positive_label"] in labels else None
         results = {}
-        for name in ("val", "test"):
+        # bf16 autocast on a CPU is slower than fp32 for inference (per-op casts): CPU runs evaluate in fp32
+        out = {name: scores(model, enc, st["eval_bs"], st["pad_id"], problem, st["device"])
+               for name, enc in st["enc"].items() if name != "train" and len(enc)}
+        if problem == "multi_label" and cfg.tune_thresholds and "val" in out:
+            meta["thresholds"] = tune_thresholds(out["val"], st["enc"]["val"].labels, cfg.threshold)
+            (run_dir / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            log("thresholds tuned on val (best F1 per label): " + ", ".join(
+                f"{n} {t:.3f}" for n, t in zip(labels, meta["thresholds"])))
+        for name, probs in out.items():
             enc = st["enc"][name]
-            if not len(enc):
-                continue
-            # bf16 autocast on a CPU is slower than fp32 for inference (per-op casts): CPU runs evaluate in fp32
-            probs = predict_probs(model, enc, st["eval_bs"], st["pad_id"], st["device"], "fp32")
             m = evaluate_and_report(probs, enc.labels, labels, run_dir / "eval", name, positive,
-                                    extra={"checkpoint": str(ckpt), "truncated": enc.truncated})
-            results[name] = {k: m[k] for k in ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc") if k in m}
+                                    extra={"checkpoint": str(ckpt), "truncated": enc.truncated}, problem=problem,
+                                    thresholds=meta.get("thresholds"))
+            results[name] = {k: m[k] for k in SUMMARY_KEYS if k in m}
             if name == "test":
                 log(f"test set ({len(enc)} examples, checkpoint {ckpt.name}):\n" + metrics_table(m))
         return results
@@ -178,6 +202,27 @@ class ClassifyTask(EpochTask):
 
 
 TASK = ClassifyTask()
+
+
+def _head(cfg: ClassifyConfig, backbone, labels: list[str], train, weights):
+    """(model, objective, a note for the model summary, labels.json entries) of the run's `problem`."""
+    if cfg.problem == "regression":  # the linear layer learns the standardised target
+        y = np.asarray(train.labels)
+        scale = {"target_mean": float(y.mean()), "target_std": float(y.std()) or 1.0}
+        return (SequenceRegressor(backbone, cfg.pooling, cfg.head_dropout, *scale.values()), RegressionObjective(),
+                "regression (one output, MSE)", scale)
+    model = SequenceClassifier(backbone, len(labels), cfg.pooling, cfg.head_dropout)
+    if cfg.problem == "multi_label":
+        return (model, MultiLabelObjective(), f"{len(labels)} labels (multi-label: a sigmoid each, binary "
+                "cross-entropy)", {"label_sep": cfg.data.label_sep, "thresholds": [cfg.threshold] * len(labels)})
+    return model, ClassificationObjective(weights, cfg.distill.alpha, cfg.distill.temperature), \
+        f"{len(labels)} classes", {}
+
+
+def _val_metrics(problem: str, out, y, meta: dict) -> dict:
+    if problem == "multi_label":
+        return multilabel_val_metrics(out, y, meta["thresholds"])
+    return regression_val_metrics(out, y) if problem == "regression" else val_metrics(out, y, len(meta["labels"]))
 
 
 def _mask_token(tokenizer, token_mask: float) -> tuple[int | None, list[int]]:
@@ -210,7 +255,7 @@ def _teachers(cfg: ClassifyConfig, labels: list[str], device: str) -> list:
 
 def read_file(path: str, cfg: ClassifyConfig, log, require_label: bool = True):
     rows, report = tasks.read_examples(path, cfg.data.text_field, cfg.data.label_field, cfg.data.text_pair_field,
-                                       require_label=require_label, fmt=cfg.data)
+                                       require_label=require_label, fmt=cfg.data, problem=cfg.problem)
     for line in report.lines():
         log(line)
     return rows, report
@@ -235,16 +280,18 @@ def load_splits(cfg: ClassifyConfig, log) -> tuple[dict, list[str], dict]:
         report["duplicates_dropped"] = dropped
         if dropped:
             log(f"{d.train}: dropped {dropped} exact duplicate row(s)")
-    labels = tasks.label_names(train)
-    if len(labels) < 2:
+    regression = cfg.problem == "regression"
+    labels = [d.label_field] if regression else tasks.label_names(train)
+    if len(labels) < 2 and not regression:
         raise KilnError(f"{d.train}: a classifier needs at least 2 labels in column {d.label_field!r}; "
                         f"found {len(labels)} ({', '.join(labels)})")
     for name, rows in given.items():
-        tasks.check_labels(rows, labels, getattr(d, name), d.train)
+        if not regression:
+            tasks.check_labels(rows, labels, getattr(d, name), d.train)
     split_seed = cfg.seed if d.split_seed < 0 else d.split_seed
     tr, va, te, info = tasks.split_examples(train, 0.0 if "val" in given else d.val_fraction,
                                             0.0 if "test" in given else d.test_fraction, split_seed, log=log,
-                                            method=d.split)
+                                            method=d.split if cfg.problem == "single_label" else "shuffle")
     report.update(groups=info["groups"], conflicting_texts=info["conflicting_texts"],
                   single_example_labels=info["single_example_labels"])
     if info["conflicting_texts"]:
@@ -256,6 +303,7 @@ def load_splits(cfg: ClassifyConfig, log) -> tuple[dict, list[str], dict]:
             report[f"{name}_texts_also_in_train"] = n
             if n:
                 log(f"warning: {n} {name} example(s) in {getattr(d, name)} have a text that is also in train")
-    report["splits"] = {name: {"n": len(rows), "labels": tasks.label_counts(rows, labels),
+    report["splits"] = {name: {"n": len(rows), "labels": target_summary(rows) if regression else
+                               tasks.label_counts(rows, labels),
                                "fingerprint": tasks.fingerprint(rows)} for name, rows in splits.items()}
     return splits, labels, report

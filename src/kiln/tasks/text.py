@@ -47,7 +47,7 @@ def prepare_tokenizer(tok, max_length: int):
 
 
 def encode_examples(tok, examples: list[tasks.Example], label_index: dict[str, int] | None, model_cfg,
-                    where: str) -> Encoded:
+                    where: str, problem: str = "single_label") -> Encoded:
     texts = [(e.text, e.pair) if e.pair is not None else e.text for e in examples]
     try:
         out = tok.encode_batch(texts)
@@ -63,8 +63,17 @@ def encode_examples(tok, examples: list[tasks.Example], label_index: dict[str, i
     if model_cfg.type_vocab_size:
         cap = model_cfg.type_vocab_size - 1
         types = [[min(t, cap) for t in e.type_ids] or [0] for e in out]
-    labels = [label_index[e.label] for e in examples] if label_index is not None else None
+    labels = targets(examples, label_index, problem) if label_index is not None else None
     return Encoded(ids, types, labels, truncated)
+
+
+def targets(examples: list[tasks.Example], label_index: dict[str, int], problem: str = "single_label") -> list:
+    """The training targets: class ids (single_label), multi-hot rows of floats (multi_label), numbers (regression)."""
+    if problem == "regression":
+        return [float(e.target) for e in examples]
+    if problem == "multi_label":
+        return [[1.0 if name in e.target else 0.0 for name in label_index] for e in examples]
+    return [label_index[e.label] for e in examples]
 
 
 def collate(enc: Encoded, index, pad_id: int) -> dict:
@@ -84,8 +93,9 @@ def collate(enc: Encoded, index, pad_id: int) -> dict:
     batch = {"input_ids": ids, "attention_mask": mask}
     if types is not None:
         batch["token_type_ids"] = types
-    if enc.labels is not None:
-        batch["labels"] = torch.as_tensor([enc.labels[i] for i in index], dtype=torch.long)
+    if enc.labels is not None:  # class ids; multi-hot rows (multi_label) and numbers (regression) as floats
+        y = [enc.labels[i] for i in index]
+        batch["labels"] = torch.as_tensor(y, dtype=torch.float32 if isinstance(y[0], (list, float)) else torch.long)
     if enc.teacher_logits is not None:
         batch["teacher_logits"] = torch.as_tensor(enc.teacher_logits[:, index], dtype=torch.float32).transpose(0, 1)
     if enc.hard is not None:
