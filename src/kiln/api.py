@@ -1,14 +1,23 @@
-"""The Python API; every CLI verb is one of these functions."""
+"""The Python API; every CLI verb is one of these functions (kiln/cli.py's handlers call them).
+
+Imports are made inside the functions: importing this module costs no torch, so the command line can check what
+it reads (a config, a flag) before the ~3 s of torch and the verb's own code.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from kiln.config import RunConfig, load_config
 from kiln.errors import KilnError
-from kiln.run.load import checkpoint_meta, load_run_config  # noqa: F401  (the public face of run loading)
+
+
+def __getattr__(name):  # the public face of run loading, imported when first asked for (it imports torch)
+    if name in ("checkpoint_meta", "load_run_config"):
+        from kiln.run import load as run_load
+
+        return getattr(run_load, name)
+    raise AttributeError(name)
 
 
 def load(run_dir: str | Path, which: str = "latest", device: str = "cpu", quantized_ok: bool = True):
@@ -33,6 +42,8 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
     """Text continuing `prompt`. Generation ends at max_new_tokens or at the first of the `stop` strings
     (the returned text ends right before it). num_beams > 1: beam search (sampling settings ignored; stop
     strings cut the best beam's text afterwards)."""
+    import torch
+
     from kiln.data.tokenizer import encode_text
     from kiln.model.generation_settings import check_generation
     from kiln.run.load import load_for_decoding
@@ -83,9 +94,10 @@ def finetune(task: str, config: str | Path | None = None, overrides: list[str] |
 
 def prepare_data(config: str | Path | None = None, overrides: list[str] | dict | None = None,
                  out: str | Path = "data/prepared") -> dict:
+    """`kiln data prepare`: clean, tokenize and shard the config's data into `out`; returns the manifest."""
+    cfg = load_config(config, overrides)  # a mistake in it before the preparation's imports
     from kiln.data.prepare import prepare
 
-    cfg = load_config(config, overrides)
     return prepare(cfg.data, Path(out), seed=cfg.seed)
 
 
@@ -123,3 +135,104 @@ def predict(run_dir: str | Path, file: str | Path, out: str | Path | None = None
                 "`kiln generate`") if kind == "pretrain" else f"a {kind} run: kiln eval and kiln translate use it"
         raise KilnError(f"{run} is {hint}; kiln predict takes a fine-tuned {' / '.join(able.split(', '))} run")
     return task.predict_file(run_dir, file, out, which, log=log)
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, queue: int = 64,
+          which: str | None = None, device: str = "auto", precision: str = "auto") -> None:
+    """`kiln serve`: an HTTP server for a run until SIGINT/SIGTERM (kiln.serve)."""
+    from kiln.serve import serve as serve_run
+
+    serve_run(run_dir, host, port, max_batch, queue, which, device, precision)
+
+
+def models() -> list[dict]:
+    """`kiln models`: the named model presets, each with its shape and parameter count."""
+    import torch
+
+    from kiln.model.config import PRESETS, preset
+    from kiln.model.transformer import Transformer
+
+    rows = []
+    for name in PRESETS:
+        cfg = preset(name).resolve()
+        with torch.device("meta"):
+            n = Transformer(cfg).num_parameters()
+        rows.append({"preset": name, "arch": cfg.arch, "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+                     "n_head": cfg.n_head, "params": n})
+    return rows
+
+
+def compare(runs: list[str | Path], metrics: list[str], out: str | Path = "compare.png", x: str = "step",
+            labels: list[str] | None = None) -> tuple[Path, list[dict]]:
+    """`kiln viz compare`: several runs' curves on one PNG; returns it and each run's last and best values."""
+    from kiln.report.plots import compare_runs
+
+    return compare_runs([Path(r) for r in runs], metrics, Path(out), x, labels)
+
+
+def attention(run_dir: str | Path, text: str, out: str | Path | None = None) -> Path:
+    """`kiln viz attention`: a PNG grid (layers x heads) of a pretraining run's attention maps for `text`."""
+    from kiln.eval.attention import viz_attention
+
+    return viz_attention(run_dir, text, out)
+
+
+def prune(run_dir: str | Path, out: str | Path, ffn_keep: float, which: str = "latest") -> dict:
+    """`kiln prune`: keep a share of the feed-forward neurons, into a new run folder; returns the report."""
+    from kiln.compress.prune import prune_run
+
+    return prune_run(run_dir, out, ffn_keep, which=which)
+
+
+def quantize(run_dir: str | Path, out: str | Path, which: str = "latest") -> dict:
+    """`kiln quantize`: int8 weight-only quantization into a new run folder; returns the report."""
+    from kiln.compress.quantize import quantize_run
+
+    return quantize_run(run_dir, out, which=which)
+
+
+def merge(run_dir: str | Path, out: str | Path, which: str = "best") -> Path:
+    """`kiln merge`: a LoRA run's adapters folded into its base, as a new run folder."""
+    from kiln.compress.merge import merge_run
+
+    return merge_run(run_dir, out, which=which)
+
+
+def import_run(src: str | Path, run_dir: str | Path, format: str = "hf") -> Path:
+    """`kiln import hf SRC RUN_DIR`: a kiln run folder from a Hugging Face model folder."""
+    if format != "hf":
+        raise KilnError(f"import format {format!r}: kiln imports hf")
+    from kiln.interop.hf import import_hf
+
+    return import_hf(src, run_dir)
+
+
+def export(run_dir: str | Path, out: str | Path, format: str = "hf", which: str | None = None,
+           int8: bool = False) -> None:
+    """`kiln export`: hf (a transformers folder), onnx (checked and measured, OUT/report.json; int8: also
+    model.int8.onnx) or peft (a LoRA run's adapters, its base in OUT/base). which: default latest (hf),
+    best (peft; onnx: a classifier)."""
+    if format == "peft":
+        from kiln.interop.peft import export_peft
+
+        export_peft(run_dir, out, which=which or "best")
+    elif format == "onnx":
+        from kiln.interop.onnx import export_onnx
+        from kiln.tasks.classify import load_splits  # the classifier's own reading of its data (test accuracy)
+
+        export_onnx(run_dir, out, int8=int8, which=which, read_splits=load_splits)
+    elif format == "hf":
+        from kiln.interop.hf import export_hf
+
+        export_hf(run_dir, out, which=which or "latest")
+    else:
+        raise KilnError(f"export format {format!r}: one of hf, onnx, peft")
+
+
+def translate(run_dir: str | Path, texts: list[str] | None = None, file: str | Path | None = None,
+              num_beams: int | None = None, which: str = "best", out: str | Path | None = None) -> None:
+    """`kiln translate`: a seq2seq run's outputs for `texts` and/or a file, printed or written to `out` as TSV
+    (with BLEU/chrF or ROUGE when the file has references)."""
+    from kiln.tasks.seq2seq import translate_from_cli
+
+    translate_from_cli(run_dir, texts, file, num_beams, which, out)

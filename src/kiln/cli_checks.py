@@ -1,6 +1,7 @@
 """The `kiln` command's user-error contract, apart from its verb table (kiln/cli.py): argparse's errors as one
 line with "did you mean", the checks made before torch is imported (a run folder that is not there, a resume of
-a run another process writes), the hint that names a resume after a full disk, and torchrun's error file.
+a run another process writes), the hint that names a resume after a full disk, and torchrun's error file. With
+them, the config overrides taken out of the command line (split_overrides): the flags `unrecognized` knows too.
 """
 
 from __future__ import annotations
@@ -41,6 +42,41 @@ def torchrun_error_file(message: str) -> None:
                                                  "timestamp": str(int(time.time()))}}}, f)
     except OSError:
         pass
+
+
+RECIPE_VERBS = ("pretrain", "data", "finetune", "distill")  # these take --section.key VALUE config overrides
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull config overrides (--section.key VALUE, --section.key=VALUE, --seed 3) out of argv."""
+    from dataclasses import fields
+
+    from kiln.config import RunConfig
+
+    top = {f.name for f in fields(RunConfig)} - {"out"}
+    if argv[:2] == ["data", "prepare"]:
+        top.discard("out")
+    elif argv[:1] == ["finetune"]:
+        from kiln import tasks
+
+        top = {f.name for f in fields(tasks.config_class(argv[1]))} if argv[1:2] and argv[1] in tasks.REGISTRY \
+            else set()
+    elif argv[:1] in (["pretrain"], ["distill"]):
+        top.add("out")
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and ("." in key or key in top):
+            if "=" in arg or i + 1 >= len(argv):
+                overrides.append(arg)
+            else:
+                overrides += [arg, argv[i + 1]]
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
