@@ -181,6 +181,8 @@ def test_regression_from_minilm_on_movie_reviews(capsys, tmp_path):
     print(f"regression: MSE {mse:.2f} (constant {constant:.2f}), Pearson {reported['pearson']:.3f}, "
           f"Spearman {reported['spearman']:.3f}")
     assert mse < 0.5 * constant and reported["pearson"] > 0.7 and reported["spearman"] > 0.7
+    # /v1/classify answers class probabilities: a regression run is refused, not served as a softmax of one output
+    assert_user_error(capsys, ["serve", run, "--port", "0"], "is a regression classifier", "kiln predict")
 
 
 

@@ -21,6 +21,10 @@ def load_classifier_backend(run_dir: Path, which: str, device: str):
 
     device = resolve_device(device, what="--device")
     model, tokenizer, cfg, labels = load_classifier(run_dir, which, device=device)
+    problem = getattr(cfg, "problem", "single_label")
+    if problem != "single_label":  # /v1/classify answers one label with class probabilities (a softmax)
+        raise KilnError(f"{run_dir} is a {problem} classifier; kiln serve answers single-label classifiers: use "
+                        f"kiln predict {run_dir} FILE for its {'labels' if problem == 'multi_label' else 'numbers'}")
     tok = prepare_tokenizer(tokenizer, cfg.data.max_length)
     pad = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
     batch_size = max(2 * cfg.train.batch_size, 16)  # as kiln predict
