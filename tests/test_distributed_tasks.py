@@ -27,7 +27,7 @@ from kiln.cli import main
 from test_classify import FAST, make_backbone, reviews, write_csv
 from test_finetune_resume import losses, newest_weights
 from test_images import image_folder
-from test_multinode import free_port
+from test_multinode import two_nodes
 from test_scale import ATOL_LOSS, RTOL, RTOL_WEIGHTS, column, rel
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.distributed]
@@ -61,6 +61,17 @@ def assert_same_run(ref: Path, got: Path) -> None:
     assert sa["train"]["best_step"] == sb["train"]["best_step"]
 
 
+def assert_ddp_equals_one_process(args: list[str], tmp_path: Path, verb: str) -> tuple[Path, Path]:
+    """`kiln ARGS` in this process and on 2 DDP ranks: one writer, the same run bit for bit."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one)]) == 0
+    r = torchrun(2, *args, "--out", str(two))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_one_writer(two, verb)
+    assert_same_run(one, two)
+    return one, two
+
+
 def assert_one_writer(run: Path, verb: str, ranks: int = 2, parallel: str = "ddp") -> None:
     log = (run / "log.txt").read_text()
     assert log.count(f"kiln finetune {verb} -> ") == 1, log
@@ -70,13 +81,7 @@ def assert_one_writer(run: Path, verb: str, ranks: int = 2, parallel: str = "ddp
 
 
 def test_classify_ddp_equals_one_process_and_resumes_on_one(tmp_path):
-    args = classify_args(tmp_path)
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main([*args, "--out", str(one)]) == 0
-    r = torchrun(2, *args, "--out", str(two))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_one_writer(two, "classify")
-    assert_same_run(one, two)
+    one, two = assert_ddp_equals_one_process(classify_args(tmp_path), tmp_path, "classify")
     first, last = (float(r[1]) for r in (losses(two)[0], [r for r in losses(two) if r[1]][-1]))
     assert last < first - 0.05  # it trained
     # saved by 2 ranks at step 4, resumed by one process: the uninterrupted run, exactly
@@ -120,12 +125,7 @@ def test_image_ddp_equals_one_process(tmp_path):
             "--model.n_head", "2", "--model.d_ff", "64", "--train.batch_size", "4", "--train.grad_accum", "2",
             "--epochs", "3", "--train.lr", "3e-3", "--augment.crop_padding", "2", "--augment.flip", "true",
             "--head_dropout", "0.1", "--data.val_fraction", "0.2", "--data.test_fraction", "0.2", *FAST]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main([*args, "--out", str(one)]) == 0
-    r = torchrun(2, *args, "--out", str(two))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_one_writer(two, "image")
-    assert_same_run(one, two)
+    assert_ddp_equals_one_process(args, tmp_path, "image")
 
 
 def test_grad_accum_not_a_multiple_of_the_ranks_is_one_line_exit_2(tmp_path):
@@ -150,12 +150,7 @@ def test_tokens_ddp_equals_one_process(tmp_path):
     args = ["finetune", "tokens", "--data.train", str(data), "--init", str(backbone), "--data.max_length", "48",
             "--epochs", "2", "--train.batch_size", "8", "--train.grad_accum", "2", "--train.lr", "3e-3",
             "--train.eval_every", "4", *FAST]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main([*args, "--out", str(one)]) == 0
-    r = torchrun(2, *args, "--out", str(two))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_one_writer(two, "tokens")
-    assert_same_run(one, two)
+    assert_ddp_equals_one_process(args, tmp_path, "tokens")
 
 
 def test_two_nodes_fine_tune_as_one_process(tmp_path):
@@ -164,19 +159,6 @@ def test_two_nodes_fine_tune_as_one_process(tmp_path):
     args = classify_args(tmp_path)
     one, two = tmp_path / "one", tmp_path / "two-nodes"
     assert main([*args, "--out", str(one)]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "kiln-finetune",
-           "-m", "kiln", *args, "--out", str(two)]
-    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    try:
-        results = [node.communicate(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-    for node, (_, err) in zip(nodes, results):
-        assert node.returncode == 0, err[-3000:]
+    two_nodes(*args, "--out", str(two))
     assert_one_writer(two, "classify")
     assert_same_run(one, two)

@@ -20,14 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.distributed
-def test_two_nodes_of_one_process_each_match_one_process(single, prepared, tmp_path):  # noqa: F811
+def two_nodes(*kiln_args: str) -> None:
+    """`kiln ARGS` as README "Training on several machines" runs it on each machine: two torchrun processes of one
+    rank each, joined by a c10d rendezvous on 127.0.0.1; both must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    out = tmp_path / "two-nodes"
-    # what README "Training on several machines" runs on each machine, with the head node's address
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "kiln-test",
-           "-m", "kiln", "pretrain", *STEPS, "--data.prepared", str(prepared / "a"), "--out", str(out)]
+           "-m", "kiln", *kiln_args]
     nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     try:
@@ -38,6 +37,12 @@ def test_two_nodes_of_one_process_each_match_one_process(single, prepared, tmp_p
                 node.kill()
     for node, (_, err) in zip(nodes, results):
         assert node.returncode == 0, err[-3000:]
+
+
+@pytest.mark.distributed
+def test_two_nodes_of_one_process_each_match_one_process(single, prepared, tmp_path):  # noqa: F811
+    out = tmp_path / "two-nodes"
+    two_nodes("pretrain", *STEPS, "--data.prepared", str(prepared / "a"), "--out", str(out))
     assert "distributed: 2 ranks, backend gloo, ddp" in (out / "log.txt").read_text()
     check_rank0_only(out)
     assert_bitwise_equal(single, out)
