@@ -295,11 +295,12 @@ def _finetune(args, extra) -> int:
         cfg = load_config(args.config, extra, cls=tasks.config_class(args.finetune_verb))
         check_micro_batches(cfg.train, env_world()[1])  # every torchrun rank refuses at once
     refuse_a_busy_resume(args.resume)
-    from kiln.tasks.driver import recipe_for
-
     task = tasks.get(args.finetune_verb)
-    return _train(task, load_config(recipe_for(task, args.config, args.resume), extra, cls=task.config_cls),
-                  args.resume)
+    if args.resume is not None:  # the run's own recipe (recipe_for refuses a second one), overrides on top
+        from kiln.tasks.driver import recipe_for
+
+        cfg = load_config(recipe_for(task, args.config, args.resume), extra, cls=task.config_cls)
+    return _train(task, cfg, args.resume)
 
 
 def _distill(args, extra) -> int:

@@ -19,7 +19,6 @@ TokensConfig (the `kiln finetune tokens` config) lives here, below interop, so `
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 from collections import Counter
@@ -30,6 +29,7 @@ import numpy as np
 
 from kiln.config import TrainConfig, _classify_train_defaults, _f
 from kiln.constants import IGNORE_INDEX
+from kiln.data.columns import json_object
 from kiln.data.encodings import decode_bytes
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
@@ -151,12 +151,7 @@ def _jsonl(path: Path, text: str, d, require_tags: bool) -> list[Sentence]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KilnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise KilnError(f"{path}:{lineno}: expected a JSON object")
+        row = json_object(path, lineno, line)
         tokens, tags, raw = row.get(d.tokens_field), row.get(d.tags_field), row.get(d.text_field)
         if raw is not None and not isinstance(raw, str):
             raise KilnError(f"{path}:{lineno}: field {d.text_field!r} must be a string")

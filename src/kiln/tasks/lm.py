@@ -34,7 +34,7 @@ class PretrainTask(Task):
     checks_data = False  # the shards are prepared into the run folder: nothing to compare on a resume
 
     def check(self, cfg: RunConfig) -> None:
-        _, line = scale_batch_and_lr(cfg, env_world()[1])  # an impossible global batch, before any work
+        scale_batch_and_lr(cfg, env_world()[1])  # an impossible global batch, before any work
         spec = objective_for(cfg)
         if cfg.train.lora.rank and cfg.objective == "electra":
             raise KilnError(f"train.lora.rank {cfg.train.lora.rank}: LoRA is for continued pretraining of a model "
