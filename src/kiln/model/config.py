@@ -51,6 +51,24 @@ class ModelConfig:
                                                   "range": ">= 1"})
     class_token: bool = field(default=True, metadata={"help": "image models: a learned class token before the patches (ViT); "
                                                       "false = patches only"})
+    audio_conv_dim: int = field(default=0, metadata={"help": "audio models: channels of the convolutional feature encoder over "
+                                                     "the raw waveform (kiln.model.audio; Wav2Vec 2.0: 512); 0 = not an "
+                                                     "audio model", "range": ">= 0"})
+    audio_conv_kernels: list = field(default_factory=lambda: [10, 3, 3, 3, 3, 2, 2], metadata={
+        "help": "audio models: kernel width of each feature-encoder convolution (Wav2Vec 2.0's seven)"})
+    audio_conv_strides: list = field(default_factory=lambda: [5, 2, 2, 2, 2, 2, 2], metadata={
+        "help": "audio models: stride of each feature-encoder convolution (product 320: 50 frames a second at 16 kHz)"})
+    audio_conv_norm: str = field(default="layer", metadata={
+        "help": "audio models: group (GroupNorm on the first convolution only, wav2vec2-base) | layer (LayerNorm after "
+                "every convolution, wav2vec2-large-lv60: frames do not depend on the batch's padding)",
+        "choices": ("group", "layer")})
+    audio_conv_bias: bool = field(default=False, metadata={"help": "audio models: biases on the feature-encoder convolutions"})
+    audio_pos_kernel: int = field(default=128, metadata={"help": "audio models: width of the convolutional relative "
+                                                         "position embedding", "range": ">= 1"})
+    audio_pos_groups: int = field(default=16, metadata={"help": "audio models: groups of that convolution (d_model must "
+                                                         "be a multiple)", "range": ">= 1"})
+    sample_rate: int = field(default=16000, metadata={"help": "audio models: samples a second the model takes (inputs are "
+                                                      "resampled to it)", "range": ">= 1"})
 
     def resolve(self) -> "ModelConfig":
         """Fill the derived values left at 0 ("auto"). Called once the config is final."""
@@ -60,6 +78,8 @@ class ModelConfig:
             self.d_ff = 4 * self.d_model
         if self.n_decoder_layer == 0:
             self.n_decoder_layer = self.n_layer
+        if self.audio_conv_dim:  # an audio model: no token embedding to tie; its length is the waveform's
+            self.tie_embeddings = False
         if self.channels:  # an image model: no token embedding to tie; its sequence is the patches (+ class token)
             self.tie_embeddings = False
             if self.image_size and self.image_size % self.patch_size == 0:
@@ -76,6 +96,8 @@ class ModelConfig:
         self.resolve()
         if self.channels:
             self._validate_image()
+        elif self.audio_conv_dim:
+            self._validate_audio()
         elif self.vocab_size <= 0:
             raise KilnError(f"model.vocab_size must be positive, got {self.vocab_size}")
         if self.d_model % self.n_head:
@@ -99,6 +121,26 @@ class ModelConfig:
         for key in ("mlm_head", "embedding_norm", "type_vocab_size", "embed_scale"):
             if getattr(self, key):
                 raise KilnError(f"model.{key} is for text models; an image model (model.channels > 0) has no tokens")
+
+    def _validate_audio(self) -> None:
+        from kiln.errors import KilnError
+
+        if self.arch != "encoder":
+            raise KilnError(f"an audio model (model.audio_conv_dim {self.audio_conv_dim}) is an encoder: model.arch must "
+                            f"be encoder, got {self.arch}")
+        k, s = list(self.audio_conv_kernels), list(self.audio_conv_strides)
+        if not k or len(k) != len(s) or not all(isinstance(v, int) and v >= 1 for v in k + s):
+            raise KilnError(f"model.audio_conv_kernels {k} and model.audio_conv_strides {s}: one positive integer each "
+                            "per convolution, as many of both")
+        if self.d_model % self.audio_pos_groups:
+            raise KilnError(f"model.d_model ({self.d_model}) must be a multiple of model.audio_pos_groups "
+                            f"({self.audio_pos_groups})")
+        if self.position != "learned":
+            raise KilnError(f"audio models take their positions from a convolution (model.audio_pos_kernel): leave "
+                            f"model.position at learned, got {self.position}")
+        for key in ("mlm_head", "type_vocab_size", "embed_scale", "channels"):
+            if getattr(self, key):
+                raise KilnError(f"model.{key} is not for audio models (model.audio_conv_dim > 0)")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -18,6 +18,7 @@ from kiln.model.layers import (  # noqa: F401  (re-exported: kiln.model.transfor
     rope_tables, sinusoidal_table)
 from kiln.model.losses import linear_cross_entropy
 from kiln.model.vision import PatchEmbedding
+from kiln.model.audio import AudioEmbedding, run_stack
 
 __all__ = ["Attention", "Block", "Dropout", "Embeddings", "FeedForward", "KVCache", "Stack", "Transformer",
            "apply_rope", "build_mask", "dropout", "make_norm", "rope_tables", "sinusoidal_table"]
@@ -33,7 +34,8 @@ class Stack(nn.Module):
     def __init__(self, cfg: ModelConfig, tokens: nn.Embedding | None, n_layer: int, causal: bool, cross: bool):
         super().__init__()
         self.cfg, self.causal = cfg, causal
-        self.embed = PatchEmbedding(cfg) if cfg.channels else Embeddings(cfg, tokens)
+        self.embed = (PatchEmbedding(cfg) if cfg.channels else AudioEmbedding(cfg) if cfg.audio_conv_dim
+                      else Embeddings(cfg, tokens))
         self.blocks = nn.ModuleList(Block(cfg, cross=cross) for _ in range(n_layer))
         self.norm = make_norm(cfg) if (cfg.pre_norm and cfg.final_norm) else None
         if cfg.position == "rope":
@@ -48,6 +50,8 @@ class Stack(nn.Module):
             for block in self.blocks:
                 x = block(x)
             return self.norm(x) if self.norm is not None else x
+        if self.cfg.audio_conv_dim:  # samples [B, S] -> frames [B, T, d]; attention_mask is over the samples
+            return run_stack(self, idx, attention_mask)[0]
         B, T = idx.shape
         offset = caches[0].length if caches else 0
         if position_ids is None:
@@ -93,7 +97,8 @@ class Transformer(nn.Module):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        tokens = embedding(cfg.vocab_size, cfg.d_model) if not cfg.channels else None  # images: patches
+        pixels_or_samples = cfg.channels or cfg.audio_conv_dim
+        tokens = embedding(cfg.vocab_size, cfg.d_model) if not pixels_or_samples else None  # images: patches
         if cfg.arch == "encoder-decoder":
             self.encoder = Stack(cfg, tokens, cfg.n_layer, causal=False, cross=False)
             self.decoder = Stack(cfg, tokens, cfg.n_decoder_layer, causal=True, cross=True)
@@ -103,7 +108,8 @@ class Transformer(nn.Module):
         self.head_transform = MLMTransform(cfg) if cfg.mlm_head else None
         self.pooler = Pooler(cfg) if cfg.pooler else None
         # an image model has no LM head: kiln.model.heads.ImageClassifier sits on its hidden states
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.mlm_head or cfg.head_bias) if not cfg.channels else None
+        self.lm_head = (nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.mlm_head or cfg.head_bias)
+                        if not pixels_or_samples else None)  # audio: kiln.model.audio's heads
         if cfg.tie_embeddings:
             self.lm_head.weight = tokens.weight
         if not on_meta():  # a meta-device build has nothing to draw: its weights are loaded next
@@ -131,6 +137,8 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             else:  # norm weights
                 nn.init.ones_(p)
+        if hasattr(self.decoder.embed, "init_weights"):  # audio: the convolutions drawn as Wav2Vec 2.0 draws them
+            self.decoder.embed.init_weights()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
