@@ -18,7 +18,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # below; sibling groups of one layer stay independent of each other
 LAYERS = [
     ("leaves", [["kiln._version", "kiln.errors", "kiln.constants", "kiln.hardware", "kiln.model.config"]]),
-    ("config", [["kiln.configlib", "kiln.config"]]),
+    # the components' configs sit beside their code but import only configlib: the config layer composes them
+    ("config", [["kiln.configlib", "kiln.config", "kiln.train.config", "kiln.run.config", "kiln.report.config",
+                 "kiln.model.lora_config"]]),
     ("model | data | report", [["kiln.model"], ["kiln.data"], ["kiln.report"]]),
     ("run", [["kiln.run"]]),
     ("train", [["kiln.train"]]),

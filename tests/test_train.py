@@ -180,8 +180,9 @@ def test_layer_lr_decay_scales_lr_by_depth_and_rejects_bad_values():
     assert lr_of[id(model.decoder.embed.tokens.weight)] == (0.0625, 0.1)  # embeddings: below block 0
     assert lr_of[id(next(p for p in blocks[0].parameters() if p.dim() == 1))][1] == 0.0  # no decay on 1-D
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
-    with pytest.raises(KilnError, match="layer_lr_decay"):
-        build_optimizer(model, TrainConfig(layer_lr_decay=1.5))
+    from kiln.config import RunConfig, load_config
+    with pytest.raises(KilnError, match=r"layer_lr_decay must be in \(0, 1\], got 1.5"):  # its range, at load
+        load_config(None, ["--train.layer_lr_decay", "1.5"], cls=RunConfig)
 
 
 def test_lr_0_with_muon_is_a_frozen_run_and_lr_above_0_keeps_muons_schedule(corpus, tmp_path):
@@ -282,7 +283,7 @@ def test_decoding_during_training_sees_the_weights_of_that_step(tmp_path):
         return {"val_loss": 0.0}
 
     tc = TrainConfig(max_steps=6, batch_size=4, lr=3e-2, min_lr=3e-2, warmup_steps=0, eval_every=2, log_every=2,
-                     optimizer="adamw", precision="fp32", tensorboard=False, sample_tokens=0)
+                     optimizer="adamw", precision="fp32", tensorboard=False)
     Trainer(model, CausalLM(), tc, tmp_path / "run", lambda i: data[(4 * i) % 64:(4 * i) % 64 + 4],
             evaluate=evaluate, log=lambda *a: None).fit()
     assert len(seen) == 3 and all(got == fresh for got, fresh in seen), seen

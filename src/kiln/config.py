@@ -10,9 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln import configlib
-from kiln.configlib import (RANGE_OVERRIDES, _f, _hints, check_ranges, dump_yaml, in_range,  # noqa: F401
+from kiln.configlib import (_f, _hints, check_ranges, dump_yaml, in_range,  # noqa: F401
                             parse_overrides, range_text, read_yaml, to_dict, update_dataclass)
 from kiln.model.config import ModelConfig
+from kiln.model.lora_config import LoraConfig
+from kiln.report.config import TrackingConfig
+from kiln.run.config import CheckpointConfig, DeviceConfig
+from kiln.train.config import (BatchScalingConfig, LoopConfig, OptimizerConfig, ParallelConfig,
+                               ScheduleConfig)
 
 
 _HEADER_HELP = ("CSV/TSV: the first row names the columns; false = no header row, columns named by position "
@@ -44,81 +49,48 @@ class DataConfig:
     delimiter: str = _f("", _DELIMITER_HELP)
 
 
+# A verb's train.* keys: the components it uses, composed (fields in the order of --help: the loop first; a
+# dataclass takes its bases' fields from the last base to the first). The keys users type stay train.*.
 @dataclass
-class LoraConfig:
-    rank: int = _f(0, "LoRA: rank of the low-rank adapters on the frozen model's linear layers; only the adapters "
-                   "and the task's head train (checkpoints hold those, the frozen base is stored once in the run "
-                   "folder); 0 = off (all weights train)", range=">= 0")
-    alpha: float = _f(16.0, "LoRA scale: the adapters' output is multiplied by alpha / rank", range="> 0")
-    dropout: float = _f(0.05, "dropout on the adapters' input", range="[0, 1)")
-    targets: str = _f("qkv_proj,out_proj", "comma-separated linear layers that get adapters: a module name's last "
-                      "parts (qkv_proj, out_proj, mlp.up_proj, mlp.down_proj, q_proj, kv_proj) or a glob over the "
-                      "full name (decoder.blocks.[0-3].attn.*); default the self-attention projections")
-    int8_base: bool = _f(False, "QLoRA-style: the frozen linear layers as int8 weights (per-channel, kiln.model.int8); "
-                         "the adapters and the head stay fp32")
-    modules_to_save: str = _f("", "comma-separated modules trained in full besides the adapters (PEFT's "
-                              "modules_to_save; a task's head always is), e.g. decoder.norm")
+class TrainConfig(TrackingConfig, CheckpointConfig, ParallelConfig, DeviceConfig, ScheduleConfig, OptimizerConfig,
+                  LoopConfig):
+    """The train keys every run reads: a run counted in optimizer steps."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
-class TrainConfig:
-    max_steps: int = _f(2000, "optimizer steps", range=">= 0")
-    batch_size: int = _f(12, "sequences per micro-batch", range=">= 1")
-    grad_accum: int = _f(1, "micro-batches per optimizer step", range=">= 1")
-    batch_tokens: int = _f(0, "global batch in tokens per optimizer step; when set, grad_accum is derived as "
-                           "batch_tokens / (batch_size * context_length * world_size); 0 = batch_size * "
-                           "grad_accum * world_size * context_length", range=">= 0")
-    lr_scaling: str = _f("none", "none | linear | sqrt: scale lr (and min_lr, muon_lr) by (global batch tokens / "
-                         "reference_batch_tokens)^(1 | 0.5)", choices=("none", "linear", "sqrt"))
-    reference_batch_tokens: int = _f(0, "global batch in tokens that train.lr was tuned for (train.lr_scaling)", range=">= 0")
-    batch_ramp_tokens: int = _f(0, "grow the global batch from one micro-batch per rank to the target over this "
-                                "many tokens, lr following train.lr_scaling; 0 = off", range=">= 0")
-    optimizer: str = _f("adamw", "adamw | muon | lamb | auto (Muon where its Newton-Schulz step costs at most the "
-                        "forward+backward FLOPs of a step, else AdamW; the run log says which)",
-                        choices=("adamw", "muon", "lamb", "auto"))
-    lr: float = _f(1e-3, "peak learning rate (AdamW part)", range=">= 0")  # 0: a frozen run (tests, a fixed baseline)
-    muon_lr: float = _f(0.02, "learning rate of Muon for 2-D hidden weights (optimizer: muon)", range="> 0")
-    min_lr: float = _f(1e-4, "final learning rate of the decay", range=">= 0")
-    layer_lr_decay: float = _f(1.0, "layer-wise lr decay (fine-tuning, AdamW/LAMB): block i of n gets lr * decay^(n - i), "
-                               "the embeddings decay^(n + 1), heads and final norms the full lr; 1 = off", range="(0, 1]")
-    warmup_steps: int = _f(100, "linear warmup steps", range=">= 0")
-    decay: str = _f("cosine", "cosine | linear | constant", choices=("cosine", "linear", "constant"))
-    weight_decay: float = _f(0.1, "decoupled weight decay, on 2-D weights only", range=">= 0")
-    beta1: float = _f(0.9, "Adam beta1", range="[0, 1)")
-    beta2: float = _f(0.99, "Adam beta2", range="[0, 1)")
-    grad_clip: float = _f(1.0, "clip the global grad norm to this value; 0 = off", range=">= 0")
-    precision: str = _f("auto", "auto | fp32 | bf16 (auto: bf16 only where the device computes it fast)",
-                        choices=("auto", "fp32", "bf16"))
-    bf16_weights: bool = _f(True, "with bf16: compute in a bf16 copy of the weights (fp32 master weights in the "
-                            "optimizer and checkpoints) instead of autocast's per-op casts")
-    compile: bool = _f(False, "torch.compile the model")
-    device: str = _f("auto", "auto | cpu | cuda[:N] | mps (auto: a CUDA GPU when there is one)")
-    threads: int = _f(0, "torch CPU threads; 0 = all cores", range=">= 0")
-    eval_every: int = _f(250, "evaluate every N steps", range=">= 0")
+class PretrainTrainConfig(TrainConfig, BatchScalingConfig):
+    """`kiln pretrain` / `kiln distill`: a batch counted in tokens (and scaled), evaluation on sampled windows, a
+    generated sample at the end."""
+
+    eval_every: int = _f(250, "evaluate every N steps; 0 = once, at the end", range=">= 0")
     eval_batches: int = _f(20, "validation batches per eval", range=">= 1")
-    save_every: int = _f(500, "checkpoint every N steps (and at evals and the end)", range=">= 0")
-    keep_last: int = _f(2, "checkpoints to keep besides the best", range=">= 0")
-    log_every: int = _f(10, "write metrics every N steps", range=">= 1")
-    target_loss: float = _f(0.0, "stop when val loss reaches this value; 0 = never", range=">= 0")
     sample_tokens: int = _f(200, "tokens of a generated sample printed at the end (decoders); 0 = none", range=">= 0")
     sample_prompt: str = _f("\n", "prompt of that sample")
-    tensorboard: bool = _f(True, "write TensorBoard events (if tensorboard is installed) when train.trackers names "
-                           "tensorboard; false turns them off (the key of older configs)")
-    trackers: str = _f("tensorboard", "where metrics go besides metrics.csv: a comma list of tensorboard | mlflow | "
-                       "wandb, or none (rank 0 logs; --resume continues the same tracked run)",
-                       choices=("tensorboard", "mlflow", "wandb", "none"), several=True)
-    mlflow_uri: str = _f("", "MLflow tracking URI (sqlite:///..., http://...); empty = $MLFLOW_TRACKING_URI, else "
-                         "sqlite:///<run folder>/mlruns/mlflow.db")
-    mlflow_experiment: str = _f("kiln", "MLflow experiment the run is logged under")
-    wandb_project: str = _f("kiln", "Weights & Biases project")
-    wandb_mode: str = _f("offline", "W&B mode: offline (files in <run folder>/wandb, no account; upload later with "
-                         "`wandb sync`) | online", choices=("offline", "online"))
-    backend: str = _f("auto", "distributed backend under torchrun: auto (nccl on cuda, gloo on cpu) | nccl | gloo",
-                      choices=("auto", "nccl", "gloo"))
-    parallel: str = _f("ddp", "data parallelism under torchrun: ddp | fsdp (FSDP2, each block then the root "
-                       "sharded)", choices=("ddp", "fsdp"))
-    activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
-    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class EpochTrainConfig(TrainConfig):
+    """A fine-tuning task that counts epochs of its examples (task.epochs, task.warmup_fraction)."""
+
+    max_steps: int = _f(0, "optimizer steps; 0 = from epochs", range=">= 0")
+    warmup_steps: int = _f(0, "linear warmup steps; 0 = warmup_fraction of the steps", range=">= 0")
+    eval_every: int = _f(0, "evaluate every N steps; 0 = once per epoch", range=">= 0")
+    # pretraining's keys, written into every fine-tuning run's config.yaml by older kiln (where a fine-tuning
+    # task refused any value but the default): dropped when read from a file, unknown as flags
+    RETIRED = ("batch_tokens", "lr_scaling", "reference_batch_tokens", "batch_ramp_tokens", "eval_batches",
+               "sample_tokens", "sample_prompt")
+
+
+@dataclass
+class Seq2SeqTrainConfig(TrainConfig):
+    """`kiln finetune seq2seq`: steps (and seq2seq.time_budget); val loss over eval_batches batches."""
+
+    eval_batches: int = _f(20, "validation batches of the teacher-forced val loss per eval (at least the decoded "
+                           "subset)", range=">= 1")
+    RETIRED = ("batch_tokens", "lr_scaling", "reference_batch_tokens", "batch_ramp_tokens", "sample_tokens",
+               "sample_prompt")
 
 
 @dataclass
@@ -161,7 +133,7 @@ class RunConfig:
     init_checkpoint: str = _f("latest", "checkpoint of `init`: latest | best | a folder")
     model: ModelConfig = field(default_factory=lambda: default_recipe_model())
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: default_recipe_train())
+    train: PretrainTrainConfig = field(default_factory=lambda: default_recipe_train())
     mlm: MLMConfig = field(default_factory=MLMConfig)
     electra: ElectraConfig = field(default_factory=ElectraConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -172,12 +144,12 @@ def default_recipe_model() -> ModelConfig:
     return ModelConfig(n_layer=4, n_head=4, d_model=128, context_length=64)
 
 
-def default_recipe_train() -> TrainConfig:
+def default_recipe_train() -> PretrainTrainConfig:
     """The default recipe's training: Muon for hidden matrices, AdamW for the rest, a short cosine schedule.
     Chosen by measurement (docs/benchmarks.md): val loss 1.88 in ~500 steps vs ~2000 for nanoGPT's recipe.
     optimizer auto keeps Muon here and picks AdamW where Muon's per-step cost is not amortised (GPT-2 124M at
     batch 4 x 256: 3.3x slower a step; kiln.train.optim.choose_optimizer)."""
-    return TrainConfig(max_steps=600, batch_size=12, optimizer="auto", lr=3e-3, muon_lr=0.01, min_lr=1e-4,
+    return PretrainTrainConfig(max_steps=600, batch_size=12, optimizer="auto", lr=3e-3, muon_lr=0.01, min_lr=1e-4,
                        warmup_steps=100, beta2=0.99, eval_every=100, save_every=200)
 
 
@@ -206,10 +178,9 @@ class ClassifyDataConfig:
     delimiter: str = _f("", _DELIMITER_HELP)
 
 
-def _classify_train_defaults() -> TrainConfig:
-    return TrainConfig(max_steps=0, batch_size=32, lr=5e-5, min_lr=0.0, warmup_steps=0, decay="linear",
-                       weight_decay=0.01, beta2=0.999, eval_every=0, save_every=0, keep_last=1, log_every=10,
-                       sample_tokens=0)
+def _classify_train_defaults() -> EpochTrainConfig:
+    return EpochTrainConfig(max_steps=0, batch_size=32, lr=5e-5, min_lr=0.0, warmup_steps=0, decay="linear",
+                       weight_decay=0.01, beta2=0.999, eval_every=0, save_every=0, keep_last=1, log_every=10)
 
 
 # finetune classify's validation metrics, by problem (the first: metric auto)
@@ -255,7 +226,7 @@ class ClassifyConfig:
     keep_layers: str = _f("", "backbone blocks to keep, e.g. 0,2,4: a shallower student initialised from those "
                           "layers of init (DistilBERT-style; pair it with distill.teacher); empty = all")
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
-    train: TrainConfig = field(default_factory=_classify_train_defaults)
+    train: EpochTrainConfig = field(default_factory=_classify_train_defaults)
     model: ModelConfig = field(default_factory=ModelConfig,
                                metadata={"help": "written by kiln: the backbone's shape (read from init)"})
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -311,9 +282,9 @@ def _seq2seq_model_defaults() -> ModelConfig:
                        position="sinusoidal", activation="relu", dropout=0.1, embed_scale=True)
 
 
-def _seq2seq_train_defaults() -> TrainConfig:
-    return TrainConfig(max_steps=2000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=200, weight_decay=0.01,
-                       beta2=0.98, eval_every=250, save_every=0, keep_last=1, sample_tokens=0)
+def _seq2seq_train_defaults() -> Seq2SeqTrainConfig:
+    return Seq2SeqTrainConfig(max_steps=2000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=200, weight_decay=0.01,
+                       beta2=0.98, eval_every=250, save_every=0, keep_last=1)
 
 
 @dataclass
@@ -333,16 +304,7 @@ class Seq2SeqConfig:
     data: Seq2SeqDataConfig = field(default_factory=Seq2SeqDataConfig)
     seq2seq: Seq2SeqTaskConfig = field(default_factory=Seq2SeqTaskConfig)
     model: ModelConfig = field(default_factory=_seq2seq_model_defaults)
-    train: TrainConfig = field(default_factory=_seq2seq_train_defaults)
-
-
-# Ranges that depend on the verb (the field's own "range" holds elsewhere): pretraining counts steps, evaluates
-# and saves every N steps, so 0 means nothing there; finetune classify reads 0 as "from epochs" / "once per
-# epoch", seq2seq's save_every 0 as "at evaluations".
-RANGE_OVERRIDES.update({
-    RunConfig: {"train.max_steps": ">= 1", "train.eval_every": ">= 1", "train.save_every": ">= 1"},
-    Seq2SeqConfig: {"train.max_steps": ">= 1", "train.eval_every": ">= 1"},
-})
+    train: Seq2SeqTrainConfig = field(default_factory=_seq2seq_train_defaults)
 
 
 def load_config(path=None, overrides: list[str] | dict | None = None, cls=None, base: dict | None = None):

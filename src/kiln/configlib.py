@@ -19,10 +19,6 @@ import yaml
 
 from kiln.errors import KilnError, did_you_mean
 
-# Ranges that depend on the verb (the field's own "range" holds elsewhere), by config class; kiln.config fills it.
-RANGE_OVERRIDES: dict[type, dict[str, str]] = {}
-
-
 def _f(default, help: str, **meta):
     """A config field: its default, one line of help (--help is generated from it) and metadata such as
     range=">= 1" or choices=(...) (with several=True: a comma list of them)."""
@@ -86,6 +82,8 @@ def update_dataclass(obj, values: dict, prefix: str = "", where: str = "config",
     for key, value in values.items():
         full = f"{prefix}{key}"
         where = "command line" if full in given or any(g.startswith(full + ".") for g in given) else outer
+        if key not in names and where != "command line" and key in getattr(type(obj), "RETIRED", ()):
+            continue  # a key older kiln wrote into run folders' configs: the file still loads
         if key not in names:
             raise KilnError(f"{where}: unknown key {full!r}{did_you_mean(key, names)}"
                             .replace("did you mean '", f"did you mean '{prefix}"))
@@ -137,10 +135,10 @@ def range_text(spec: str) -> str:
 
 
 def check_ranges(cfg, where: str = "config", given: set[str] = frozenset()) -> None:
-    """Every numeric key of a loaded config against its declared range (the field's metadata "range", or
-    RANGE_OVERRIDES for the verb): a one-line KilnError naming the key, the value and the range. A key in
-    `given` (set on the command line) is named as the flag, the others after `where` (the YAML file)."""
-    overrides = RANGE_OVERRIDES.get(type(cfg), {})
+    """Every numeric key of a loaded config against its declared range (the field's metadata "range": a verb
+    that reads a key differently overrides the field in its own config class): a one-line KilnError naming the
+    key, the value and the range. A key in `given` (set on the command line) is named as the flag, the others
+    after `where` (the YAML file)."""
 
     def walk(obj, prefix: str) -> None:
         hints = _hints(type(obj))
@@ -149,7 +147,7 @@ def check_ranges(cfg, where: str = "config", given: set[str] = frozenset()) -> N
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(value, key + ".")
                 continue
-            spec = overrides.get(key, f.metadata.get("range"))
+            spec = f.metadata.get("range")
             if spec is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if not in_range(value, spec):
@@ -263,7 +261,7 @@ def config_help(cls, prefix: str = "", instance=None) -> list[tuple[str, str, st
         tp = hints[f.name]
         value = getattr(instance, f.name)
         if dataclasses.is_dataclass(tp):
-            rows += config_help(tp, f"{prefix}{f.name}.", value)
+            rows += config_help(type(value), f"{prefix}{f.name}.", value)
             continue
         rows.append((f"--{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
     return rows

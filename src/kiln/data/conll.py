@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.config import TrainConfig, _classify_train_defaults, _f
+from kiln.config import EpochTrainConfig, _classify_train_defaults, _f
 from kiln.constants import IGNORE_INDEX
 from kiln.data.columns import json_object
 from kiln.data.encodings import decode_bytes
@@ -78,7 +78,7 @@ class TokensConfig:
                      choices=("val_loss", "val_f1", "val_accuracy"))
     patience: int = _f(0, "stop after this many evaluations without improvement of `metric`; 0 = never", range=">= 0")
     data: TokensDataConfig = field(default_factory=TokensDataConfig)
-    train: TrainConfig = field(default_factory=lambda: dataclasses.replace(_classify_train_defaults(), batch_size=16))
+    train: EpochTrainConfig = field(default_factory=lambda: dataclasses.replace(_classify_train_defaults(), batch_size=16))
     model: ModelConfig = field(default_factory=ModelConfig,
                                metadata={"help": "written by kiln: the backbone's shape (read from init)"})
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kiln.config import TrainConfig, _f
+from kiln.config import EpochTrainConfig, _f
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 
@@ -71,10 +71,9 @@ def _image_model() -> ModelConfig:
                        d_ff=256, position="learned", norm_eps=1e-6, tie_embeddings=False)
 
 
-def _image_train() -> TrainConfig:
-    return TrainConfig(max_steps=0, batch_size=128, lr=1e-3, min_lr=1e-5, warmup_steps=0, decay="cosine",
-                       weight_decay=0.05, beta2=0.999, eval_every=0, save_every=0, keep_last=1, log_every=20,
-                       sample_tokens=0)
+def _image_train() -> EpochTrainConfig:
+    return EpochTrainConfig(max_steps=0, batch_size=128, lr=1e-3, min_lr=1e-5, warmup_steps=0, decay="cosine",
+                       weight_decay=0.05, beta2=0.999, eval_every=0, save_every=0, keep_last=1, log_every=20)
 
 
 @dataclass
@@ -100,7 +99,7 @@ class ImageConfig:
                             "ends in time); 0 = off", range=">= 0")
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainConfig = field(default_factory=_image_train)
+    train: EpochTrainConfig = field(default_factory=_image_train)
     model: ModelConfig = field(default_factory=_image_model, metadata={
         "help": "the ViT from scratch (channels/image_size 0 = the training images'); with init: the init's shape"})
 

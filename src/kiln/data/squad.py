@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.config import TrainConfig, _classify_train_defaults, _f
+from kiln.config import EpochTrainConfig, _classify_train_defaults, _f
 from kiln.data.encodings import decode_bytes
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
@@ -76,7 +76,7 @@ class QAConfig:
     patience: int = _f(0, "stop after this many evaluations without improvement of `metric`; 0 = never", range=">= 0")
     data: QADataConfig = field(default_factory=QADataConfig)
     qa: QAHeadConfig = field(default_factory=QAHeadConfig)
-    train: TrainConfig = field(default_factory=lambda: dataclasses.replace(_classify_train_defaults(), batch_size=16))
+    train: EpochTrainConfig = field(default_factory=lambda: dataclasses.replace(_classify_train_defaults(), batch_size=16))
     model: ModelConfig = field(default_factory=ModelConfig,
                                metadata={"help": "written by kiln: the backbone's shape (read from init)"})
 

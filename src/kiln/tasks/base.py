@@ -62,14 +62,6 @@ class Prepared:
                                                        # pretraining's TokenBatches do)
 
 
-# train.* keys that only pretraining reads: a fine-tuning task (batch_unit set) refuses the first three when set
-# and leaves all of them out of its --help
-PRETRAIN_ONLY = ("batch_tokens", "lr_scaling", "batch_ramp_tokens", "reference_batch_tokens", "eval_batches",
-                 "sample_tokens", "sample_prompt", "target_loss", "muon_lr")
-_FINETUNE_NOTES = {"max_steps": "; 0 = from epochs", "warmup_steps": "; 0 = warmup_fraction",
-                   "eval_every": "; 0 = once per epoch", "save_every": "; 0 = at evaluations and the end"}
-
-
 class Task:
     name: str = ""
     config_cls: type = object
@@ -81,15 +73,11 @@ class Task:
     example: str = ""  # a shipped recipe
 
     def help_rows(self) -> list[tuple[str, str, str]]:
-        """(flag, default, help) of every config key, for --help (from the config dataclass's metadata); a
-        fine-tuning task leaves out the pretraining-only train keys and what `shows` rejects."""
+        """(flag, default, help) of every key of the task's config (its dataclasses are the one source), less
+        what `shows` leaves out."""
         from kiln.config import config_help
 
-        rows = config_help(self.config_cls)
-        if not self.batch_unit:
-            return rows
-        return [(f, d, h + _FINETUNE_NOTES.get(f[8:], "") if f.startswith("--train.") else h) for f, d, h in rows
-                if not (f.startswith("--train.") and f[8:] in PRETRAIN_ONLY) and self.shows(f)]
+        return [row for row in config_help(self.config_cls) if self.shows(row[0])]
 
     @property
     def verb(self) -> str:
@@ -101,15 +89,6 @@ class Task:
     def shows(self, flag: str) -> bool:
         """Whether --help lists this key; fine-tuning tasks hide the model keys (they come from init)."""
         return not flag.startswith("--model.")
-
-    def check_train(self, cfg) -> None:
-        """The driver's check of the train keys every fine-tuning task shares."""
-        tc = cfg.train
-        if self.batch_unit:
-            used = [k for k in PRETRAIN_ONLY[:3] if getattr(tc, k, 0) not in (0, "none")]
-            if used:
-                raise KilnError(f"{' and '.join('train.' + k for k in used)}: for pretraining only; finetune "
-                                f"{self.name} counts batches in {self.batch_unit} (train.batch_size x train.grad_accum)")
 
     def check(self, cfg) -> None:
         pass

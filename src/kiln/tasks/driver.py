@@ -41,7 +41,6 @@ def train(task: Task, cfg, quiet: bool = False, resume: str | Path | None = None
     """Train `task` as `cfg` says (or continue the run folder `resume`); returns the run folder. Under torchrun
     every rank runs this: rank 0 writes the run folder, each rank takes its share of every step's micro-batches
     (kiln.train.trainer.Trainer's global_batches), evaluation and the test pass give what one process gives."""
-    task.check_train(cfg)
     task.check(cfg)
     tc = cfg.train
     lora = getattr(tc, "lora", None)

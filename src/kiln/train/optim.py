@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from kiln.config import TrainConfig
+from kiln.train.config import OptimizerConfig, ScheduleConfig
 from kiln.errors import KilnError
 
 
@@ -42,7 +42,7 @@ class OptimizerGroup:
             o.load_state_dict(s)
 
 
-def _adamw(groups, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
+def _adamw(groups, cfg: OptimizerConfig, device: str) -> torch.optim.AdamW:
     kw = {"fused": True} if device.startswith("cuda") or device == "cpu" else {}
     try:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kw)
@@ -63,7 +63,7 @@ def layer_depths(names: list[str]) -> dict[str, int]:
     return depth
 
 
-def _decay_groups(named, cfg: TrainConfig) -> list[dict]:
+def _decay_groups(named, cfg: OptimizerConfig) -> list[dict]:
     """AdamW/LAMB param groups: weight decay on 2-D weights only; with layer_lr_decay, one group per depth."""
     if cfg.layer_lr_decay == 1.0:
         return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
@@ -111,7 +111,7 @@ def choose_optimizer(model: torch.nn.Module, tokens_per_step: int, ns_steps: int
     return ("muon" if hidden and ratio <= MUON_MAX_NS_RATIO else "adamw"), ratio
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu",
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, device: str = "cpu",
                     precision: str = "fp32") -> OptimizerGroup:
     """`precision` is the run's measured compute precision: Muon's Newton-Schulz runs in bf16 only where bf16 is
     native (on a CPU without it, bf16 matmuls emulated are ~70x slower than fp32: measured 52 s vs 0.74 s for
@@ -127,10 +127,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str = "cpu
     return opt
 
 
-def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str, ns_dtype) -> OptimizerGroup:
+def _build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, device: str, ns_dtype) -> OptimizerGroup:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not 0.0 < cfg.layer_lr_decay <= 1.0:
-        raise KilnError(f"train.layer_lr_decay must be in (0, 1], got {cfg.layer_lr_decay}")
     if cfg.layer_lr_decay != 1.0 and cfg.optimizer == "muon":
         raise KilnError("train.layer_lr_decay works with optimizer adamw or lamb, not muon")
     if cfg.optimizer == "adamw":
@@ -154,13 +152,13 @@ def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str, ns_d
     return OptimizerGroup([muon, adam])
 
 
-def muon_lr_scale(cfg: TrainConfig) -> float:
+def muon_lr_scale(cfg: OptimizerConfig) -> float:
     """Muon's lr over the schedule's (set_lr multiplies): Muon follows train.lr's schedule, scaled so that its
     peak is train.muon_lr. lr 0 is a frozen run: Muon's part is frozen too (its lr and weight decay are 0)."""
     return cfg.muon_lr / cfg.lr if cfg.lr > 0 else 0.0
 
 
-def lr_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
+def lr_at(step: int, cfg: OptimizerConfig | ScheduleConfig, max_steps: int | None = None) -> float:
     """Warmup then cosine/linear decay to min_lr at max_steps (default cfg.max_steps; a time budget passes the
     steps that fit). A pure function of the step: nothing to resume. A peak lr of 0 is a frozen run: 0 at every
     step, whatever min_lr says (a decay from 0 to min_lr would start training midway)."""

@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from kiln.config import RunConfig, TrainConfig
+from kiln.config import PretrainTrainConfig, RunConfig
 from kiln.errors import KilnError
+from kiln.train.config import LoopConfig
 
 
 def env_world() -> tuple[int, int, int]:
@@ -23,7 +24,7 @@ def env_world() -> tuple[int, int, int]:
     return num("RANK", 0), num("WORLD_SIZE", 1), num("LOCAL_RANK", 0)
 
 
-def scale_batch_and_lr(cfg: RunConfig, world_size: int) -> tuple[TrainConfig, str]:
+def scale_batch_and_lr(cfg: RunConfig, world_size: int) -> tuple[PretrainTrainConfig, str]:
     """The train config the trainer runs with: grad_accum derived from train.batch_tokens, learning rates
     scaled by train.lr_scaling. Pure arithmetic on the config, so its errors come before any work; the
     user's values stay in config.yaml, so a resume (on any number of ranks) derives the same again."""
@@ -52,7 +53,7 @@ def scale_batch_and_lr(cfg: RunConfig, world_size: int) -> tuple[TrainConfig, st
                                muon_lr=t.muon_lr * scale), line
 
 
-def check_micro_batches(t: TrainConfig, world_size: int) -> None:
+def check_micro_batches(t: LoopConfig, world_size: int) -> None:
     """A fine-tuning step is train.grad_accum micro-batches of train.batch_size examples, whatever the number of
     ranks; each rank takes whole micro-batches, so grad_accum must be a multiple of torchrun's world size."""
     if t.grad_accum % world_size:

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from kiln.config import TrainConfig
+from kiln.config import TrainConfig  # the components the loop reads, composed
 from kiln.errors import KilnError
 from kiln.model.packed import forget as forget_packed
 from kiln.report.metrics import MetricsLog
