@@ -4,10 +4,11 @@
     .venv/bin/python docs/gen_reference.py --check   # exit 1 if docs/reference.md is not what this writes
 
 The text comes from where `kiln ... --help` takes it, so the page cannot say something --help does not: the
-verbs and their flags from the CLI's parser (kiln.cli.build_parser), the config keys of each training verb from
-its task (`help_rows()` of kiln.tasks.get(kind): pretraining and every task of the registry), which reads the
-config dataclasses' metadata (kiln.config.config_help). tests/test_docs_reference.py regenerates the page and
-fails when the committed one differs, so a new key or a changed default cannot leave it stale.
+verbs and their flags from the CLI's parser (kiln.cli.build_parser); the config keys of `kiln finetune TASK`
+from the task's `help_rows()` (kiln.tasks.get(TASK)), those of `kiln pretrain` from config_help of the
+pretraining config; both read the config dataclasses' metadata (kiln.config.config_help).
+tests/test_docs_reference.py regenerates the page and fails when the committed one differs, so a new key, a
+changed default or a new task cannot leave it stale.
 """
 
 from __future__ import annotations
@@ -129,8 +130,18 @@ def _config_keys() -> list[str]:
         out += [f"### {title}", "", line, ""]
         if getattr(task, "example", None):
             out += [f"Example recipe: `{task.example}`.", ""]
-        out += _keys_table(task.help_rows())
+        out += _keys_table(key_rows(kind))
     return out
+
+
+def key_rows(kind: str) -> list[tuple[str, str, str]]:
+    """(flag, default, help) of a training verb's config keys, as its --help lists them: `kiln pretrain --help`
+    lists every key of the pretraining config, `kiln finetune TASK --help` the task's help_rows()."""
+    from kiln import tasks
+    from kiln.config import config_help
+
+    task = tasks.get(kind)
+    return config_help(task.config_cls) if kind == "pretrain" else task.help_rows()
 
 
 def render() -> str:

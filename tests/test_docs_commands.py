@@ -1,5 +1,6 @@
-"""Every `kiln ...` command that kiln tells a user to run exists as written: the commands in README's and
-docs/architecture.md's examples and in the error messages, hints and docstrings of src/kiln. A hint that names a
+"""Every `kiln ...` command that kiln tells a user to run exists as written: the commands in the examples of
+README and every page under docs/ (getting started, the guides, the reference, architecture) and in the error
+messages, hints and docstrings of src/kiln. A hint that names a
 verb, a sub-command, a flag or a config key the CLI does not have sends the user from one error to another (an
 error message once said "run `kiln prepare` first"; the verb is `kiln data prepare`)."""
 
@@ -30,7 +31,7 @@ def _spans(text: str) -> list[str]:
 
 
 def commands() -> list[tuple[str, str]]:
-    files = [ROOT / "README.md", ROOT / "docs" / "architecture.md", *sorted((ROOT / "src" / "kiln").rglob("*.py"))]
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "src" / "kiln").rglob("*.py"))]
     out = []
     for f in files:
         for cmd in _spans(f.read_text()):
@@ -98,6 +99,7 @@ def test_the_documented_commands_were_found():
     found = commands()
     where = {f for f, _ in found}
     assert "README.md" in where and "docs/architecture.md" in where and "src/kiln/data/shards.py" in where
+    assert "docs/getting-started.md" in where and "docs/reference.md" in where
     verbs = {c.split()[1] for _, c in found if len(c.split()) > 1}
     assert {"pretrain", "data", "finetune", "eval", "predict", "export", "import", "serve", "generate"} <= verbs
     assert len(found) > 100, len(found)

@@ -5,6 +5,7 @@ regenerated page fails here, with the command that fixes it."""
 from __future__ import annotations
 
 import importlib.util
+import re
 
 from conftest import ROOT
 from kiln import tasks
@@ -25,10 +26,20 @@ def test_the_committed_reference_is_current():
     assert committed == text, "docs/reference.md is out of date: run `.venv/bin/python docs/gen_reference.py`"
 
 
-def test_the_reference_names_every_verb_and_every_key():
+def _help_keys(*path: str) -> list[str]:
+    """The config keys `kiln PATH --help` lists, read from its epilog."""
+    parser = build_parser([*path, "--help"])
+    for word in path:
+        parser = subcommands(parser)[word]
+    return re.findall(r"^  (--\S+)", parser.epilog or "", flags=re.M)
+
+
+def test_the_reference_lists_what_help_lists():
     text = _generator().render()
     for verb in subcommands(build_parser([])):
         assert f"### kiln {verb}" in text, verb
-    for kind in ["pretrain", *tasks.REGISTRY]:
-        for flag, default, _ in tasks.get(kind).help_rows():
-            assert f"| `{flag}` | `{default.replace('|', chr(92) + '|')}` |" in text, (kind, flag)
+    for path in [("pretrain",), *(("finetune", name) for name in tasks.REGISTRY)]:
+        keys = _help_keys(*path)
+        assert keys, path
+        section = text.split(f"### kiln {' '.join(path)} keys")[1].split("\n### ")[0]
+        assert re.findall(r"^\| `(--\S+)` \|", section, flags=re.M) == keys, path
