@@ -1,6 +1,6 @@
 """Feeds docs/benchmarks.md, section 'A BERT-style encoder pretrained from scratch (MLM), then fine-tuned on rotten_tomatoes'.
 
-Its sessions 2-8 subsections and docs/status.md's from-scratch row come from this script.
+Its subsections there come from this script.
 
 A BERT-style encoder pretrained from scratch by kiln (masked LM), then fine-tuned on rotten_tomatoes.
 
