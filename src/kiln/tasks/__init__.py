@@ -17,13 +17,16 @@ REGISTRY = {
     "qa": ("kiln.tasks.qa", "extractive question answering from SQuAD v1.1/v2.0 JSON or JSONL"),
     "tokens": ("kiln.tasks.tokens", "token classification (NER, POS) from CoNLL column files or JSONL"),
     "image": ("kiln.tasks.images", "image classification with a Vision Transformer (image folders, IDX, CSV)"),
+    "audio": ("kiln.tasks.audio", "audio classification (keyword spotting, speakers) with a Wav2Vec 2.0 encoder"),
+    "asr": ("kiln.tasks.asr", "speech recognition: CTC over characters on a Wav2Vec 2.0 encoder (WER, CER)"),
 }
 # kind -> "module:Class" of its config (TASK.config_cls), so the CLI reads a recipe and its overrides before it
 # imports the task: a mistake in them is one line in ~0.2-0.5 s, not after ~3-5 s of importing torch (each of these
 # modules imports no torch; tests/test_cli.py checks it).
 CONFIGS = {"classify": "kiln.config:ClassifyConfig", "seq2seq": "kiln.config:Seq2SeqConfig",
            "qa": "kiln.data.squad:QAConfig", "tokens": "kiln.data.conll:TokensConfig",
-           "image": "kiln.data.images:ImageConfig"}
+           "image": "kiln.data.images:ImageConfig", "audio": "kiln.data.audio_config:AudioConfig",
+           "asr": "kiln.data.audio_config:ASRConfig"}
 
 
 # every kind of run the one driver trains: pretraining (`kiln pretrain`, `kiln distill`) and the fine-tuning tasks
