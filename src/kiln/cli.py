@@ -125,7 +125,9 @@ VERBS = {
         _a("--checkpoint", default="best", help="best (the newest when the run has none), latest, or a "
                                                 "checkpoint folder")]),
     "import": ({"help": "import a checkpoint from another format"}, [
-        _a("format", choices=["hf"]), _a("src"), _a("run_dir")]),
+        _a("format", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: a llama.cpp / Ollama file "
+                                                   "(llama, qwen2; tokenizer and chat template from its metadata)"),
+        _a("src"), _a("run_dir")]),
     "export": ({"help": "export a run to another format: hf (transformers folder) or onnx (a classifier or "
                         "language model for onnxruntime, checked and measured: OUT/report.json)"}, [
         _a("format", choices=["hf", "onnx", "peft"], help="peft: a LoRA run's adapters (adapter_config.json + "

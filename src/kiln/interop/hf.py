@@ -133,6 +133,10 @@ def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False)
         shutil.copyfile(src / "tokenizer.json", run_dir / "tokenizer.json")
         run.data.tokenizer = str(run_dir / "tokenizer.json")
     shutil.copyfile(src / "config.json", run_dir / HF_CONFIG_COPY)
+    if cfg.arch == "decoder":  # its special tokens and chat template (kiln chat, /v1/chat/completions)
+        from kiln.interop.run_files import chat_files, write_chat_files
+
+        write_chat_files(run_dir, *chat_files(src))
     if (src / vit.PREPROCESSOR).is_file():  # image models: the pixel normalisation (kiln finetune image reads it)
         shutil.copyfile(src / vit.PREPROCESSOR, run_dir / vit.PREPROCESSOR)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
@@ -235,7 +239,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -
     if (root / "tokenizer.json").is_file():
         shutil.copyfile(root / "tokenizer.json", out / "tokenizer.json")
         tok_cfg = _tokenizer_config(root / "tokenizer.json", cfg)
+        if (root / "tokenizer_config.json").is_file():  # the special tokens an import kept (kiln.interop.run_files)
+            tok_cfg.update(_read_json(root / "tokenizer_config.json"))
         (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    if (root / "chat_template.jinja").is_file():
+        shutil.copyfile(root / "chat_template.jinja", out / "chat_template.jinja")
     return out
 
 

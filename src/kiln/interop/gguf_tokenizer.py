@@ -1,0 +1,145 @@
+"""A GGUF file's tokenizer metadata <-> tokenizer.json (the `tokenizers` library's format).
+
+GGUF keeps a GPT-2-style byte-level BPE as lists (`tokenizer.ggml.tokens`, `.merges`, `.token_type`) plus the
+name of the pre-tokenizer its merges were learned with (`tokenizer.ggml.pre`). kiln rebuilds the tokenizer.json
+that splits text the same way: the byte-level alphabet, the split regex that `pre` names, control tokens as
+special added tokens (kept whole, skipped when decoding) and user-defined ones as plain added tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kiln.errors import KilnError
+
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp's token types
+
+# the split regexes of the `tokenizer.ggml.pre` names llama.cpp writes (from the models' own tokenizer.json)
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {"llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "smaug-bpe": _LLAMA3, "dbrx": _LLAMA3,
+          "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2}
+DIGITS_FIRST = ("smollm", "starcoder")  # HF: Digits(individual) then GPT-2's byte-level regex
+SPECIAL_ROLES = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                 "pad_token": "padding_token_id"}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: every byte-level BPE token is spelt in it."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _pre_tokenizer(pre: str | None):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre in DIGITS_FIRST:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # "gpt2", "default" and the rest
+
+
+def tokenizer_from_gguf(meta: dict, where: str):
+    """A `tokenizers.Tokenizer` from the metadata of a GGUF file with a byte-level BPE vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise KilnError(f"{where}: tokenizer model {model!r} is not supported (kiln reads GPT-2-style byte-level "
+                        "BPE vocabularies: tokenizer.ggml.model 'gpt2')")
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    if not tokens or not merges:
+        raise KilnError(f"{where}: the tokenizer has no tokens or no merges")
+    alphabet = bytes_to_unicode()
+    letters = set(alphabet.values())
+    spelt = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelt)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    tok.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    control = [AddedToken(t, special=True, normalized=False) for t, k in zip(spelt, types) if k == CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(spelt, types) if k == USER_DEFINED]
+    tok.add_special_tokens(control)
+    tok.add_tokens(user)
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{spelt[bos]} $A", pair=f"{spelt[bos]} $A $B",
+                                                           special_tokens=[(spelt[bos], bos)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def special_tokens(meta: dict) -> dict:
+    """tokenizer_config.json's special-token entries (bos_token, eos_token, ...) and add_bos_token."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    out = {}
+    for role, key in SPECIAL_ROLES.items():
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if isinstance(i, int) and 0 <= i < len(tokens):
+            out[role] = tokens[i]
+    out["add_bos_token"] = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def gguf_tokenizer_fields(tokenizer_json: str, vocab_size: int, specials: dict) -> dict:
+    """The GGUF tokenizer metadata (key -> value) of a byte-level BPE tokenizer.json, padded to the model's
+    vocab_size with unused control tokens (llama.cpp wants one token per embedding row)."""
+    spec = json.loads(tokenizer_json)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not _is_byte_level(spec):
+        raise KilnError("GGUF export needs a byte-level BPE tokenizer (GPT-2 / Llama 3 / SmolLM style); this run's "
+                        f"tokenizer.json is {model.get('type', 'unknown')}"
+                        + ("" if model.get("type") != "BPE" else " without byte-level pre-tokenization"))
+    by_id = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in spec.get("added_tokens") or []}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    if max(by_id) >= vocab_size:
+        raise KilnError(f"the tokenizer has ids up to {max(by_id)}, more than the model's vocab_size {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(CONTROL)
+            continue
+        tokens.append(by_id[i])
+        types.append((CONTROL if added[i].get("special") else USER_DEFINED) if i in added else NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    ids = {t: i for i, t in enumerate(tokens)}
+    out = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_name(spec), "tokenizer.ggml.tokens": tokens,
+           "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+           "tokenizer.ggml.add_bos_token": bool(specials.get("add_bos_token", False))}
+    for role, key in SPECIAL_ROLES.items():
+        if specials.get(role) in ids:
+            out[f"tokenizer.ggml.{key}"] = ids[specials[role]]
+    return out
+
+
+def _is_byte_level(spec: dict) -> bool:
+    return '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")) and '"ByteLevel"' in json.dumps(spec.get("decoder"))
+
+
+def _pre_name(spec: dict) -> str:
+    """The `tokenizer.ggml.pre` name whose split matches this tokenizer.json's pre-tokenizer."""
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    for name in ("llama-bpe", "qwen2"):
+        if json.dumps(SPLITS[name])[1:-1] in pre:
+            return name
+    return "smollm" if '"Digits"' in pre else "gpt2"

