@@ -31,7 +31,8 @@ def build_vocab(transcripts) -> list[str]:
 
 
 def encode(text: str, index: dict[str, int]) -> list[int]:
-    return [index.get(DELIMITER if c == " " else c, 1) for c in text]
+    unk = index.get(UNK, 1)
+    return [index.get(DELIMITER if c == " " else c, unk) for c in text]
 
 
 def unknown_chars(texts, vocab: list[str]) -> list[str]:

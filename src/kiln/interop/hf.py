@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from kiln.errors import KilnError
-from kiln.interop import bart, bert, gpt2, llama, marian, vit
+from kiln.interop import bart, bert, gpt2, llama, marian, vit, wav2vec2
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert, "bart": bart, "marian": marian, "vit": vit}
+FAMILIES = {"gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "bert": bert, "bart": bart, "marian": marian, "vit": vit,
+            "wav2vec2": wav2vec2}
 ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
     "LlamaForCausalLM": "llama", "LlamaModel": "llama", "MistralForCausalLM": "mistral", "MistralModel": "mistral",
@@ -28,6 +29,7 @@ ARCHITECTURES = {
     "BartForConditionalGeneration": "bart", "BartModel": "bart",
     "MarianMTModel": "marian", "MarianModel": "marian",
     "ViTModel": "vit", "ViTForImageClassification": "vit",
+    "Wav2Vec2Model": "wav2vec2", "Wav2Vec2ForCTC": "wav2vec2", "Wav2Vec2ForSequenceClassification": "wav2vec2",
 }
 HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, kept in the run folder (token ids for export)
 SEQ2SEQ_CONFIG, SEQ2SEQ_META = "seq2seq.yaml", "seq2seq.json"  # a `kiln finetune seq2seq` run (kiln.tasks.seq2seq)
@@ -107,6 +109,12 @@ def import_hf(src_dir: str | Path, run_dir: str | Path, overwrite: bool = False)
     task_arch = next((a for a in hf_config.get("architectures") or [] if a in getattr(family, "HEADS", {})), None)
     if task_arch:  # a task head (BertForQuestionAnswering, ...): a fine-tuned task run (kind qa, tokens, ...)
         return import_task_hf(src, run_dir, hf_config, hf_state, family, task_arch, overwrite)
+    if family is wav2vec2:  # Wav2Vec2ForCTC / ForSequenceClassification: a `kiln finetune asr` / `audio` run
+        from kiln.interop import wav2vec2_runs
+
+        arch = wav2vec2_runs.task_class(hf_config, hf_state)
+        if arch:
+            return wav2vec2_runs.import_run(src, run_dir, hf_config, hf_state, arch, overwrite)
     if family is vit and vit.is_classifier(hf_state):  # ViTForImageClassification: a `kiln finetune image` run
         return vit.import_classifier(src, run_dir, hf_config, hf_state, overwrite)
     cfg = (family.config_from_hf(hf_config, list(hf_state)) if family in (bert, vit)
@@ -155,6 +163,8 @@ def family_for(cfg):
     """The HF family a kiln ModelConfig exports to."""
     if cfg.channels:
         return vit
+    if cfg.audio_conv_dim:
+        return wav2vec2
     if cfg.arch == "encoder":
         return bert
     if cfg.arch == "encoder-decoder" and cfg.position == "learned":
@@ -215,6 +225,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "latest") -
     if (run_dir / "run.json").is_file() and json.loads((run_dir / "run.json").read_text()).get("kind") == "image":
         # a fine-tuned image classifier: ViTForImageClassification, from the checkpoint kiln eval scores
         return vit.export_classifier(run_dir, out, "best" if which == "latest" else which)
+    if (run_dir / "run.json").is_file() and json.loads((run_dir / "run.json").read_text()).get("kind") in ("audio", "asr"):
+        from kiln.interop import wav2vec2_runs  # Wav2Vec2ForSequenceClassification / Wav2Vec2ForCTC
+
+        return wav2vec2_runs.export_run(run_dir, out, "best" if which == "latest" else which)
     if (run_dir / "run.json").is_file() and json.loads((run_dir / "run.json").read_text()).get("kind") in TASK_RUNS:
         return export_task_hf(run_dir, out, "best" if which == "latest" else which)  # head + backbone
     seq2seq = (run_dir / SEQ2SEQ_META).is_file()  # a fine-tuned seq2seq run: its best checkpoint, its codec's ids
