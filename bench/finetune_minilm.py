@@ -82,7 +82,7 @@ def run_hf(args, out: Path, steps: int) -> dict:
     from kiln.run.device import choose_precision, resolve_device
     from kiln.tasks.classify import load_splits
     from kiln.tasks.base import epochs_schedule
-    from kiln.tasks.text import EpochBatches, encode_examples, predict_probs, prepare_tokenizer
+    from kiln.tasks.text_inputs import EpochBatches, encode_examples, predict_probs, prepare_tokenizer
     from kiln.train.callbacks import EarlyStopping
     from kiln.train.objectives import ClassificationObjective
     from kiln.train.trainer import Trainer
@@ -133,7 +133,7 @@ def run_hf_plain(args, steps: int) -> dict:
     from kiln.data.tokenizer import load_tokenizer
     from kiln.model.config import ModelConfig
     from kiln.tasks.classify import load_splits
-    from kiln.tasks.text import EpochBatches, encode_examples, prepare_tokenizer
+    from kiln.tasks.text_inputs import EpochBatches, encode_examples, prepare_tokenizer
     from kiln.train.objectives import model_inputs
 
     transformers.logging.set_verbosity_error()
@@ -161,7 +161,7 @@ def run_hf_plain(args, steps: int) -> dict:
         seen += len(b["labels"])
     speed = seen / (time.perf_counter() - start)
     from kiln.eval.classification import classification_metrics
-    from kiln.tasks.text import eval_batches
+    from kiln.tasks.text_inputs import eval_batches
 
     test = encode_examples(tok, splits["test"], index, ModelConfig(vocab_size=30522, type_vocab_size=2), "test")
     model.eval()

@@ -54,7 +54,7 @@ def measure(runs: dict[str, Path], args) -> dict:
     from kiln.run.checkpoint import find_checkpoint
     from kiln.run.device import choose_precision
     from kiln.tasks.classify import load_splits
-    from kiln.tasks.text import encode_examples, predict_probs, prepare_tokenizer
+    from kiln.tasks.text_inputs import encode_examples, predict_probs, prepare_tokenizer
 
     models, rows = {}, {}
     for name, run in runs.items():

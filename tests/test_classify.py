@@ -13,7 +13,7 @@ import torch
 from conftest import assert_user_error as user_error
 from kiln.cli import main
 from kiln.config import RunConfig, dump_yaml
-from kiln.data import tasks
+from kiln.data import tables
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 from kiln.model.transformer import Transformer
@@ -185,38 +185,38 @@ def test_eval_label_unknown_to_the_model(trained, capsys, tmp_path):
 
 
 def test_split_is_leak_free_stratified_and_seeded():
-    rows = [tasks.Example(f"text {i % 300}", "a" if i % 3 else "b", line=i) for i in range(400)]  # 100 dup texts
-    rows.append(tasks.Example("text 7", "b", line=999))  # same text, other label: kept with its twin
-    kept, dropped = tasks.dedup(rows)
+    rows = [tables.Example(f"text {i % 300}", "a" if i % 3 else "b", line=i) for i in range(400)]  # 100 dup texts
+    rows.append(tables.Example("text 7", "b", line=999))  # same text, other label: kept with its twin
+    kept, dropped = tables.dedup(rows)
     assert dropped == 100 and len(kept) == 301
-    tr, va, te, info = tasks.split_examples(kept, 0.1, 0.1, seed=0, log=lambda s: None)
+    tr, va, te, info = tables.split_examples(kept, 0.1, 0.1, seed=0, log=lambda s: None)
     keys = [{e.key for e in part} for part in (tr, va, te)]
     assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])  # no text in two splits
     assert len(tr) + len(va) + len(te) == 301 and info["conflicting_texts"] == 1
     assert 28 <= len(va) <= 32 and 28 <= len(te) <= 32
     frac_b = lambda part: sum(e.label == "b" for e in part) / len(part)  # noqa: E731
     assert abs(frac_b(va) - frac_b(tr)) < 0.05  # stratified
-    again = tasks.split_examples(kept, 0.1, 0.1, seed=0, log=lambda s: None)
-    other = tasks.split_examples(kept, 0.1, 0.1, seed=1, log=lambda s: None)
-    assert [tasks.fingerprint(p) for p in (tr, va, te)] == [tasks.fingerprint(p) for p in again[:3]]
-    assert tasks.fingerprint(va) != tasks.fingerprint(other[1])
+    again = tables.split_examples(kept, 0.1, 0.1, seed=0, log=lambda s: None)
+    other = tables.split_examples(kept, 0.1, 0.1, seed=1, log=lambda s: None)
+    assert [tables.fingerprint(p) for p in (tr, va, te)] == [tables.fingerprint(p) for p in again[:3]]
+    assert tables.fingerprint(va) != tables.fingerprint(other[1])
 
 
 def test_shuffle_split_is_the_plain_seeded_shuffle_cut_in_order():
     """data.split shuffle: the unique texts in order of first appearance, one random.Random(seed) shuffle, cut
     80/10/10 in that order (the split of the data README's reference scores), still leak-free."""
-    rows = [tasks.Example(f"text {i % 250}", "a" if i % 250 < 200 else "b", line=i) for i in range(300)]
-    kept, _ = tasks.dedup(rows)
-    tr, va, te, info = tasks.split_examples(kept, 0.1, 0.1, seed=5, log=lambda s: None, method="shuffle")
+    rows = [tables.Example(f"text {i % 250}", "a" if i % 250 < 200 else "b", line=i) for i in range(300)]
+    kept, _ = tables.dedup(rows)
+    tr, va, te, info = tables.split_examples(kept, 0.1, 0.1, seed=5, log=lambda s: None, method="shuffle")
     order = list(range(250))
     random.Random(5).shuffle(order)
     assert [e.text for e in tr] == [f"text {i}" for i in order[:200]]
     assert [e.text for e in va] == [f"text {i}" for i in order[200:225]]
     assert [e.text for e in te] == [f"text {i}" for i in order[225:]]
-    strat = tasks.split_examples(kept, 0.1, 0.1, seed=5, log=lambda s: None)
-    assert tasks.fingerprint(te) != tasks.fingerprint(strat[2])  # a different split from the stratified one
+    strat = tables.split_examples(kept, 0.1, 0.1, seed=5, log=lambda s: None)
+    assert tables.fingerprint(te) != tables.fingerprint(strat[2])  # a different split from the stratified one
     with pytest.raises(KilnError, match="data.split must be stratified or shuffle"):
-        tasks.split_examples(kept, 0.1, 0.1, seed=5, method="random")
+        tables.split_examples(kept, 0.1, 0.1, seed=5, method="random")
 
 
 def test_split_seed_fixes_the_split_while_the_run_seed_varies(tmp_path):
@@ -234,9 +234,9 @@ def test_split_seed_fixes_the_split_while_the_run_seed_varies(tmp_path):
 
 
 def test_single_example_class_is_warned_and_kept_in_train():
-    rows = [tasks.Example(f"t{i}", "a" if i % 2 else "b") for i in range(40)] + [tasks.Example("lonely", "c")]
+    rows = [tables.Example(f"t{i}", "a" if i % 2 else "b") for i in range(40)] + [tables.Example("lonely", "c")]
     warnings = []
-    tr, va, te, info = tasks.split_examples(rows, 0.1, 0.1, seed=0, log=warnings.append)
+    tr, va, te, info = tables.split_examples(rows, 0.1, 0.1, seed=0, log=warnings.append)
     assert info["single_example_labels"] == ["c"]
     assert any("'c'" in w and "single example" in w for w in warnings)
     assert [e.label for e in tr].count("c") == 1 and "c" not in {e.label for e in va + te}
@@ -255,12 +255,12 @@ def test_val_macro_f1_matches_scikit_learn():
 
 
 def test_class_weights():
-    rows = [tasks.Example("x", "a")] * 3 + [tasks.Example("y", "b")]
-    assert tasks.class_weights("none", ["a", "b"], rows) is None
-    assert tasks.class_weights("balanced", ["a", "b"], rows) == pytest.approx([4 / 6, 4 / 2])
-    assert tasks.class_weights("b=3", ["a", "b"], rows) == [1.0, 3.0]
+    rows = [tables.Example("x", "a")] * 3 + [tables.Example("y", "b")]
+    assert tables.class_weights("none", ["a", "b"], rows) is None
+    assert tables.class_weights("balanced", ["a", "b"], rows) == pytest.approx([4 / 6, 4 / 2])
+    assert tables.class_weights("b=3", ["a", "b"], rows) == [1.0, 3.0]
     with pytest.raises(KilnError, match="unknown label 'z'"):
-        tasks.class_weights("z=1", ["a", "b"], rows)
+        tables.class_weights("z=1", ["a", "b"], rows)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -282,7 +282,7 @@ def test_label_only_in_the_test_file(capsys, tmp_path):
 
 def test_empty_text_is_skipped_and_counted(tmp_path):
     f = write_csv(tmp_path / "d.csv", [("pos", "good"), ("neg", "   "), ("neg", ""), ("pos", "fine")])
-    rows, report = tasks.read_examples(f)
+    rows, report = tables.read_examples(f)
     assert [e.text for e in rows] == ["good", "fine"] and report.empty_text == 2
     assert report.lines() == [f"{f}: skipped 2 row(s) with an empty text (line 3, 4)"]
 
@@ -295,7 +295,7 @@ def test_row_with_wrong_number_of_fields(capsys, tmp_path):
     t = tmp_path / "d.tsv"
     t.write_text("label\ttext\npos\tgood\nneg\n")
     with pytest.raises(KilnError, match=r"d\.tsv:3: expected 2 fields"):
-        tasks.read_examples(t)
+        tables.read_examples(t)
 
 
 def test_latin1_file(capsys, tmp_path):
@@ -308,10 +308,10 @@ def test_latin1_file(capsys, tmp_path):
 def test_jsonl_and_pairs(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"premise": "a", "hypothesis": "b", "label": 1}\n\n{"premise": "c", "hypothesis": "d", "label": 0}\n')
-    rows, _ = tasks.read_examples(f, "premise", "label", "hypothesis")
+    rows, _ = tables.read_examples(f, "premise", "label", "hypothesis")
     assert [(e.text, e.pair, e.label, e.line) for e in rows] == [("a", "b", "1", 1), ("c", "d", "0", 3)]
     with pytest.raises(KilnError, match="no text pair column 'hyp'"):
-        tasks.read_examples(f, "premise", "label", "hyp")
+        tables.read_examples(f, "premise", "label", "hyp")
 
 
 # ------------------------------------------------------------------------------------------ variants
@@ -468,11 +468,11 @@ def test_student_bad_input_is_one_line_and_leaves_no_run_folder(trained, capsys,
 
 
 def test_token_mask_augmentation_masks_ordinary_tokens_only_and_replays_after_resume():
-    from kiln.tasks.text import EpochBatches, Encoded
+    from kiln.tasks.text_inputs import EpochBatches, EncodedTexts
 
     rng = random.Random(0)
     ids = [[2] + [rng.randrange(5, 40) for _ in range(rng.randint(3, 20))] + [3] for _ in range(64)]
-    enc = Encoded(ids, None, [i % 2 for i in range(64)], 0)
+    enc = EncodedTexts(ids, None, [i % 2 for i in range(64)], 0)
     plain = EpochBatches(enc, 16, seed=1, pad_id=0)
     aug = EpochBatches(enc, 16, seed=1, pad_id=0, token_mask=0.25, mask_id=4, special_ids=[0, 1, 2, 3, 4])
     masked = ordinary = 0

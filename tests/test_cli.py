@@ -202,7 +202,7 @@ def test_viz_attention_writes_a_grid_of_layers_by_heads(corpus, tmp_path, capsys
     png = run / "plots" / "attention.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from kiln.api import load
-    from kiln.report.attention import attention_maps
+    from kiln.report.attention_plot import attention_maps
     import torch
 
     model, tok, cfg = load(run)

@@ -17,7 +17,7 @@ import pytest
 
 from kiln import tasks
 from kiln.config import RunConfig, load_config
-from kiln.configlib import _BOUND, _INTERVAL
+from kiln.config_loader import _BOUND, _INTERVAL
 from kiln.errors import KilnError
 
 VERBS = {"pretrain": RunConfig, **{kind: tasks.config_class(kind) for kind in tasks.CONFIGS}}

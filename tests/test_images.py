@@ -83,10 +83,10 @@ def test_idx_files_gzipped_or_not_and_the_fashion_mnist_subset(tmp_path):
     write_idx(tmp_path / "x-images-idx3-ubyte", raw, gz=False)
     write_idx(tmp_path / "x-labels-idx1-ubyte", np.array([0, 1, 1]), gz=False)
     it = imdata.scan(tmp_path)  # a folder holding one IDX pair
-    assert it.labels == ["0", "1", "1"] and np.array_equal(imdata.load(it, 4, 1)[..., 0], raw)
+    assert it.labels == ["0", "1", "1"] and np.array_equal(imdata.load_pixels(it, 4, 1)[..., 0], raw)
     named = imdata.scan(tmp_path / "x-images-idx3-ubyte", label_names=["shirt", "shoe"])
     assert named.labels == ["shirt", "shoe", "shoe"]
-    rgb = imdata.load(it, 8, 3)  # converted to RGB and resized
+    rgb = imdata.load_pixels(it, 8, 3)  # converted to RGB and resized
     assert rgb.shape == (3, 8, 8, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
 
 
@@ -97,13 +97,13 @@ def test_folder_and_csv_mixed_sizes_and_modes_are_converted_and_resized(tmp_path
     lines = []
     size, channels = imdata.target_shape(items, 0, 0, 4, lines.append)
     assert (size, channels) == (12, 3)  # most images are 12x12; one is RGB
-    x = imdata.load(items, 12, 1, lines.append)
+    x = imdata.load_pixels(items, 12, 1, lines.append)
     assert x.shape == (10, 12, 12, 1)
     assert any("2 resized to 12x12" in line and "2 converted to grayscale" in line for line in lines), lines
     csv_file = tmp_path / "imgs" / "list.csv"
     csv_file.write_text("path,label\ntop/0.png,top\nbottom/1.png,bottom\n")
     c = imdata.scan(csv_file)
-    assert c.labels == ["top", "bottom"] and imdata.load(c, 12, 1).shape == (2, 12, 12, 1)
+    assert c.labels == ["top", "bottom"] and imdata.load_pixels(c, 12, 1).shape == (2, 12, 12, 1)
 
 
 def test_split_is_stratified_and_seeded():

@@ -18,8 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # below; sibling groups of one layer stay independent of each other
 LAYERS = [
     ("leaves", [["kiln._version", "kiln.errors", "kiln.constants", "kiln.hardware", "kiln.model.config"]]),
-    # the components' configs sit beside their code but import only configlib: the config layer composes them
-    ("config", [["kiln.configlib", "kiln.config", "kiln.train.config", "kiln.run.config", "kiln.report.config",
+    # the components' configs sit beside their code but import only config_loader: the config layer composes them
+    ("config", [["kiln.config_loader", "kiln.config", "kiln.train.config", "kiln.run.config", "kiln.report.config",
                  "kiln.model.lora_config"]]),
     ("model | data | report", [["kiln.model"], ["kiln.data"], ["kiln.report"]]),
     ("run", [["kiln.run"]]),
@@ -73,7 +73,7 @@ def _imports(path: Path):
             subs = [f"{name}.{a.name}" for a in node.names if _is_module(f"{name}.{a.name}")]
             if len(subs) < len(node.names):  # names defined in `name` itself
                 yield node.lineno, name
-            for sub in subs:  # `from kiln.data import tasks` imports the module kiln.data.tasks
+            for sub in subs:  # `from kiln.data import tables` imports the module kiln.data.tables
                 yield node.lineno, sub
 
 

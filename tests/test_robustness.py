@@ -74,7 +74,7 @@ def test_every_numeric_key_of_every_config_declares_a_range_and_the_defaults_are
     ("train.muon_lr", "0", "--train.muon_lr must be > 0, got 0.0"),
     ("train.batch_size", "0", "--train.batch_size must be >= 1, got 0"),
     ("train.beta2", "1.0", "--train.beta2 must be in [0, 1), got 1.0"),
-    ("train.eval_every", "0", "--train.eval_every must be >= 1, got 0"),  # pretraining: 0 means nothing
+    ("train.eval_every", "-1", "--train.eval_every must be >= 0, got -1"),  # pretraining: 0 = once, at the end
     ("train.warmup_steps", "-5", "--train.warmup_steps must be >= 0, got -5"),
     ("train.grad_clip", ".nan", "--train.grad_clip must be >= 0, got nan"),
     ("model.dropout", "1", "--model.dropout must be in [0, 1), got 1.0"),

@@ -172,7 +172,7 @@ def compare(runs: list[str | Path], metrics: list[str], out: str | Path = "compa
 
 def attention(run_dir: str | Path, text: str, out: str | Path | None = None) -> Path:
     """`kiln viz attention`: a PNG grid (layers x heads) of a pretraining run's attention maps for `text`."""
-    from kiln.eval.attention import viz_attention
+    from kiln.eval.attention_maps import viz_attention
 
     return viz_attention(run_dir, text, out)
 

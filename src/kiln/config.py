@@ -2,15 +2,15 @@
 
 `kiln pretrain configs/shakespeare-char.yaml --train.max_steps 500 --model.n_layer 6`
 Unknown keys are errors with a "did you mean"; values are checked against the field types and ranges. The
-loading machinery is kiln.configlib (re-exported here).
+loading machinery is kiln.config_loader (re-exported here).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln import configlib
-from kiln.configlib import (_f, _hints, check_ranges, dump_yaml, in_range,  # noqa: F401
+from kiln import config_loader
+from kiln.config_loader import (_f, _hints, check_ranges, dump_yaml, in_range,  # noqa: F401
                             parse_overrides, range_text, read_yaml, to_dict, update_dataclass)
 from kiln.model.config import ModelConfig
 from kiln.model.lora_config import LoraConfig
@@ -308,10 +308,10 @@ class Seq2SeqConfig:
 
 
 def load_config(path=None, overrides: list[str] | dict | None = None, cls=None, base: dict | None = None):
-    """Defaults <- YAML file <- overrides, as `cls` (default RunConfig), checked (kiln.configlib.load_config)."""
-    return configlib.load_config(path, overrides, cls or RunConfig, base)
+    """Defaults <- YAML file <- overrides, as `cls` (default RunConfig), checked (kiln.config_loader.load_config)."""
+    return config_loader.load_config(path, overrides, cls or RunConfig, base)
 
 
 def config_help(cls=None, prefix: str = "", instance=None) -> list[tuple[str, str, str]]:
     """(flag, default, help) of every key of `cls` (default RunConfig): the single source of --help."""
-    return configlib.config_help(cls or RunConfig, prefix, instance)
+    return config_loader.config_help(cls or RunConfig, prefix, instance)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.configlib import read_yaml
+from kiln.config_loader import read_yaml
 from kiln.errors import KilnError
 from kiln.model.lora import merge_state
 from kiln.run.checkpoint import atomic_write_text, find_checkpoint, read_lora_checkpoint, read_meta, save_checkpoint

@@ -1,7 +1,7 @@
 """Labelled images for `kiln finetune image`: the task's config, the readers, the split and the batches.
 
     items = scan("data/train")                       # a folder (one subfolder per class), IDX files, or a CSV
-    images = load(items, size=28, channels=1)        # uint8 [N, 28, 28, 1], every image converted and resized
+    images = load_pixels(items, size=28, channels=1)        # uint8 [N, 28, 28, 1], every image converted and resized
     batches = ImageBatches(images, ids, 128, seed=0, mean=[0.29], std=[0.35], crop_padding=2, flip=True)
 
 Inputs (one-line KilnErrors naming the file and what was expected):
@@ -199,7 +199,7 @@ def _scan_folder(path: Path, require_label: bool) -> Items:
 
 
 def _scan_csv(path: Path, require_label: bool) -> Items:
-    from kiln.data.tasks import read_examples
+    from kiln.data.tables import read_examples
 
     rows, _ = read_examples(path, "path", "label", require_label=require_label)
     files = []
@@ -272,7 +272,7 @@ def target_shape(items: Items, size: int, channels: int, patch: int, log) -> tup
     return size, channels
 
 
-def load(items: Items, size: int, channels: int, log=None, what: str = "") -> np.ndarray:
+def load_pixels(items: Items, size: int, channels: int, log=None, what: str = "") -> np.ndarray:
     """uint8 [N, size, size, channels]: every image decoded, converted and resized (bilinear); `log` gets
     what was done, naming `what` (default: the source's path)."""
     from PIL import Image

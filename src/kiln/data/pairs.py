@@ -1,7 +1,7 @@
 """Source/target pairs for seq2seq (translation, summarization): reading, dedup, a leak-free split, and the
 codec that turns both sides into ids (one shared tokenizer, or two with the target ids offset).
 
-Rows are read by kiln.data.tasks (CSV/TSV/JSONL/Parquet, the same bad-row handling as labelled text); a .txt file is
+Rows are read by kiln.data.tables (CSV/TSV/JSONL/Parquet, the same bad-row handling as labelled text); a .txt file is
 one source per line.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kiln.config import Seq2SeqConfig
-from kiln.data import tasks
+from kiln.data import tables
 from kiln.data.columns import column_hint
 from kiln.data.text import clean_text
 from kiln.errors import KilnError, did_you_mean
@@ -52,7 +52,7 @@ def read_pairs(path: str | Path, source_field: str, target_field: str | None,
     columns present; a non-UTF-8 file is a one-line error. `fmt`: the data config section (data.encoding,
     header, columns, delimiter; None = the defaults)."""
     path = Path(path)
-    text = tasks._read_text(path, fmt) if path.suffix.lower() != ".parquet" else ""
+    text = tables._read_text(path, fmt) if path.suffix.lower() != ".parquet" else ""
     report = PairReport(str(path))
     if path.suffix.lower() == ".txt":
         out = []
@@ -65,7 +65,7 @@ def read_pairs(path: str | Path, source_field: str, target_field: str | None,
                 report.empty_source += 1
                 report.empty_lines.append(lineno)
         return out, report
-    rows, header = tasks.read_rows(path, fmt, [source_field, target_field], text)
+    rows, header = tables.read_rows(path, fmt, [source_field, target_field], text)
     if not rows:
         raise KilnError(f"{path}: no data rows")
     for what, name, key in (("source", source_field, "source_field"), ("target", target_field, "target_field")):
@@ -79,8 +79,8 @@ def read_pairs(path: str | Path, source_field: str, target_field: str | None,
     out = []
     for lineno, row in rows:
         report.rows += 1
-        s = clean_text(tasks._field(path, lineno, row, source_field)).strip()
-        t = clean_text(tasks._field(path, lineno, row, target_field)).strip() if has_target else ""
+        s = clean_text(tables._field(path, lineno, row, source_field)).strip()
+        t = clean_text(tables._field(path, lineno, row, target_field)).strip() if has_target else ""
         if not s:
             report.empty_source += 1
             report.empty_lines.append(lineno)

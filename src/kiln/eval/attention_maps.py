@@ -1,4 +1,4 @@
-"""`kiln viz attention`: a run's attention maps for a text, drawn by kiln.report.attention."""
+"""`kiln viz attention`: a run's attention maps for a text, drawn by kiln.report.attention_plot."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from kiln.data.tokenizer import encode_text
 from kiln.errors import KilnError
-from kiln.report.attention import attention_maps, plot_attention
+from kiln.report.attention_plot import attention_maps, plot_attention
 from kiln.run.load import load
 
 

@@ -112,7 +112,7 @@ def _ort_version() -> str:
 
 
 def encode(tokenizer, examples, max_length: int, type_vocab_size: int) -> tuple[list, list | None]:
-    """Token ids (and type ids) of labelled examples, cut at max_length, as kiln.tasks.text encodes them."""
+    """Token ids (and type ids) of labelled examples, cut at max_length, as kiln.tasks.text_inputs encodes them."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer.to_str())
@@ -186,7 +186,7 @@ def read_test_split(ex: Exported, read_splits, log) -> tuple[list | None, str | 
         recorded = json.loads((ex.root / "data.json").read_text())["splits"]["test"]["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         recorded = None
-    from kiln.data.tasks import fingerprint
+    from kiln.data.tables import fingerprint
 
     if recorded is not None and fingerprint(test) != recorded:
         return None, "the test split re-read from the data differs from the run's (data.json fingerprint)"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.configlib import read_yaml, update_dataclass
+from kiln.config_loader import read_yaml, update_dataclass
 from kiln.errors import KilnError
 from kiln.interop import bert
 from kiln.interop.hf import HF_CONFIG_COPY, _read_json, _tokenizer_config, family_for

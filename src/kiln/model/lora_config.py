@@ -1,10 +1,10 @@
-"""LoRA's config (kiln.model.lora): beside its code, importing nothing but kiln.configlib."""
+"""LoRA's config (kiln.model.lora): beside its code, importing nothing but kiln.config_loader."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.configlib import _f
+from kiln.config_loader import _f
 
 
 @dataclass

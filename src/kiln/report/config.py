@@ -1,12 +1,12 @@
 """The metrics sinks' config (kiln.report.trackers): metrics.csv always, TensorBoard, MLflow, W&B by choice.
 
-Beside its code, importing nothing but kiln.configlib (see kiln.train.config for why)."""
+Beside its code, importing nothing but kiln.config_loader (see kiln.train.config for why)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.configlib import _f
+from kiln.config_loader import _f
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """The run components' configs: device and precision (kiln.run.device), checkpoints (kiln.run.checkpoint).
 
-Beside their code, importing nothing but kiln.configlib (see kiln.train.config for why)."""
+Beside their code, importing nothing but kiln.config_loader (see kiln.train.config for why)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.configlib import _f
+from kiln.config_loader import _f
 
 
 @dataclass

@@ -14,10 +14,10 @@ def load_classifier_backend(run_dir: Path, which: str, device: str):
     """Everything `kiln serve` needs of a classifier run: (label names, whether it reads text pairs,
     predict(texts, pairs) -> class probabilities [n, n_classes] as `kiln predict` computes them, a model
     description). The only place kiln.serve touches the classification task's internals."""
-    from kiln.data import tasks
+    from kiln.data import tables
     from kiln.run.device import resolve_device
     from kiln.tasks.classify_files import load_classifier
-    from kiln.tasks.text import encode_examples, predict_probs, prepare_tokenizer
+    from kiln.tasks.text_inputs import encode_examples, predict_probs, prepare_tokenizer
 
     device = resolve_device(device, what="--device")
     model, tokenizer, cfg, labels = load_classifier(run_dir, which, device=device)
@@ -30,7 +30,7 @@ def load_classifier_backend(run_dir: Path, which: str, device: str):
     batch_size = max(2 * cfg.train.batch_size, 16)  # as kiln predict
 
     def predict(texts: list[str], pairs: list[str] | None = None):
-        rows = [tasks.Example(t, None, pairs[i] if pairs is not None else None) for i, t in enumerate(texts)]
+        rows = [tables.Example(t, None, pairs[i] if pairs is not None else None) for i, t in enumerate(texts)]
         enc = encode_examples(tok, rows, None, cfg.model, "request")
         return predict_probs(model, enc, batch_size, pad, device)
 

@@ -2,7 +2,7 @@
 
     kiln finetune classify configs/classify-rotten.yaml --data.train reviews.csv --init runs/minilm
 
-The task on the shared driver (kiln.tasks.driver): read the files (kiln.data.tasks) and split them (dedup,
+The task on the shared driver (kiln.tasks.driver): read the files (kiln.data.tables) and split them (dedup,
 stratified or shuffled, seeded) -> the backbone (a kiln run, or a Hugging Face folder imported into
 <run>/base) -> kiln.model.heads.SequenceClassifier -> cross-entropy (kiln.train.objectives; with teachers,
 their averaged distributions: kiln.tasks.classify_distill) -> best checkpoint by a val metric -> test metrics
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.config import PROBLEM_METRICS, ClassifyConfig
-from kiln.data import tasks
+from kiln.data import tables
 from kiln.data.targets import target_summary
 from kiln.errors import KilnError
 from kiln.eval.classification import multilabel_val_metrics, tune_thresholds, val_metrics
@@ -36,7 +36,7 @@ from kiln.tasks.base import Data, EpochTask, Prepared
 from kiln.tasks.classify_files import CONFIG_FILE, LABELS_FILE, evaluate_and_report, evaluate_file, load_classifier, \
     predict_file, run_folders, scores
 from kiln.tasks.backbone import load_backbone
-from kiln.tasks.text import EpochBatches, encode_examples, predict_probs, prepare_tokenizer  # noqa: F401 (kiln serve)
+from kiln.tasks.text_inputs import EpochBatches, encode_examples, predict_probs, prepare_tokenizer  # noqa: F401 (kiln serve)
 from kiln.train.mlm import special_ids
 from kiln.train.objectives import ClassificationObjective, MultiLabelObjective, RegressionObjective
 
@@ -82,7 +82,7 @@ class ClassifyTask(EpochTask):
 
         splits, labels, report = load_splits(cfg, log)
         teachers = _teachers(cfg, labels, resolve_device(cfg.train.device)) if cfg.distill.teacher else []
-        weights = tasks.class_weights(cfg.class_weights, labels, splits["train"])
+        weights = tables.class_weights(cfg.class_weights, labels, splits["train"])
         positive = None
         if cfg.positive_label:
             if cfg.positive_label not in labels:
@@ -254,7 +254,7 @@ def _teachers(cfg: ClassifyConfig, labels: list[str], device: str) -> list:
 
 
 def read_file(path: str, cfg: ClassifyConfig, log, require_label: bool = True):
-    rows, report = tasks.read_examples(path, cfg.data.text_field, cfg.data.label_field, cfg.data.text_pair_field,
+    rows, report = tables.read_examples(path, cfg.data.text_field, cfg.data.label_field, cfg.data.text_pair_field,
                                        require_label=require_label, fmt=cfg.data, problem=cfg.problem)
     for line in report.lines():
         log(line)
@@ -276,20 +276,20 @@ def load_splits(cfg: ClassifyConfig, log) -> tuple[dict, list[str], dict]:
             report["skipped_empty_text"][path] = r.empty_text
     train = given.pop("train")
     if d.dedup:
-        train, dropped = tasks.dedup(train)
+        train, dropped = tables.dedup(train)
         report["duplicates_dropped"] = dropped
         if dropped:
             log(f"{d.train}: dropped {dropped} exact duplicate row(s)")
     regression = cfg.problem == "regression"
-    labels = [d.label_field] if regression else tasks.label_names(train)
+    labels = [d.label_field] if regression else tables.label_names(train)
     if len(labels) < 2 and not regression:
         raise KilnError(f"{d.train}: a classifier needs at least 2 labels in column {d.label_field!r}; "
                         f"found {len(labels)} ({', '.join(labels)})")
     for name, rows in given.items():
         if not regression:
-            tasks.check_labels(rows, labels, getattr(d, name), d.train)
+            tables.check_labels(rows, labels, getattr(d, name), d.train)
     split_seed = cfg.seed if d.split_seed < 0 else d.split_seed
-    tr, va, te, info = tasks.split_examples(train, 0.0 if "val" in given else d.val_fraction,
+    tr, va, te, info = tables.split_examples(train, 0.0 if "val" in given else d.val_fraction,
                                             0.0 if "test" in given else d.test_fraction, split_seed, log=log,
                                             method=d.split if cfg.problem == "single_label" else "shuffle")
     report.update(groups=info["groups"], conflicting_texts=info["conflicting_texts"],
@@ -299,11 +299,11 @@ def load_splits(cfg: ClassifyConfig, log) -> tuple[dict, list[str], dict]:
     splits = {"train": tr, "val": given.get("val", va), "test": given.get("test", te)}
     for name in ("val", "test"):
         if name in given:
-            n = tasks.overlap(splits["train"], splits[name])
+            n = tables.overlap(splits["train"], splits[name])
             report[f"{name}_texts_also_in_train"] = n
             if n:
                 log(f"warning: {n} {name} example(s) in {getattr(d, name)} have a text that is also in train")
     report["splits"] = {name: {"n": len(rows), "labels": target_summary(rows) if regression else
-                               tasks.label_counts(rows, labels),
-                               "fingerprint": tasks.fingerprint(rows)} for name, rows in splits.items()}
+                               tables.label_counts(rows, labels),
+                               "fingerprint": tables.fingerprint(rows)} for name, rows in splits.items()}
     return splits, labels, report

@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from kiln.data import tasks
-from kiln.tasks.text import encode_examples, predict_logits, prepare_tokenizer
+from kiln.data import tables
+from kiln.tasks.text_inputs import encode_examples, predict_logits, prepare_tokenizer
 from kiln.train.mlm import special_ids
 
 
@@ -21,7 +21,7 @@ def augmented_examples(rows: list, copies: int, seed: int, tokenizers: list) -> 
     masks = [special_ids(t.get_vocab(with_added_tokens=True))[0] for t in tokenizers]
     names = {t.id_to_token(m) if m is not None else None for t, m in zip(tokenizers, masks)}
     mask = names.pop() if len(names) == 1 else None
-    return [tasks.Example(text=text, label=rows[i].label, pair=rows[i].pair)
+    return [tables.Example(text=text, label=rows[i].label, pair=rows[i].pair)
             for i, text in augment_texts([r.text for r in rows], copies, seed, mask)]
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from kiln.config import ClassifyConfig, load_config
-from kiln.data import tasks
+from kiln.data import tables
 from kiln.errors import KilnError
 from kiln.model.heads import SequenceClassifier, SequenceRegressor
 from kiln.run.checkpoint import find_checkpoint, load_weights
 from kiln.run.load import build_model
-from kiln.tasks.text import encode_examples, predict_logits, predict_probs, prepare_tokenizer
+from kiln.tasks.text_inputs import encode_examples, predict_logits, predict_probs, prepare_tokenizer
 
 
 CONFIG_FILE, LABELS_FILE = "classify.yaml", "labels.json"
@@ -120,13 +120,13 @@ def _predict_file(runs: list[Path], file: Path, which: str, require_label: bool,
         if rows is None:
             cfg, labels = cfg_r, labels_r
             problem = cfg.problem
-            rows, report = tasks.read_examples(file, cfg.data.text_field, cfg.data.label_field,
+            rows, report = tables.read_examples(file, cfg.data.text_field, cfg.data.label_field,
                                                cfg.data.text_pair_field, require_label=require_label, fmt=cfg.data,
                                                problem=problem)
             for line in report.lines():
                 log(line)
             if require_label and problem != "regression":
-                tasks.check_labels(rows, labels, str(file), "the training data of this run")
+                tables.check_labels(rows, labels, str(file), "the training data of this run")
             index = {name: i for i, name in enumerate(labels)}
             known = all(row.target is not None if problem != "single_label" else row.label in index
                         for row in rows)  # labels to score against (else predictions only)

@@ -101,7 +101,7 @@ class ImageTask(EpochTask):
         splits, cut = {}, len(va) + len(te) > 0
         for name, items in sets.items():
             what = f"{items.path}" + (f" ({name} split)" if name not in given or (name == "train" and cut) else "")
-            pixels = imdata.load(items, size, channels, log, what) if len(items) else \
+            pixels = imdata.load_pixels(items, size, channels, log, what) if len(items) else \
                 np.zeros((0, size, size, channels), np.uint8)
             splits[name] = (pixels, _label_ids(items, labels, name), items.sources)
         counts = {n: {"n": len(s[1]), "labels": {lab: int((s[1] == i).sum()) for i, lab in enumerate(labels)}}
@@ -231,7 +231,7 @@ def _stem(file) -> str:
 def _read_for(file, cfg: ImageConfig, info: dict, labels: list[str], require_label: bool, log):
     """(uint8 images, label ids or None, items) of a file, as the run's model takes them."""
     items = imdata.scan(file, cfg.data.label_names, require_label=require_label)
-    x = imdata.load(items, info["image_size"], info["channels"], log)
+    x = imdata.load_pixels(items, info["image_size"], info["channels"], log)
     has = all(lab is not None for lab in items.labels)
     return x, (_label_ids(items, labels, str(file)) if has else None), items
 

@@ -23,7 +23,7 @@ from kiln.run.checkpoint import load_weights, weights_prefix
 from kiln.run.folder import holds_run
 from kiln.tasks.base import Data, Prepared, Task
 from kiln.train.objectives import CausalLM, evaluate_lm
-from kiln.train.pretrain_objectives import objective_for
+from kiln.train.lm_plans import objective_for
 from kiln.train.scaling import env_world, scale_batch_and_lr
 
 

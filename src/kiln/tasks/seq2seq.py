@@ -38,7 +38,7 @@ from kiln.run.folder import run_kind
 from kiln.run.load import build_model
 from kiln.tasks.base import Data, Prepared, Task
 from kiln.tasks.backbone import load_backbone
-from kiln.tasks.seq2seq_decode import Encoded, PairBatches, decode_ids, decode_options, encode_pairs, mean_loss, \
+from kiln.tasks.seq2seq_decode import EncodedPairs, PairBatches, decode_ids, decode_options, encode_pairs, mean_loss, \
     write_outputs
 from kiln.train.objectives import Seq2SeqLM
 
@@ -176,7 +176,7 @@ def _validation(cfg: Seq2SeqConfig, val_pairs, val_enc, codec, device: str, run_
     n_dec = min(s.eval_examples, len(val_pairs))
     dec_src, dec_refs = val_enc.src[:n_dec], [p.target for p in val_pairs[:n_dec]]
     n_loss = min(len(val_enc), max(tc.eval_batches * tc.batch_size, n_dec))
-    loss_enc = Encoded(val_enc.src[:n_loss], val_enc.tgt[:n_loss])
+    loss_enc = EncodedPairs(val_enc.src[:n_loss], val_enc.tgt[:n_loss])
     train_opt, keys = decode_options(cfg, training=True), TASK_METRICS[s.task]
     history: list[tuple[int, dict]] = []
     samples: list[str] = []

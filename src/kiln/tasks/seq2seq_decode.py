@@ -19,7 +19,7 @@ from kiln.train.objectives import Seq2SeqLM
 
 
 @dataclass
-class Encoded:
+class EncodedPairs:
     src: list[list[int]]
     tgt: list[list[int]]       # without eos
     truncated: int = 0
@@ -28,7 +28,7 @@ class Encoded:
         return len(self.src)
 
 
-def encode_pairs(codec: PairCodec, pairs: list[Pair], max_src: int, max_tgt: int, where: str) -> Encoded:
+def encode_pairs(codec: PairCodec, pairs: list[Pair], max_src: int, max_tgt: int, where: str) -> EncodedPairs:
     src = codec.encode_source([p.source for p in pairs], where)
     tgt = codec.encode_target([p.target for p in pairs], where)
     cut = 0
@@ -38,7 +38,7 @@ def encode_pairs(codec: PairCodec, pairs: list[Pair], max_src: int, max_tgt: int
             src[i], tgt[i] = src[i][:max_src], tgt[i][:max_tgt - 1]
         if not src[i]:
             src[i] = [codec.eos]  # a source of only unknown bytes cannot happen with byte BPE; be safe anyway
-    return Encoded(src, tgt, cut)
+    return EncodedPairs(src, tgt, cut)
 
 
 def collate(src: list[list[int]], tgt: list[list[int]] | None, pad: int, bos: int, eos: int) -> dict:
@@ -66,7 +66,7 @@ class PairBatches:
     """Micro-batch `i`: a pure function of i (resume, determinism). Each epoch is a seeded shuffle cut into
     chunks of 50 batches; a chunk is sorted by length (little padding) and its batches are shuffled."""
 
-    def __init__(self, enc: Encoded, batch_size: int, seed: int, pad: int, bos: int, eos: int):
+    def __init__(self, enc: EncodedPairs, batch_size: int, seed: int, pad: int, bos: int, eos: int):
         self.enc, self.ids = enc, (pad, bos, eos)
         self.sampler = EpochSampler([len(s) + len(t) for s, t in zip(enc.src, enc.tgt)], batch_size, seed, bucket=50)
 
@@ -129,7 +129,7 @@ def decode_ids(model, codec: PairCodec, src: list[list[int]], opt: DecodeOptions
 
 
 @torch.no_grad()
-def mean_loss(model, enc: Encoded, codec: PairCodec, batch_size: int, device: str) -> float:
+def mean_loss(model, enc: EncodedPairs, codec: PairCodec, batch_size: int, device: str) -> float:
     objective, total, count = Seq2SeqLM(0.0), 0.0, 0
     for idx in sorted_batches(enc.src, batch_size):
         b = collate([enc.src[i] for i in idx], [enc.tgt[i] for i in idx], codec.pad, codec.bos, codec.eos)

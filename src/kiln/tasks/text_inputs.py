@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kiln.data import tasks
+from kiln.data import tables
 from kiln.data.batches import EpochSampler, by_length
 from kiln.data.tokenizer import cannot_encode
 from kiln.errors import KilnError
@@ -15,7 +15,7 @@ from kiln.run.device import autocast
 from kiln.train.objectives import model_inputs
 
 
-class Encoded:
+class EncodedTexts:
     """Token ids of a split (truncated to max_length), labels as class ids, and how many examples were cut."""
 
     def __init__(self, ids: list[list[int]], types: list[list[int]] | None, labels: list[int] | None,
@@ -25,10 +25,10 @@ class Encoded:
         self.teacher_logits: np.ndarray | None = None  # [n_teachers, n, n_classes] for distillation
         self.hard: np.ndarray | None = None  # per example 1.0 = learn its label too, 0.0 = teachers only
 
-    def __add__(self, other: "Encoded") -> "Encoded":
+    def __add__(self, other: "EncodedTexts") -> "EncodedTexts":
         types = self.types + other.types if self.types is not None and other.types is not None else None
         labels = self.labels + other.labels if self.labels is not None and other.labels is not None else None
-        return Encoded(self.ids + other.ids, types, labels, self.truncated + other.truncated)
+        return EncodedTexts(self.ids + other.ids, types, labels, self.truncated + other.truncated)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,8 +46,8 @@ def prepare_tokenizer(tok, max_length: int):
     return tok
 
 
-def encode_examples(tok, examples: list[tasks.Example], label_index: dict[str, int] | None, model_cfg,
-                    where: str, problem: str = "single_label") -> Encoded:
+def encode_examples(tok, examples: list[tables.Example], label_index: dict[str, int] | None, model_cfg,
+                    where: str, problem: str = "single_label") -> EncodedTexts:
     texts = [(e.text, e.pair) if e.pair is not None else e.text for e in examples]
     try:
         out = tok.encode_batch(texts)
@@ -64,10 +64,10 @@ def encode_examples(tok, examples: list[tasks.Example], label_index: dict[str, i
         cap = model_cfg.type_vocab_size - 1
         types = [[min(t, cap) for t in e.type_ids] or [0] for e in out]
     labels = targets(examples, label_index, problem) if label_index is not None else None
-    return Encoded(ids, types, labels, truncated)
+    return EncodedTexts(ids, types, labels, truncated)
 
 
-def targets(examples: list[tasks.Example], label_index: dict[str, int], problem: str = "single_label") -> list:
+def targets(examples: list[tables.Example], label_index: dict[str, int], problem: str = "single_label") -> list:
     """The training targets: class ids (single_label), multi-hot rows of floats (multi_label), numbers (regression)."""
     if problem == "regression":
         return [float(e.target) for e in examples]
@@ -76,7 +76,7 @@ def targets(examples: list[tasks.Example], label_index: dict[str, int], problem:
     return [label_index[e.label] for e in examples]
 
 
-def collate(enc: Encoded, index, pad_id: int) -> dict:
+def collate(enc: EncodedTexts, index, pad_id: int) -> dict:
     """A batch padded to its longest example (right padding): input_ids, attention_mask, [token_type_ids], labels."""
     index = list(index)
     T = int(max(enc.lengths[i] for i in index))
@@ -109,7 +109,7 @@ class EpochBatches:
     token_mask > 0 replaces that share of the ordinary tokens of every example by `mask_id`, drawn from a
     generator seeded by (seed, i): the same batch after a resume."""
 
-    def __init__(self, enc: Encoded, batch_size: int, seed: int, pad_id: int, token_mask: float = 0.0,
+    def __init__(self, enc: EncodedTexts, batch_size: int, seed: int, pad_id: int, token_mask: float = 0.0,
                  mask_id: int | None = None, special_ids=(), bucket: int = 0):
         self.enc, self.seed, self.pad_id = enc, seed, pad_id
         self.sampler = EpochSampler(enc.lengths, batch_size, seed, bucket)
@@ -127,14 +127,14 @@ class EpochBatches:
         return batch
 
 
-def eval_batches(enc: Encoded, batch_size: int, pad_id: int):
+def eval_batches(enc: EncodedTexts, batch_size: int, pad_id: int):
     """(positions, batch) in length order (little padding); positions map rows back to the split's order."""
     for idx in by_length(enc.lengths, batch_size):
         yield idx, collate(enc, idx, pad_id)
 
 
 @torch.no_grad()
-def predict_logits(model, enc: Encoded, batch_size: int, pad_id: int, device: str = "cpu",
+def predict_logits(model, enc: EncodedTexts, batch_size: int, pad_id: int, device: str = "cpu",
                    precision: str = "fp32") -> np.ndarray:
     """Class logits [n, n_classes] (float64) of every example, in the split's order."""
     was_training = model.training
@@ -150,7 +150,7 @@ def predict_logits(model, enc: Encoded, batch_size: int, pad_id: int, device: st
     return out
 
 
-def predict_probs(model, enc: Encoded, batch_size: int, pad_id: int, device: str = "cpu",
+def predict_probs(model, enc: EncodedTexts, batch_size: int, pad_id: int, device: str = "cpu",
                   precision: str = "fp32") -> np.ndarray:
     z = predict_logits(model, enc, batch_size, pad_id, device, precision)
     z = np.exp(z - z.max(1, keepdims=True))

@@ -1,7 +1,7 @@
 """The training components' configs: the loop, the optimizer, the lr schedule, batch scaling, parallelism.
 
 Each is a small dataclass beside the code that reads it (trainer.py, optim.py, scaling.py, distributed.py) and
-imports nothing but kiln.configlib, so a verb's config (kiln.config) composes the ones it uses and the CLI checks
+imports nothing but kiln.config_loader, so a verb's config (kiln.config) composes the ones it uses and the CLI checks
 them before torch is imported. A field's range is written once, here or in a verb's override of the field.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.configlib import _f
+from kiln.config_loader import _f
 
 
 @dataclass
