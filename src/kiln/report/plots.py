@@ -135,7 +135,7 @@ PLOT_EVERY_S = 10.0  # plots/loss.png: at the first evaluation, then at most eve
 
 class LossPlot:
     """plots/loss.png, redrawn at evaluations: the first one, then no more often than every PLOT_EVERY_S seconds
-    (each redraw costs ~0.2-0.3 s of CPU: 45 s over the test suite's 226 draws, a few % of a tiny model's run),
+    (each redraw costs ~0.2-0.3 s of CPU: at every evaluation that is a few % of a tiny model's run),
     and once more when the run ends or stops with evaluations the file does not show yet."""
 
     def __init__(self, metrics, path: Path, title: str, per: str, clock=time.perf_counter):
