@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test test-slow bench clean
 
 # torch with pip first (pip finds the CPU wheel on this disk); the rest with uv, from PyPI in parallel (~30 s
-# where pip takes ~75 s; docs/benchmarks.md "Session 13"), compiled to .pyc as pip would, torch pinned so that
+# where pip takes ~75 s), compiled to .pyc as pip would, torch pinned so that
 # nothing replaces it; plain pip if uv cannot be installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
