@@ -1,4 +1,4 @@
-"""Feeds docs/benchmarks.md, section 'CPU dropout and ELECTRA's sampling (session 5)'.
+"""Feeds docs/benchmarks.md, section 'CPU dropout and ELECTRA's sampling'.
 
 Dropout and sampling on CPU: kiln's kernels against PyTorch's, forward + backward, median of repeats.
 

@@ -1,4 +1,4 @@
-"""Feeds docs/benchmarks.md, section 'Session 4: rotary positions break the plateau'.
+"""Feeds docs/benchmarks.md, section 'A BERT-style encoder pretrained from scratch, then fine-tuned' (its positions table).
 
 Why a from-scratch MLM stalls: position encodings and the masked-LM plateau, in one loop.
 

@@ -1,6 +1,6 @@
-"""Feeds docs/benchmarks.md, section 'Session 8: what the from-scratch classifiers have in common, the TF-IDF bar, a 16k vocabulary'.
+"""Feeds docs/benchmarks.md, section 'A BERT-style encoder pretrained from scratch, then fine-tuned'.
 
-Its paragraph "The TF-IDF bar" and the val-picked TF-IDF figure (79.55%) come from this script.
+The val-picked TF-IDF figure there (79.55%) comes from this script.
 
 The data README's TF-IDF reference on rotten_tomatoes, on kiln's reference split, and how it relates to kiln
 classifiers: TF-IDF (1-2-grams) + logistic regression, val and test accuracy over a small grid (sublinear tf,

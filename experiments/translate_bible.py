@@ -1,4 +1,4 @@
-"""Feeds docs/benchmarks.md, section 'Translation: English → Spanish Bible verses, encoder-decoder from scratch' (and docs/translate_bleu.png).
+"""Feeds docs/benchmarks.md, section 'Translation: English → Spanish, from scratch' (and docs/translate_bleu.png).
 
 English -> Spanish on the Bible for a wall-clock budget: BLEU/chrF on >= 1000 held-out verses + the curve.
 
