@@ -36,14 +36,20 @@ def _sample_rate(src: Path) -> int:
     f = src / PREPROCESSOR
     if not f.is_file():
         return 16000
-    from kiln.interop.hf import _read_json
-
     return int(_read_json(f).get("sampling_rate", 16000))
 
 
-def _vocab(src: Path, size: int) -> list[str]:
-    from kiln.interop.hf import _read_json
+def _read_json(f: Path) -> dict:
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise KilnError(f"{f}: cannot read JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise KilnError(f"{f}: expected a JSON object")
+    return data
 
+
+def _vocab(src: Path, size: int) -> list[str]:
     f = src / "vocab.json"
     if not f.is_file():
         raise KilnError(f"{src}: a Wav2Vec2ForCTC folder without vocab.json (its tokenizer's characters)")
