@@ -71,18 +71,32 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
 
 
 def pretrain(config: str | Path | RunConfig | None = None, overrides: list[str] | dict | None = None,
-             resume: str | Path | None = None) -> Path:
-    """Train a model from a config (file, RunConfig or None for the default recipe). Returns the run folder."""
-    from kiln.tasks.lm import run_pretrain
+             resume: str | Path | None = None, quiet: bool = False) -> Path:
+    """Train a model from a config (file, RunConfig or None for the default recipe), or continue the stopped run
+    folder `resume` exactly (its own config.yaml; overrides still apply). Returns the run folder."""
+    from kiln.tasks.driver import train
+    from kiln.tasks.lm import TASK
 
-    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    return run_pretrain(cfg, resume=resume)
+    if not isinstance(config, RunConfig):
+        config = load_config(Path(resume) / "config.yaml" if resume is not None and config is None else config,
+                             overrides)
+    return train(TASK, config, quiet=quiet, resume=resume)
+
+
+def distill(teacher: str | Path, overrides: list[str] | dict | None = None, quiet: bool = False) -> Path:
+    """A student trained against the teacher run's distributions on the teacher's own recipe (data,
+    schedule); the overrides set its shape. Returns the student's run folder."""
+    from kiln.tasks.driver import train
+    from kiln.tasks.lm import TASK, distill_config
+
+    return train(TASK, distill_config(str(teacher), overrides), quiet=quiet)
 
 
 def finetune(task: str, config: str | Path | None = None, overrides: list[str] | dict | None = None,
              quiet: bool = False, resume: str | Path | None = None) -> Path:
-    """Fine-tune a task ("classify", "seq2seq", ...) from a config file and overrides, or continue the stopped
-    run folder `resume` exactly (its own config; overrides still apply). Returns the run folder."""
+    """Fine-tune a task ("classify", "seq2seq", ...) from a config file (or its config object) and overrides,
+    or continue the stopped run folder `resume` exactly (its own config; overrides still apply). Returns the
+    run folder."""
     from kiln import tasks
     from kiln.tasks.driver import recipe_for, train
 

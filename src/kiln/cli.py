@@ -251,18 +251,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the handlers: (parsed args, config overrides) -> exit code (None or another result: 0). Each checks what it
-# reads before torch and the verb's code are imported, then calls the verb's function in kiln.api; the training
-# verbs call the one driver through train_from_cli, which also leaves torchrun's process group cleanly
+# reads before torch and the verb's code are imported, then calls the verb's function in kiln.api
 
 
-def _train(task, cfg, resume: str | None = None) -> int:
-    """Train on the one driver (left cleanly under torchrun); 130 when it stopped on Ctrl-C/SIGTERM after saving
-    a checkpoint."""
-    from kiln.tasks.driver import train_from_cli
+def _trained(run) -> int:
+    """A training verb's exit code: 130 when it stopped on Ctrl-C/SIGTERM after saving a checkpoint."""
     from kiln.train.trainer import Interrupted
 
     try:
-        train_from_cli(task, cfg, resume)
+        run()
     except Interrupted:
         return 130
     return 0
@@ -279,9 +276,7 @@ def _pretrain(args, extra) -> int:
 
     scale_batch_and_lr(cfg, env_world()[1])  # an impossible global batch: every torchrun rank says so at once
     refuse_a_busy_resume(args.resume)
-    from kiln.tasks.lm import TASK
-
-    return _train(TASK, cfg, args.resume)
+    return _trained(lambda: api.pretrain(cfg, resume=args.resume))
 
 
 def _finetune(args, extra) -> int:
@@ -291,24 +286,20 @@ def _finetune(args, extra) -> int:
     if args.finetune_verb not in tasks.REGISTRY:
         raise KilnError("usage: kiln finetune TASK [CONFIG.yaml] --data.train FILE [--section.key VALUE ...]; "
                         f"TASK is {' or '.join(tasks.REGISTRY)} (kiln finetune TASK --help)")
+    cfg = None
     if args.resume is None:  # the recipe and its overrides first: a mistake is one line before torch is imported
         from kiln.train.scaling import check_micro_batches, env_world
 
         cfg = load_config(args.config, extra, cls=tasks.config_class(args.finetune_verb))
         check_micro_batches(cfg.train, env_world()[1])  # every torchrun rank refuses at once
     refuse_a_busy_resume(args.resume)
-    task = tasks.get(args.finetune_verb)
-    if args.resume is not None:  # the run's own recipe (recipe_for refuses a second one), overrides on top
-        from kiln.tasks.driver import recipe_for
-
-        cfg = load_config(recipe_for(task, args.config, args.resume), extra, cls=task.config_cls)
-    return _train(task, cfg, args.resume)
+    # a resume loads the run's own recipe (refusing a second one), the overrides on top
+    return _trained(lambda: api.finetune(args.finetune_verb, cfg if cfg is not None else args.config, extra,
+                                         resume=args.resume))
 
 
 def _distill(args, extra) -> int:
-    from kiln.tasks.lm import TASK, distill_config
-
-    return _train(TASK, distill_config(args.teacher, extra))
+    return _trained(lambda: api.distill(args.teacher, extra))
 
 
 def _data(args, extra) -> None:

@@ -14,6 +14,7 @@ the step, so the resumed run takes the steps the uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -49,8 +50,16 @@ def train(task: Task, cfg, quiet: bool = False, resume: str | Path | None = None
                         "here (set init to a kiln run or Hugging Face folder, or train.lora.rank 0)")
     if task.batch_unit:
         check_micro_batches(tc, env_world()[1])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizers' threads
     device = resolve_device(tc.device)
+    ours = not (torch.distributed.is_available() and torch.distributed.is_initialized())  # a caller's group stays
     info, device = init_distributed(tc.backend, device)
+    with leave_process_group_after() if ours else contextlib.nullcontext():
+        return _run(task, cfg, quiet, resume, info, device, lora)
+
+
+def _run(task: Task, cfg, quiet: bool, resume, info, device: str, lora) -> Path:
+    """The run folder's life: created (or reopened) and locked, the data checked, the task prepared, trained."""
     if resume is None:
         run_dir = broadcast(info, default_run_dir(cfg.name, cfg.out))  # rank 0's timestamp
         if holds_run(run_dir):
@@ -75,8 +84,8 @@ def train(task: Task, cfg, quiet: bool = False, resume: str | Path | None = None
     for line in log0:
         log(line)
     torch.manual_seed(cfg.seed)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     try:  # errors found once the backbone is loaded: leave no run folder behind
         prep = main_first(info, lambda: _prepare(task, cfg, run_dir, data, device, log, lora))  # rank 0 imports first
         if saved_data is not None:
@@ -182,13 +191,6 @@ def _finish(task: Task, cfg, prep, model, trainer, result, precision, early, run
     (run_dir / "eval").mkdir(exist_ok=True)
     (run_dir / "eval" / "summary.json").write_text(json.dumps({"train": summary, **results}, indent=2) + "\n")
     log(f"done: run folder {run_dir}")
-
-
-def train_from_cli(task: Task, cfg, resume: str | None = None) -> Path:
-    """A run from the command line, in or out of torchrun: the process group (if any) is left at the end."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with leave_process_group_after():
-        return train(task, cfg, resume=resume)
 
 
 def recipe_for(task: Task, config, resume):
