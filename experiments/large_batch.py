@@ -1,4 +1,4 @@
-"""Feeds docs/large_batch.md, sections 'Large-batch study', 'Session 2: 4× the token budget', 'Session 4: why, measured — the gradient noise scale'.
+"""Feeds docs/large_batch.md, sections 'Large-batch study', '4× the token budget', 'Why, measured: the gradient noise scale'.
 
 Its plots are docs/large_batch.png and docs/large_batch_50m.png (--plot).
 

@@ -1,4 +1,4 @@
-"""Feeds docs/benchmarks.md, section 'A distilled 3-layer MiniLM student for rotten_tomatoes (session 3)'.
+"""Feeds docs/benchmarks.md, section 'A distilled 3-block MiniLM student'.
 
 A shallower MiniLM student for rotten_tomatoes, distilled from a fine-tuned MiniLM teacher: the accuracy /
 size / speed trade-off in one run.

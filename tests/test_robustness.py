@@ -1,4 +1,4 @@
-"""Issue 17, item 3: user mistakes and machine trouble end in one line on stderr naming the file/key/value and
+"""User mistakes and machine trouble end in one line on stderr naming the file/key/value and
 what was expected, exit code 2, no traceback, nothing lost (a run folder that existed is byte-for-byte the same)."""
 
 import dataclasses
