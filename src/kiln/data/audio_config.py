@@ -7,13 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln.config import _f
+from kiln.config import EpochTrainConfig, _f
 from kiln.model.config import ModelConfig
-
-try:  # the fine-tuning tasks' train section (epochs-based schedule keys)
-    from kiln.config import EpochTrainConfig as _Train
-except ImportError:  # a tree where the train keys are one class
-    from kiln.config import TrainConfig as _Train
 
 AUDIO_CONFIG_FILE, ASR_CONFIG_FILE = "audio.yaml", "asr.yaml"
 TOO_LONG = ("cut", "skip", "error")
@@ -48,13 +43,15 @@ def audio_model() -> ModelConfig:
                        audio_pos_kernel=32, audio_pos_groups=8)
 
 
-def _audio_train() -> _Train:
-    return _Train(max_steps=0, batch_size=32, lr=1e-3, min_lr=1e-5, warmup_steps=0, decay="cosine", weight_decay=0.01,
+def _audio_train() -> EpochTrainConfig:
+    return EpochTrainConfig(max_steps=0, batch_size=32, lr=1e-3, min_lr=1e-5, warmup_steps=0, decay="cosine", weight_decay=0.01,
                   beta2=0.98, eval_every=0, save_every=0, keep_last=1, log_every=10)
 
 
 @dataclass
 class _SpeechConfig:
+    name: str = _f("audio", "run name; the run folder is runs/<name>-<timestamp> unless --out names it")
+    out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
     seed: int = _f(1337, "random seed for the split, the init, data order, masking and dropout", range=">= 0")
     init: str = _f("", "start from: a kiln run of the same task, a kiln Wav2Vec 2.0 backbone (kiln import hf of a "
                    "Wav2Vec2Model) or a Hugging Face wav2vec2 folder (imported into <run>/base); empty = from scratch "
@@ -69,7 +66,7 @@ class _SpeechConfig:
     eval_batch_size: int = _f(32, "utterances per batch when evaluating and predicting", range=">= 1")
     data: AudioDataConfig = field(default_factory=AudioDataConfig)
     augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
-    train: _Train = field(default_factory=_audio_train)
+    train: EpochTrainConfig = field(default_factory=_audio_train)
     model: ModelConfig = field(default_factory=audio_model, metadata={
         "help": "the Wav2Vec 2.0-shaped encoder from scratch; with init: the init's shape"})
 
@@ -78,8 +75,6 @@ class _SpeechConfig:
 class AudioConfig(_SpeechConfig):
     """`kiln finetune audio`: utterance classification (keyword spotting, speaker, emotion) over raw waveforms."""
 
-    name: str = _f("audio", "run name; the run folder is runs/<name>-<timestamp> unless --out names it")
-    out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
     proj_dim: int = _f(256, "width of the projection before mean pooling (HF's classifier_proj_size)", range=">= 1")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy", range="[0, 1)")
     metric: str = _f("val_accuracy", "validation metric that picks the best checkpoint and drives early stopping",
@@ -91,7 +86,6 @@ class ASRConfig(_SpeechConfig):
     """`kiln finetune asr`: speech recognition with CTC over characters, greedy decoding, WER/CER (jiwer)."""
 
     name: str = _f("asr", "run name; the run folder is runs/<name>-<timestamp> unless --out names it")
-    out: str = _f("", "run folder (default runs/<name>-<timestamp>)")
     lowercase: bool = _f(True, "lowercase the transcripts before building the character vocabulary and scoring")
     metric: str = _f("val_loss", "validation metric that picks the best checkpoint and drives early stopping "
                      "(val_cer and val_wer are reported beside it)", choices=("val_loss",))

@@ -16,7 +16,7 @@ from kiln.errors import KilnError
 from kiln.tasks.backbone import is_hf_folder
 
 # the model keys a speech model does not read (hidden from --help)
-TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "embedding_norm", "mlm_head",
+TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "mlm_head",
              "tie_embeddings", "type_vocab_size", "pad_token_id", "embed_scale", "sinusoid_layout", "head_bias",
              "channels", "image_size", "patch_size", "class_token", "position", "pooler")
 
