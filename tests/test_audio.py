@@ -256,3 +256,15 @@ def test_tiny_keyword_set_is_learned_above_chance(tmp_path):
                  "--train.lr", "3e-3", *FAST, "--model.n_layer", "2", "--model.audio_conv_dim", "32",
                  "--model.d_model", "64", "--model.d_ff", "128", "--model.sample_rate", "8000"]) == 0
     assert json.loads((out / "eval" / "test.json").read_text())["accuracy"] >= 0.5
+
+
+def test_resume_is_exact_with_time_masks_and_dropout(tmp_path, capsys, kws):
+    """Killed after step 5 and resumed: the same weights bit for bit and the same losses as the whole run
+    (seeded time masks and dropout drawn anew every step)."""
+    from test_finetune_resume import assert_resume_is_exact
+
+    argv = ["finetune", "audio", "--data.train", kws / "train.csv", "--data.val", kws / "val.csv", "--data.test",
+            kws / "test.csv", "--train.max_steps", "6", "--train.eval_every", "2", "--train.save_every", "2",
+            "--train.batch_size", "8", "--augment.mask_time_prob", "0.2", "--augment.mask_time_length", "2",
+            "--model.dropout", "0.1", *FAST, *TINY]
+    assert_resume_is_exact([str(a) for a in argv], tmp_path, 5, capsys)
