@@ -155,7 +155,7 @@ def _load_classifier(run_dir: Path, which: str) -> Exported:
     info = {"labels": labels, "text_field": d.text_field, "text_pair_field": d.text_pair_field or None,
             "label_field": d.label_field, "max_length": d.max_length, "pooling": model.pooling,
             "positive_label": meta.get("positive_label"), "padding": "right",
-            "pad_token_id": cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0}
+            "pad_token_id": cfg.model.pad_id}
     return Exported("classifier", model.eval(), cfg.model, cfg, ckpt, run_dir, load_tokenizer(run_dir / "tokenizer.json"),
                     info)
 
@@ -177,7 +177,7 @@ def _load_language_model(run_dir: Path, which: str) -> Exported:
     kind = "decoder" if cfg.arch == "decoder" else "encoder"
     info = {"vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
             "eot_token_id": eot_id(tokenizer) if tokenizer is not None else None,
-            "pad_token_id": cfg.pad_token_id if cfg.pad_token_id >= 0 else 0}
+            "pad_token_id": cfg.pad_id}
     if kind == "decoder":
         info["padding"] = "left"
         info["cache"] = {"n_layer": cfg.n_layer, "n_kv_head": cfg.n_kv_head, "head_dim": cfg.head_dim,

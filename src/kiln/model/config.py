@@ -87,6 +87,12 @@ class ModelConfig:
         return self
 
     @property
+    def pad_id(self) -> int:
+        """The id batches are padded with: pad_token_id, or 0 for a model without one (its padded positions are
+        masked, so any id serves)."""
+        return self.pad_token_id if self.pad_token_id >= 0 else 0
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 

@@ -16,6 +16,7 @@ def load_classifier_backend(run_dir: Path, which: str, device: str):
     description). The only place kiln.serve touches the classification task's internals."""
     from kiln.data import tables
     from kiln.run.device import resolve_device
+    from kiln.tasks.base import eval_batch_size
     from kiln.tasks.classify_files import load_classifier
     from kiln.tasks.text_inputs import encode_examples, predict_probs, prepare_tokenizer
 
@@ -26,8 +27,8 @@ def load_classifier_backend(run_dir: Path, which: str, device: str):
         raise KilnError(f"{run_dir} is a {problem} classifier; kiln serve answers single-label classifiers: use "
                         f"kiln predict {run_dir} FILE for its {'labels' if problem == 'multi_label' else 'numbers'}")
     tok = prepare_tokenizer(tokenizer, cfg.data.max_length)
-    pad = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
-    batch_size = max(2 * cfg.train.batch_size, 16)  # as kiln predict
+    pad = cfg.model.pad_id
+    batch_size = eval_batch_size(cfg)  # as kiln predict
 
     def predict(texts: list[str], pairs: list[str] | None = None):
         rows = [tables.Example(t, None, pairs[i] if pairs is not None else None) for i, t in enumerate(texts)]

@@ -126,6 +126,12 @@ class Task:
         raise NotImplementedError
 
 
+def eval_batch_size(cfg, least: int = 16) -> int:
+    """Examples per batch when a task evaluates or predicts: twice the training batch (no gradients or optimizer
+    state to hold), at least `least`. kiln predict, kiln eval and kiln serve batch the same way."""
+    return max(2 * cfg.train.batch_size, least)
+
+
 def epochs_schedule(cfg, tcfg, steps_per_epoch: int) -> None:
     """max_steps from `epochs`, warmup from `warmup_fraction`, an evaluation per epoch (each where not set)."""
     if tcfg.max_steps <= 0:

@@ -32,7 +32,7 @@ from kiln.errors import KilnError
 from kiln.eval.classification import multilabel_val_metrics, tune_thresholds, val_metrics
 from kiln.eval.regression import regression_val_metrics
 from kiln.model.heads import SequenceClassifier, SequenceRegressor
-from kiln.tasks.base import Data, EpochTask, Prepared
+from kiln.tasks.base import Data, EpochTask, Prepared, eval_batch_size
 from kiln.tasks.classify_files import CONFIG_FILE, LABELS_FILE, evaluate_and_report, evaluate_file, load_classifier, \
     predict_file, run_folders, scores
 from kiln.tasks.backbone import load_backbone
@@ -140,7 +140,7 @@ class ClassifyTask(EpochTask):
             log("class weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(labels, weights)))
         if cfg.token_mask:
             log(f"augmentation: {cfg.token_mask:.0%} of the training tokens become mask token {mask_id}, anew each step")
-        pad_id = cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
+        pad_id = cfg.model.pad_id
         positive = data.extra["positive"]
         meta = {"labels": labels, "text_field": cfg.data.text_field, "text_pair_field": cfg.data.text_pair_field,
                 "label_field": cfg.data.label_field, "max_length": cfg.data.max_length, "pooling": model.pooling,
@@ -153,7 +153,7 @@ class ClassifyTask(EpochTask):
 
         batches = EpochBatches(enc["train"], cfg.train.batch_size, cfg.seed, pad_id, cfg.token_mask, mask_id, special,
                                cfg.length_buckets)
-        eval_bs, val = max(2 * cfg.train.batch_size, 16), enc["val"]
+        eval_bs, val = eval_batch_size(cfg), enc["val"]
         evaluate = None
         if len(val):
             def evaluate(m):

@@ -32,7 +32,7 @@ def teacher_logits(teachers: list, examples: list, labels: list[str], device: st
     out = []
     for model, tok, t_cfg in teachers:
         enc = encode_examples(prepare_tokenizer(tok, t_cfg.data.max_length), examples, index, t_cfg.model, "teacher")
-        pad = t_cfg.model.pad_token_id if t_cfg.model.pad_token_id >= 0 else 0
+        pad = t_cfg.model.pad_id
         out.append(predict_logits(model, enc, 64, pad, device))
     return np.stack(out)
 

@@ -17,6 +17,7 @@ from kiln.errors import KilnError
 from kiln.model.heads import SequenceClassifier, SequenceRegressor
 from kiln.run.checkpoint import find_checkpoint, load_weights
 from kiln.run.load import build_model
+from kiln.tasks.base import eval_batch_size
 from kiln.tasks.text_inputs import encode_examples, predict_logits, predict_probs, prepare_tokenizer
 
 
@@ -141,8 +142,8 @@ def _predict_file(runs: list[Path], file: Path, which: str, require_label: bool,
                                 cfg_r.model, str(file), problem)
         if not probs:
             enc = enc_r  # the first run's encoding: its labels and truncation count are reported
-        pad = cfg_r.model.pad_token_id if cfg_r.model.pad_token_id >= 0 else 0
-        probs.append(scores(model, enc_r, max(2 * cfg_r.train.batch_size, 16), pad, problem))
+        pad = cfg_r.model.pad_id
+        probs.append(scores(model, enc_r, eval_batch_size(cfg_r), pad, problem))
         thresholds.append(read_meta(r).get("thresholds") or [cfg_r.threshold] * len(labels))
         del model
     if len(runs) > 1:

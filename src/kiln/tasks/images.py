@@ -31,7 +31,7 @@ from kiln.errors import KilnError
 from kiln.eval.classification import val_metrics
 from kiln.eval.images import predict_probs, report
 from kiln.model.heads import ImageClassifier
-from kiln.tasks.base import Data, EpochTask, Prepared
+from kiln.tasks.base import Data, EpochTask, Prepared, eval_batch_size
 from kiln.tasks.backbone import is_hf_folder
 
 TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "embedding_norm", "mlm_head",
@@ -139,7 +139,7 @@ class ImageTask(EpochTask):
             log("augmentation: " + ", ".join(([f"random crop (padding {a.crop_padding})"] if a.crop_padding else [])
                                              + (["horizontal flip"] if a.flip else [])) + ", anew every step")
         batches = ImageBatches(x_tr, y_tr, cfg.train.batch_size, cfg.seed, mean, std, a.crop_padding, a.flip)
-        eval_bs = max(2 * cfg.train.batch_size, 64)
+        eval_bs = eval_batch_size(cfg, least=64)
         evaluate = None
         if len(y_va):
             def evaluate(m):

@@ -26,7 +26,7 @@ from kiln.data.squad import CONFIG_FILE, QAConfig, encode_windows, read_squad, s
 from kiln.errors import KilnError
 from kiln.eval.qa import best_answers, squad_scores
 from kiln.model.heads import SpanHead
-from kiln.tasks.base import Data, EpochTask, Prepared
+from kiln.tasks.base import Data, EpochTask, Prepared, eval_batch_size
 from kiln.tasks.backbone import adopt_backbone
 from kiln.train.objectives import model_inputs
 
@@ -90,7 +90,7 @@ def predict_spans(model, win, batch_size: int, pad_id: int, device: str = "cpu")
 
 
 def answer(model, examples, win, cfg: QAConfig, null_answers: bool, pad_id: int, device: str = "cpu"):
-    starts, ends, loss = predict_spans(model, win, max(2 * cfg.train.batch_size, 16), pad_id, device)
+    starts, ends, loss = predict_spans(model, win, eval_batch_size(cfg), pad_id, device)
     q = cfg.qa
     return best_answers(examples, win, starts, ends, q.n_best, q.max_answer_length, null_answers,
                         q.null_threshold), loss
@@ -114,10 +114,6 @@ def _encode(tokenizer, rows, cfg: QAConfig, where: str):
     d, m = cfg.data, cfg.model
     return encode_windows(tokenizer, rows, d.max_length, d.doc_stride, d.max_question_length, m.vocab_size,
                           m.type_vocab_size, where)
-
-
-def _pad_id(cfg) -> int:
-    return cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
 
 
 class QATask(EpochTask):
@@ -174,7 +170,7 @@ class QATask(EpochTask):
                 + (f"; {w.questions_cut} question(s) cut" if w.questions_cut else ""))
         if not len(enc["train"]):
             raise KilnError(f"{cfg.data.train}: no training windows")
-        model, pad_id, null = SpanHead(backbone), _pad_id(cfg), data.extra["null_answers"]
+        model, pad_id, null = SpanHead(backbone), cfg.model.pad_id, data.extra["null_answers"]
         report["init"] = init_info
         meta = {"null_answers": null, "max_length": cfg.data.max_length, "doc_stride": cfg.data.doc_stride}
 
@@ -211,7 +207,7 @@ class QATask(EpochTask):
 
     def predict_file(self, run_dir, file, out=None, which: str = "best", log=print) -> Path:
         model, tokenizer, cfg, info, rows, win = _run_on(run_dir, file, which)
-        answers, _ = answer(model, rows, win, cfg, info.get("null_answers", False), _pad_id(cfg))
+        answers, _ = answer(model, rows, win, cfg, info.get("null_answers", False), cfg.model.pad_id)
         out = Path(out) if out else Path(run_dir) / "predictions" / f"{Path(file).stem}.jsonl"
         _write_answers(out, rows, answers)
         log(f"wrote {len(answers)} answer(s) to {out}")
@@ -258,7 +254,7 @@ def _write_answers(out: Path, rows, answers: list[dict]) -> None:
 
 def _score(model, rows, win, cfg, null: bool, device: str, out: Path, extra: dict, log) -> dict:
     """EM/F1 of a run on questions: written as JSON (predictions beside it as JSONL), printed when `log`."""
-    answers, loss = answer(model, rows, win, cfg, null, _pad_id(cfg), device)
+    answers, loss = answer(model, rows, win, cfg, null, cfg.model.pad_id, device)
     s = squad_scores({a["id"]: a["answer"] for a in answers}, rows)
     m = {**s, "loss": loss, "windows": len(win), "null_answers": null, **extra}
     _write_answers(out.with_name(out.stem + "_predictions.jsonl"), rows, answers)

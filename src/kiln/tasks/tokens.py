@@ -27,7 +27,7 @@ from kiln.data.conll import CONFIG_FILE, TokensConfig
 from kiln.errors import KilnError
 from kiln.eval.tokens import entities, metrics_table, token_metrics
 from kiln.model.heads import TokenClassifier
-from kiln.tasks.base import Data, EpochTask, Prepared
+from kiln.tasks.base import Data, EpochTask, Prepared, eval_batch_size
 from kiln.tasks.backbone import adopt_backbone
 from kiln.tasks.qa import FINETUNED, load_task_run, pad_rows
 from kiln.train.objectives import model_inputs
@@ -146,7 +146,7 @@ class TokensTask(EpochTask):
         if any(w.truncated for w in enc.values()):
             log("truncation: " + ", ".join(f"{n} {w.truncated}" for n, w in enc.items()) + " sentence(s) longer than "
                 f"data.max_length {cfg.data.max_length} sub-tokens: their last words are never seen (tagged O)")
-        model, pad_id = TokenClassifier(backbone, len(labels), cfg.head_dropout), _pad_id(cfg)
+        model, pad_id = TokenClassifier(backbone, len(labels), cfg.head_dropout), cfg.model.pad_id
         data.report["init"] = init_info
         meta = {"labels": labels, "scheme": scheme, "max_length": cfg.data.max_length}
 
@@ -156,7 +156,7 @@ class TokensTask(EpochTask):
         val, val_rows, evaluate = enc["val"], data.splits["val"], None
         if len(val):
             def evaluate(m):
-                tags, loss = predict_tags(m, val, val_rows, labels, _eval_bs(cfg), pad_id, device)
+                tags, loss = predict_tags(m, val, val_rows, labels, eval_batch_size(cfg), pad_id, device)
                 r = token_metrics([s.tags for s in val_rows], tags, scheme)
                 return {"val_loss": loss, "val_f1": r["f1"], "val_precision": r["precision"],
                         "val_recall": r["recall"], "val_accuracy": r["accuracy"]}
@@ -192,7 +192,7 @@ class TokensTask(EpochTask):
 
     def predict_file(self, run_dir, file, out=None, which: str = "best", log=print) -> Path:
         model, cfg, info, rows, w = _run_on(run_dir, file, which, False)
-        tags, _ = predict_tags(model, w, rows, info["labels"], _eval_bs(cfg), _pad_id(cfg))
+        tags, _ = predict_tags(model, w, rows, info["labels"], eval_batch_size(cfg), cfg.model.pad_id)
         out = Path(out) if out else Path(run_dir) / "predictions" / f"{Path(file).stem}.jsonl"
         _write(out, rows, tags, info["scheme"])
         log(f"wrote the tags of {len(rows)} sentence(s) to {out}")
@@ -200,14 +200,6 @@ class TokensTask(EpochTask):
 
 
 TASK = TokensTask()
-
-
-def _pad_id(cfg) -> int:
-    return cfg.model.pad_token_id if cfg.model.pad_token_id >= 0 else 0
-
-
-def _eval_bs(cfg) -> int:
-    return max(2 * cfg.train.batch_size, 16)
 
 
 def _encode(tokenizer, sents, index, cfg, where: str):
@@ -237,7 +229,7 @@ def _write(out: Path, rows, tags, scheme: str) -> None:
 
 
 def _score(model, rows, w, cfg, meta: dict, device: str, out: Path, extra: dict, log) -> dict:
-    tags, loss = predict_tags(model, w, rows, meta["labels"], _eval_bs(cfg), _pad_id(cfg), device)
+    tags, loss = predict_tags(model, w, rows, meta["labels"], eval_batch_size(cfg), cfg.model.pad_id, device)
     m = {**token_metrics([s.tags for s in rows], tags, meta["scheme"]), "loss": loss, "truncated": w.truncated,
          **extra}
     _write(out.with_name(out.stem + "_predictions.jsonl"), rows, tags, meta["scheme"])
