@@ -70,6 +70,21 @@ def sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, t
     return tokenizer.decode(ids) + text[:cut]
 
 
+def chat(run_dir: str | Path, message: str | None = None, system: str | None = None, max_new_tokens: int = 512,
+         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+         which: str = "latest", device: str = "auto", precision: str = "auto") -> str:
+    """`kiln chat`: the reply to `message` (streamed to stdout, returned), or, without one, a conversation in the
+    terminal. The run's chat template (chat_template.jinja; ChatML when it has none) renders the turns; a reply
+    ends at the template's end-of-turn token. At temperature 0 it is what /v1/chat/completions answers."""
+    from kiln.model.generation_settings import check_generation
+
+    check_generation(max_new_tokens, temperature, top_k, top_p)  # before the model is loaded
+    from kiln.serve.chat import chat as converse
+
+    return converse(run_dir, message, system, max_new_tokens, temperature, top_k, top_p, seed, which, device,
+                    precision)
+
+
 def pretrain(config: str | Path | RunConfig | None = None, overrides: list[str] | dict | None = None,
              resume: str | Path | None = None, quiet: bool = False) -> Path:
     """Train a model from a config (file, RunConfig or None for the default recipe), or continue the stopped run

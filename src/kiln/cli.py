@@ -90,6 +90,17 @@ VERBS = {
                                               "language model, best for a classifier)"),
         _a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="as kiln generate's"),
         _a("--device", default="auto", help=DEVICE)]),
+    "chat": ({"help": "chat with a decoder run in the terminal, its chat template applied (ChatML when it has "
+                      "none): the reply streams, /reset starts again; -m MESSAGE answers once, for scripts"}, [
+        _a("run_dir"), _a("-m", "--message", default=None, help="print the reply to this one message and exit"),
+        _a("--system", default=None, help="a system prompt"),
+        _a("--max-new-tokens", type=int, default=512, help="longest reply in tokens (and the context's room)"),
+        _a("--temperature", type=float, default=0.0, help="0 = greedy (the default)"),
+        _a("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)"),
+        _a("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)"),
+        _a("--seed", type=int, default=None), _a("--checkpoint", default="latest", help=CHECKPOINT),
+        _a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="as kiln generate's"),
+        _a("--device", default="auto", help=DEVICE)]),
     "models": ({"help": "list the named model presets with parameter counts"}, []),
     "viz": ({"help": "plots of a run"}, ("viz_verb", "WHAT", {
         "attention": ({"help": "PNG grid of attention maps (layers x heads) for a text"}, [
@@ -318,6 +329,14 @@ def _generate(args, extra) -> None:
                      precision=args.precision, num_beams=args.num_beams, device=args.device))
 
 
+def _chat(args, extra) -> None:
+    from kiln.model.generation_settings import CLI_FLAGS, check_generation
+
+    check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p, names=CLI_FLAGS)  # before torch
+    api.chat(args.run_dir, args.message, args.system, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+             args.seed, which=args.checkpoint, device=args.device, precision=args.precision)
+
+
 def _models(args, extra) -> None:
     print(f"{'preset':<18} {'arch':<16} {'layers':>6} {'d_model':>7} {'heads':>5} {'params':>10}")
     for m in api.models():
@@ -356,7 +375,7 @@ def _export(args, extra) -> None:
 
 HANDLERS = {
     "pretrain": _pretrain, "finetune": _finetune, "distill": _distill, "data": _data, "generate": _generate,
-    "models": _models, "viz": _viz, "import": _import, "export": _export,
+    "models": _models, "viz": _viz, "import": _import, "export": _export, "chat": _chat,
     "serve": lambda a, _: api.serve(a.run_dir, a.host, a.port, a.max_batch, a.queue, a.checkpoint, a.device,
                                     a.precision),
     "prune": lambda a, _: api.prune(a.run_dir, a.out, a.ffn_keep, which=a.checkpoint),

@@ -26,6 +26,7 @@ SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 def _environment():
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -106,8 +107,16 @@ def encode_chat(tokenizer, template: ChatTemplate, messages: list[dict], context
     """Token ids of the rendered conversation (special tokens written by the template are kept as they are,
     nothing is added: transformers' apply_chat_template(tokenize=True)); a KilnError when they leave fewer
     than `reserve` positions of the context for the reply."""
+    from kiln.data.tokenizer import encode_text, tokenizer_kind
+
     text = template.render(messages)
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if tokenizer_kind(tokenizer) == "char":  # names the characters a char vocabulary lacks
+        ids = encode_text(tokenizer, text, "messages")
+    else:
+        try:
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # e.g. a WordLevel vocabulary without an unknown token
+            raise KilnError(f"messages: the tokenizer cannot encode this conversation ({str(e).splitlines()[0]})") from None
     if len(ids) + reserve > context_length:
         raise KilnError(f"the conversation is {len(ids)} tokens, and this model's context is {context_length} "
                         f"tokens: shorten it (or start again: /reset in kiln chat)")

@@ -41,6 +41,8 @@ class LMBackend:
         if tokenizer is None:
             raise KilnError(f"{run_dir}: no tokenizer.json; cannot encode a text prompt")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.run_dir = Path(run_dir)
+        self._chat = None
         self.context_length = cfg.model.context_length
         self.info = {"kind": "completion", "context_length": self.context_length,
                      "vocab_size": cfg.model.vocab_size, "device": self.device, "precision": self.precision,
@@ -63,6 +65,27 @@ class LMBackend:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    @property
+    def chat(self):
+        """(ChatTemplate, end-of-turn token ids, end-of-turn strings) of the run, read when first needed."""
+        if self._chat is None:
+            from kiln.data.chat import ChatTemplate, stop_tokens
+            from kiln.run.checkpoint import find_checkpoint
+
+            root = self.run_dir
+            if not (root / "config.yaml").is_file():  # a checkpoint folder: its run holds the template
+                root = find_checkpoint(root, "latest").parent.parent
+            template = ChatTemplate.of_run(root)
+            self._chat = (template, *stop_tokens(self.tokenizer, template))
+        return self._chat
+
+    def encode_chat(self, messages: list[dict], reserve: int = 1) -> list[int]:
+        """Token ids of a conversation rendered with the run's chat template (KilnError: bad messages, a template
+        that fails, longer than the context)."""
+        from kiln.data.chat import encode_chat
+
+        return encode_chat(self.tokenizer, self.chat[0], messages, self.context_length, reserve)
 
     def warm_up(self) -> None:
         import torch
@@ -109,14 +132,18 @@ class _Row:
         self.stop = [s for s in job.stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
+        self.count = 0  # tokens generated (the end-of-turn token included)
         self.finished = False
         self.reason = "length"
         self.sent = ""
 
     def advance(self, ids: list[int], cancel: bool = False) -> None:
-        self.ids = ids
+        self.ids, self.count = ids, len(ids)
         if self.job.cancelled or cancel:
             self.finished, self.reason = True, "cancelled"
+            return
+        if ids and ids[-1] in self.job.stop_ids:  # the end-of-turn token: the reply is the tokens before it
+            self.ids, self.finished, self.reason = ids[:-1], True, "stop"
             return
         if not self.stop and not self.job.on_delta:
             self.finished = len(ids) >= self.job.max_tokens
@@ -148,7 +175,7 @@ class _Row:
             if not text.startswith(self.sent):  # a tokenizer whose decode is not prefix-stable: cannot unsend
                 text = self.sent + text[len(self.sent):]
             self._send(text)
-        self.job.on_done({"text": text, "finish_reason": self.reason, "completion_tokens": len(self.ids),
+        self.job.on_done({"text": text, "finish_reason": self.reason, "completion_tokens": self.count,
                           "prompt_tokens": len(self.job.ids)})
 
 

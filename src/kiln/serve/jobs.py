@@ -46,6 +46,7 @@ class Job:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)  # a chat reply ends at its template's end-of-turn token
     # classification
     texts: list[str] = field(default_factory=list)
     pairs: list[str] | None = None

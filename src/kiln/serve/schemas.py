@@ -84,6 +84,55 @@ class CompletionRequest(_Strict):
         return _only(v, (None,), "no suffix")
 
 
+class ChatMessage(_Strict):
+    role: str
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Strict):
+    """POST /v1/chat/completions: OpenAI's fields (those kiln can honour) plus top_k. Without max_tokens a
+    reply may fill the rest of the context."""
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(1.0, le=2)
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    logprobs: bool | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v):
+        return _only(v, (1,), "only n=1 (send one request per completion)")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        return _only(v, (None, False), "no logprobs")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v):
+        return _only(v, (0, 0.0), "no penalty but 0")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        return _only(v or None, (None,), "no logit_bias")
+
+
 class ClassifyRequest(_Strict):
     """POST /v1/classify: one text or a list; input_pair for a run trained on text pairs."""
 
@@ -94,4 +143,6 @@ class ClassifyRequest(_Strict):
 
 def body_model(path: str) -> type[_Strict]:
     """The request body a route reads, for naming the known fields in an "unknown parameter" error."""
+    if path.endswith("/chat/completions"):
+        return ChatRequest
     return CompletionRequest if path.endswith("/completions") else ClassifyRequest

@@ -1,5 +1,4 @@
-"""POST /v1/completions (streamed as server-sent events with `stream: true`) and POST /v1/chat/completions
-(a clear 400: kiln's tokenizers have no chat template). A language-model run.
+"""POST /v1/completions (streamed as server-sent events with `stream: true`). A language-model run.
 
 A request with several prompts is one job per prompt, admitted to the queue together; each job reports back
 from the worker thread through callbacks that settle an asyncio future (and, when streaming, put its text
@@ -24,15 +23,6 @@ from kiln.serve.jobs import Job
 from kiln.serve.schemas import CompletionRequest
 
 router = APIRouter()
-
-
-@router.post("/v1/chat/completions")
-async def chat(request: Request, s: ServedDep):
-    if not s.is_lm:
-        raise APIError(404, "this server serves a classifier: POST /v1/classify", code="not_found")
-    raise APIError(400, "this model's tokenizer has no chat template (kiln's character and BPE tokenizers "
-                   "have none), so there is no chat format to apply: use /v1/completions with a plain "
-                   "prompt", code="no_chat_template")
 
 
 @router.post("/v1/completions")
