@@ -124,20 +124,22 @@ def _scan_manifest(path: Path, column: str, require: bool) -> Clips:
 # ----------------------------------------------------------------------------------------------- decoding
 
 
-def read_audio(file: Path, sample_rate: int) -> np.ndarray:
-    """float32 mono samples of `file` at `sample_rate` (mixed down, resampled), not normalised."""
+def read_audio(file, sample_rate: int, name: str = "") -> np.ndarray:
+    """float32 mono samples of `file` (a path, or a file object such as an upload's bytes, called `name` in
+    errors) at `sample_rate` (mixed down, resampled), not normalised."""
     try:
         import soundfile as sf
         import soxr
     except ImportError as e:
         raise KilnError(f"reading audio needs {e.name} (pip install 'kiln[audio]')") from None
+    name = name or str(file)
     try:
-        x, rate = sf.read(str(file), dtype="float32", always_2d=True)
+        x, rate = sf.read(file if hasattr(file, "read") else str(file), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile's errors: not audio, truncated, an unknown format
         msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise KilnError(f"{file}: cannot read audio ({msg}); expected WAV, FLAC or OGG") from None
+        raise KilnError(f"{name}: cannot read audio ({msg}); expected WAV, FLAC or OGG") from None
     if not len(x):
-        raise KilnError(f"{file}: holds no samples (an empty recording)")
+        raise KilnError(f"{name}: holds no samples (an empty recording)")
     x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if rate != sample_rate:
         x = soxr.resample(x, rate, sample_rate, quality="HQ")

@@ -220,6 +220,10 @@ def open_run(run_dir: str | Path, which: str | None = None, device: str = "auto"
         return ClassifierBackend(run, which or "best", device)
     if kind == "pretrain":
         return LMBackend(run, which or "latest", device, precision)
+    if kind in ("asr", "audio"):  # POST /v1/audio/transcriptions (an audio classifier is refused there, saying why)
+        from kiln.serve.speech import SpeechBackend
+
+        return SpeechBackend(run, which or "best", device)
     raise KilnError(f"{run} is a {kind} run: kiln serve serves language-model runs (OpenAI completions) and "
                     "classifier runs (/v1/classify)" + ("; use `kiln translate` for it" if kind == "seq2seq" else ""))
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from kiln.serve.routes import chat, classify, completions, models, playground
+from kiln.serve.routes import audio, chat, classify, completions, models, playground
 
-ROUTERS = [playground.router, models.router, completions.router, chat.router, classify.router]
+ROUTERS = [playground.router, models.router, completions.router, chat.router, classify.router, audio.router]

@@ -1,0 +1,71 @@
+"""`kiln serve` of an ASR run: the real `openai` client's audio.transcriptions.create gets the transcript
+`kiln predict` writes for the same file (WAV of several rates and bit depths); bad uploads are 400s naming the
+problem, and the server keeps serving.
+
+The run is a random Wav2Vec2ForCTC (a small config, no download) imported with `kiln import hf`, so its
+transcripts are not empty.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.cli import main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+sf = pytest.importorskip("soundfile")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+
+@pytest.fixture(scope="module")
+def asr_run(tmp_path_factory) -> Path:
+    from test_audio_interop import VOCAB, hf_config, save_hf
+
+    tmp = tmp_path_factory.mktemp("asr_serve")
+    torch.manual_seed(4)
+    hf = transformers.Wav2Vec2ForCTC(hf_config(True, vocab_size=len(VOCAB), pad_token_id=0)).eval()
+    save_hf(hf, tmp / "hf", VOCAB)
+    assert main(["import", "hf", str(tmp / "hf"), str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def test_openai_client_transcribes_as_kiln_predict(asr_run, tmp_path):
+    from test_serve import Server
+
+    rng = np.random.default_rng(5)
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    for i, (rate, subtype) in enumerate([(16000, "PCM_16"), (44100, "PCM_24"), (8000, "FLOAT")]):
+        t = np.arange(int(rate * (0.7 + 0.4 * i))) / rate
+        sf.write(wavs / f"{i}.wav", 0.3 * np.sin(2 * np.pi * (150 + 120 * i) * t) + 0.05 * rng.normal(size=t.shape),
+                 rate, subtype=subtype)
+    assert main(["predict", str(asr_run), str(wavs), "--out", str(tmp_path / "p.csv")]) == 0
+    want = {Path(r["path"]).name: r["transcript"] for r in csv.DictReader(open(tmp_path / "p.csv"))}
+    assert any(want.values())
+    server = Server(asr_run)
+    try:
+        client = server.client()
+        for name, text in want.items():
+            with open(wavs / name, "rb") as f:
+                got = client.audio.transcriptions.create(model=asr_run.name, file=f)
+            assert got.text == text, name
+        with open(wavs / "0.wav", "rb") as f:
+            assert client.audio.transcriptions.create(model=asr_run.name, file=f, response_format="text").strip() == \
+                want["0.wav"]
+        (tmp_path / "bad.wav").write_text("not audio")
+        with open(tmp_path / "bad.wav", "rb") as f, pytest.raises(openai.BadRequestError, match="cannot read audio"):
+            client.audio.transcriptions.create(model=asr_run.name, file=f)
+        with open(wavs / "1.wav", "rb") as f, pytest.raises(openai.NotFoundError):
+            client.audio.transcriptions.create(model="another-model", file=f)
+        with open(wavs / "1.wav", "rb") as f:  # still serving
+            assert client.audio.transcriptions.create(model=asr_run.name, file=f).text == want["1.wav"]
+    finally:
+        assert server.stop() == 0
