@@ -72,7 +72,10 @@ class Stack(nn.Module):
 
 
 def build_mask(attention_mask, T: int, offset: int, causal: bool, device) -> torch.Tensor | None:
-    """Boolean [B, 1, T, offset+T] mask (True = attend) from a [B, offset+T] padding mask; None when plain causal."""
+    """Boolean [B, 1, T, offset+T] mask (True = attend) from a [B, offset+T] padding mask; None when plain causal.
+    A 4-D mask is the caller's own, used as it is (packed sequences: kiln.tasks.chat_batches)."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
     if attention_mask is None:
         if not causal or offset == 0 or T == 1:
             return None  # plain causal prefill, one-token decode, or full bidirectional attention

@@ -26,8 +26,28 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         run_dir = run_dir.parent.parent  # a checkpoint folder inside a run
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
-        raise KilnError(f"{run_dir} is not a kiln run folder (no config.yaml)")
+        task_file = _whole_lm_config(run_dir)
+        if task_file is None:
+            raise KilnError(f"{run_dir} is not a kiln run folder (no config.yaml)")
+        from kiln.config_loader import read_yaml
+
+        return load_config(None, {"model": read_yaml(task_file).get("model") or {}})
     return load_config(cfg_file)
+
+
+# fine-tuned runs whose model is a whole language model (no head of a task's own): kiln generate, chat, serve and
+# export load them like a pretraining run, from the model section of their own config file
+WHOLE_LM_KINDS = ("chat",)
+
+
+def _whole_lm_config(run_dir: Path) -> Path | None:
+    from kiln.run.folder import RUN_JSON, read_run_json
+
+    if not (run_dir / RUN_JSON).is_file():
+        return None
+    info = read_run_json(run_dir)
+    path = run_dir / str(info.get("config", ""))
+    return path if info["kind"] in WHOLE_LM_KINDS and path.is_file() else None
 
 
 def rebuild_buffers(model: torch.nn.Module, cfg: ModelConfig) -> None:
@@ -74,7 +94,7 @@ def load(run_dir: str | Path, which: str = "latest", device: str = "cpu", quanti
     quantized_ok=False: refuse a `kiln quantize` run (for commands that train or export float weights)."""
     run_dir = Path(run_dir)
     ckpt = find_checkpoint(run_dir, which)
-    cfg = load_run_config(run_dir if (run_dir / "config.yaml").is_file() else ckpt)
+    cfg = load_run_config(run_dir if (run_dir / "config.yaml").is_file() or _whole_lm_config(run_dir) else ckpt)
     model = build_model(cfg.model, device)
     meta = checkpoint_meta(ckpt)
     if meta.get("quantization"):  # a `kiln quantize` run: int8 modules, then its weights

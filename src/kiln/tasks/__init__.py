@@ -17,6 +17,7 @@ REGISTRY = {
     "qa": ("kiln.tasks.qa", "extractive question answering from SQuAD v1.1/v2.0 JSON or JSONL"),
     "tokens": ("kiln.tasks.tokens", "token classification (NER, POS) from CoNLL column files or JSONL"),
     "image": ("kiln.tasks.images", "image classification with a Vision Transformer (image folders, IDX, CSV)"),
+    "chat": ("kiln.tasks.chat", "instruction-tune a decoder on conversations (messages, prompt-completion, Alpaca)"),
     "audio": ("kiln.tasks.audio", "audio classification (keyword spotting, speakers) with a Wav2Vec 2.0 encoder"),
     "asr": ("kiln.tasks.asr", "speech recognition: CTC over characters on a Wav2Vec 2.0 encoder (WER, CER)"),
 }
@@ -25,8 +26,8 @@ REGISTRY = {
 # modules imports no torch; tests/test_cli.py checks it).
 CONFIGS = {"classify": "kiln.config:ClassifyConfig", "seq2seq": "kiln.config:Seq2SeqConfig",
            "qa": "kiln.data.squad:QAConfig", "tokens": "kiln.data.conll:TokensConfig",
-           "image": "kiln.data.images:ImageConfig", "audio": "kiln.data.audio_config:AudioConfig",
-           "asr": "kiln.data.audio_config:ASRConfig"}
+           "image": "kiln.data.images:ImageConfig", "chat": "kiln.data.chat_data:ChatConfig",
+           "audio": "kiln.data.audio_config:AudioConfig", "asr": "kiln.data.audio_config:ASRConfig"}
 
 
 # every kind of run the one driver trains: pretraining (`kiln pretrain`, `kiln distill`) and the fine-tuning tasks
