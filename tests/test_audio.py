@@ -150,21 +150,32 @@ def test_manifest_forms_and_too_long(tmp_path):
 
 
 def test_batches_are_a_pure_function_of_the_step():
+    """Time masks over valid frames only, feature masks over whole utterances, noise renormalised: all drawn from
+    (seed, step), so two samplers give the same batch i in any order."""
     from kiln.data.audio import AudioBatches
+    from kiln.data.audio_config import SpecAugmentConfig
     from kiln.model.audio import frame_lengths
 
     rng = np.random.default_rng(2)
     waves = [rng.normal(size=int(n)).astype(np.float32) for n in rng.integers(4000, 16000, 20)]
     frames = lambda n: frame_lengths(n, [10, 3, 3, 3, 3, 2, 2], [5, 2, 2, 2, 2, 2, 2])  # noqa: E731
-    make = lambda: AudioBatches(waves, lambda idx: {}, 4, 7, frames, mask_prob=0.3, mask_length=3)  # noqa: E731
+    aug = SpecAugmentConfig(mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.3, mask_feature_length=4,
+                            noise_prob=1.0, noise_snr=[5.0, 10.0])
+    make = lambda: AudioBatches(waves, lambda idx: {}, 4, 7, frames, aug, n_features=32)  # noqa: E731
     a, b = make(), make()
     for i in (0, 9, 3):
         x, y = a.batch(i), b.batch(i)
+        assert x.keys() == {"input_values", "attention_mask", "time_mask", "feature_mask"}
         assert all((x[k] == y[k]).all() for k in x)
         lengths = frames(x["attention_mask"].sum(1).numpy())
         mask = x["time_mask"].numpy()
         assert mask.any() and not (mask & (np.arange(mask.shape[1])[None, :] >= lengths[:, None])).any()  # valid frames only
-    assert not np.array_equal(a.batch(1)["input_values"].numpy(), a.batch(2)["input_values"].numpy())
+        assert x["feature_mask"].shape == (4, 32) and 0 < x["feature_mask"].float().mean() < 0.8
+        valid = x["input_values"][0, :int(x["attention_mask"][0].sum())]
+        assert abs(float(valid.std()) - 1) < 1e-2  # noise added, renormalised
+    idx = a.sampler.indices(0)
+    assert not np.allclose(a.batch(0)["input_values"][0, :100].numpy(), waves[idx[0]][:100])  # noisy
+
 
 # ----------------------------------------------------------------------------------------------- bad input
 

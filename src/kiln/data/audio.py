@@ -198,41 +198,59 @@ def pad(waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return x, m
 
 
-def time_masks(frames: np.ndarray, n_frames: int, prob: float, length: int, rng: np.random.Generator) -> np.ndarray:
-    """[B, T] bool SpecAugment time masks: about prob * frames / length spans of `length` frames per utterance
-    (Wav2Vec 2.0's mask_time_prob, mask_time_length), within its valid frames."""
-    out = np.zeros((len(frames), n_frames), bool)
-    for b, n in enumerate(frames):
+def spans(lengths, width: int, prob: float, length: int, rng: np.random.Generator) -> np.ndarray:
+    """[B, width] bool: about prob * n / length spans of `length` per row, within its first n = lengths[b] (Wav2Vec
+    2.0's mask_time_prob / mask_feature_prob with their lengths; the expected count rounded at random)."""
+    out = np.zeros((len(lengths), width), bool)
+    for b, n in enumerate(lengths):
         n = int(n)
         if n <= length:
             continue
-        spans = int(prob * n / length + rng.random())
-        for s in rng.choice(n - length, size=min(spans, n - length), replace=False):
+        count = int(prob * n / length + rng.random())
+        for s in rng.choice(n - length, size=min(count, n - length), replace=False):
             out[b, s:s + length] = True
     return out
 
 
-class AudioBatches:
-    """Training micro-batch i: a pure function of (seed, i). `collate(indices)` makes the targets; `frames(lengths)`
-    gives the frame counts the time masks need."""
+def add_noise(waves: list[np.ndarray], prob: float, snr, rng: np.random.Generator) -> list[np.ndarray]:
+    """White noise at an SNR drawn in [snr[0], snr[1]] dB on a `prob` share of (unit-variance) utterances,
+    normalised again."""
+    out = []
+    for w in waves:
+        if rng.random() < prob:
+            sigma = 10 ** (-float(rng.uniform(float(snr[0]), float(snr[1]))) / 20)
+            w = normalise(w + sigma * rng.standard_normal(len(w)).astype(np.float32))
+        out.append(w)
+    return out
 
-    def __init__(self, waves: list[np.ndarray], collate, batch_size: int, seed: int, frames=None,
-                 mask_prob: float = 0.0, mask_length: int = 10):
+
+class AudioBatches:
+    """Training micro-batch i: a pure function of (seed, i), its augmentation (`augment`: a SpecAugmentConfig, or
+    None) drawn from (seed, i) too. `collate(indices)` makes the targets; `frames(lengths)` gives the frame counts
+    the time masks need; `n_features` the width the feature masks cover (d_model)."""
+
+    def __init__(self, waves: list[np.ndarray], collate, batch_size: int, seed: int, frames=None, augment=None,
+                 n_features: int = 0):
         from kiln.data.batches import EpochSampler
 
         self.waves, self.collate, self.seed, self.frames = waves, collate, seed, frames
-        self.mask_prob, self.mask_length = mask_prob, mask_length
+        self.augment, self.n_features = augment, n_features
         self.sampler = EpochSampler([len(w) for w in waves], batch_size, seed, bucket=8)
 
     def batch(self, i: int) -> dict:
         import torch
 
         idx = self.sampler.indices(i)
-        x, m = pad([self.waves[j] for j in idx])
+        a, rng = self.augment, np.random.default_rng([self.seed, 13, i])
+        waves = [self.waves[j] for j in idx]
+        if a is not None and a.noise_prob > 0:
+            waves = add_noise(waves, a.noise_prob, a.noise_snr, rng)
+        x, m = pad(waves)
         out = {"input_values": torch.from_numpy(x), "attention_mask": torch.from_numpy(m), **self.collate(idx)}
-        if self.mask_prob > 0 and self.frames is not None:
-            lengths = self.frames(m.sum(1))
-            rng = np.random.default_rng([self.seed, 13, i])
-            out["time_mask"] = torch.from_numpy(time_masks(lengths, int(self.frames(x.shape[1])), self.mask_prob,
-                                                           self.mask_length, rng))
+        if a is not None and a.mask_time_prob > 0 and self.frames is not None:
+            t = spans(self.frames(m.sum(1)), int(self.frames(x.shape[1])), a.mask_time_prob, a.mask_time_length, rng)
+            out["time_mask"] = torch.from_numpy(t)
+        if a is not None and a.mask_feature_prob > 0 and self.n_features:
+            f = spans([self.n_features] * len(idx), self.n_features, a.mask_feature_prob, a.mask_feature_length, rng)
+            out["feature_mask"] = torch.from_numpy(f)
         return out

@@ -34,6 +34,12 @@ class SpecAugmentConfig:
     mask_time_prob: float = _f(0.0, "SpecAugment time masking: share of each utterance's frames covered by masked "
                                "spans (Wav2Vec 2.0 fine-tuning: 0.05), drawn anew every step; 0 = off", range="[0, 1)")
     mask_time_length: int = _f(10, "frames in a masked span (20 ms each at Wav2Vec 2.0's strides)", range=">= 1")
+    mask_feature_prob: float = _f(0.0, "SpecAugment feature masking: share of the projected features (channels) "
+                                  "zeroed in spans for a whole utterance, drawn anew every step; 0 = off", range="[0, 1)")
+    mask_feature_length: int = _f(10, "channels in a masked feature span", range=">= 1")
+    noise_prob: float = _f(0.0, "share of the training utterances that get white noise, drawn anew every step "
+                           "(no gain augmentation: every utterance is normalised to unit variance)", range="[0, 1]")
+    noise_snr: list = _f([10.0, 30.0], "the added noise's signal-to-noise ratio, drawn in [low, high] dB")
 
 
 def audio_model() -> ModelConfig:

@@ -125,7 +125,7 @@ class AudioEmbedding(nn.Module):
         n = frame_lengths(attention_mask.long().sum(-1), self.kernels, self.strides)
         return torch.arange(n_frames, device=attention_mask.device)[None, :] < n[:, None]
 
-    def forward(self, wave: torch.Tensor, attention_mask=None, time_mask=None):
+    def forward(self, wave: torch.Tensor, attention_mask=None, time_mask=None, feature_mask=None):
         w = self.proj.weight
         x = wave.to(w.dtype)[:, None, :]
         for layer in self.convs:
@@ -133,6 +133,8 @@ class AudioEmbedding(nn.Module):
         x = self.proj(self.proj_norm(x.transpose(1, 2)))
         if time_mask is not None:  # SpecAugment: masked frames become the learned vector
             x = torch.where(time_mask[..., None].bool(), self.masked_spec_embed.to(x.dtype), x)
+        if feature_mask is not None:  # SpecAugment over channels: zeroed for the whole utterance
+            x = x.masked_fill(feature_mask[:, None, :].bool(), 0.0)
         mask = self.frame_mask(attention_mask, x.shape[1])
         if mask is not None:
             x = x.masked_fill(~mask[..., None], 0.0)
@@ -142,9 +144,9 @@ class AudioEmbedding(nn.Module):
         return self.dropout(x), mask
 
 
-def run_stack(stack, wave: torch.Tensor, attention_mask=None, time_mask=None):
+def run_stack(stack, wave: torch.Tensor, attention_mask=None, time_mask=None, feature_mask=None):
     """(hidden states [B, T, d], frame mask [B, T] or None) of an audio Stack (duck-typed: embed, blocks, norm)."""
-    x, frames = stack.embed(wave, attention_mask, time_mask)
+    x, frames = stack.embed(wave, attention_mask, time_mask, feature_mask)
     keep = frames[:, None, None, :] if frames is not None else None
     for block in stack.blocks:
         x = block(x, keep)
@@ -172,8 +174,8 @@ class AudioClassifier(nn.Module):
         self.classifier = nn.Linear(proj_dim, n_labels)
         self.dropout = Dropout(dropout)
 
-    def forward(self, wave, attention_mask=None, time_mask=None) -> torch.Tensor:
-        h, frames = run_stack(self.backbone.decoder, wave, attention_mask, time_mask)
+    def forward(self, wave, attention_mask=None, time_mask=None, feature_mask=None) -> torch.Tensor:
+        h, frames = run_stack(self.backbone.decoder, wave, attention_mask, time_mask, feature_mask)
         return self.classifier(self.dropout(mean_pool(self.projector(h), frames)))
 
 
@@ -186,8 +188,8 @@ class CTCModel(nn.Module):
         self.lm_head = nn.Linear(backbone.config.d_model, vocab_size)
         self.dropout = Dropout(dropout)
 
-    def forward(self, wave, attention_mask=None, time_mask=None):
+    def forward(self, wave, attention_mask=None, time_mask=None, feature_mask=None):
         """(logits [B, T, vocab], frame counts [B])."""
-        h, frames = run_stack(self.backbone.decoder, wave, attention_mask, time_mask)
+        h, frames = run_stack(self.backbone.decoder, wave, attention_mask, time_mask, feature_mask)
         n = frames.sum(-1) if frames is not None else torch.full((h.shape[0],), h.shape[1], device=h.device)
         return self.lm_head(self.dropout(h)), n

@@ -39,7 +39,8 @@ class CTCObjective:
         return int(batch["label_lengths"].sum())
 
     def loss(self, model, batch):
-        logits, frames = model(batch["input_values"], batch["attention_mask"], batch.get("time_mask"))
+        logits, frames = model(batch["input_values"], batch["attention_mask"], batch.get("time_mask"),
+                               batch.get("feature_mask"))
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)
         return F.ctc_loss(log_probs, batch["labels"], frames, batch["label_lengths"], blank=0, reduction="sum",
                           zero_infinity=True)
@@ -87,6 +88,9 @@ class ASRTask(EpochTask):
     def shows(self, flag: str) -> bool:
         return speech.shows(flag)
 
+    def check(self, cfg) -> None:
+        speech.check(cfg)
+
     def read(self, cfg: ASRConfig, log) -> Data:
         model = speech.init_model(cfg, self.name) if cfg.init else cfg.model.with_()
         model.validate()
@@ -121,8 +125,8 @@ class ASRTask(EpochTask):
         short = sum(frames(len(x)) < len(t) for x, t in zip(x_tr, ids["train"]))
         if short:
             log(f"note: {short} training utterance(s) have fewer frames than characters (CTC cannot align them: no loss)")
-        batches = AudioBatches(x_tr, collate(ids["train"]), cfg.train.batch_size, cfg.seed, frames, a.mask_time_prob,
-                               a.mask_time_length)
+        batches = AudioBatches(x_tr, collate(ids["train"]), cfg.train.batch_size, cfg.seed, frames, a, m.d_model)
+        speech.log_augment(a, log)
         evaluate = None
         if len(x_va):
             def evaluate(mod):

@@ -40,7 +40,8 @@ class AudioObjective:
         return int(batch["labels"].shape[0])
 
     def loss(self, model, batch):
-        logits = model(batch["input_values"], batch["attention_mask"], batch.get("time_mask")).float()
+        logits = model(batch["input_values"], batch["attention_mask"], batch.get("time_mask"),
+                       batch.get("feature_mask")).float()
         return F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing, reduction="sum")
 
 
@@ -66,6 +67,9 @@ class AudioTask(EpochTask):
 
     def shows(self, flag: str) -> bool:
         return speech.shows(flag)
+
+    def check(self, cfg) -> None:
+        speech.check(cfg)
 
     def read(self, cfg: AudioConfig, log) -> Data:
         model = speech.init_model(cfg, self.name) if cfg.init else cfg.model.with_()
@@ -98,10 +102,8 @@ class AudioTask(EpochTask):
         m, a = cfg.model, cfg.augment
         frames = lambda n: frame_lengths(n, m.audio_conv_kernels, m.audio_conv_strides)  # noqa: E731
         batches = AudioBatches(x_tr, lambda idx: {"labels": _tensor(y_tr[idx])}, cfg.train.batch_size, cfg.seed,
-                               frames, a.mask_time_prob, a.mask_time_length)
-        if a.mask_time_prob:
-            log(f"augmentation: time masks of {a.mask_time_length} frames over ~{a.mask_time_prob:.0%} of each "
-                "utterance, anew every step")
+                               frames, a, m.d_model)
+        speech.log_augment(a, log)
         evaluate = None
         if len(y_va):
             def evaluate(mod):

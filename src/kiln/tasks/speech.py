@@ -28,6 +28,18 @@ def shows(flag: str) -> bool:
     return not (flag.startswith("--model.") and flag[8:] in TEXT_ONLY)
 
 
+def check(cfg) -> None:
+    """The speech tasks' cross-key checks (ranges were checked when the config loaded)."""
+    snr = cfg.augment.noise_snr
+    try:
+        low, high = (float(v) for v in snr)  # --augment.noise_snr 10,30 arrives as strings
+    except (TypeError, ValueError):
+        low, high = 1.0, 0.0
+    if low > high:
+        raise KilnError(f"augment.noise_snr {snr}: two numbers in dB, low then high (e.g. 10,30)")
+    cfg.augment.noise_snr = [low, high]
+
+
 def min_samples(m) -> int:
     from kiln.model.audio import min_samples as receptive
 
@@ -143,6 +155,17 @@ def backbone(cfg, run_dir: Path, kind: str, log):
     cfg.model = copy.deepcopy(model.config).with_(sample_rate=rate or model.config.sample_rate)
     model.config = cfg.model
     return model.train(), None, None, info
+
+
+def log_augment(a, log) -> None:
+    """One line naming the augmentation drawn anew every step (none: nothing)."""
+    parts = ([f"time masks of {a.mask_time_length} frames over ~{a.mask_time_prob:.0%} of the frames"]
+             if a.mask_time_prob else []) + \
+        ([f"feature masks of {a.mask_feature_length} channels over ~{a.mask_feature_prob:.0%}"] if a.mask_feature_prob
+         else []) + ([f"white noise at {a.noise_snr[0]:g}-{a.noise_snr[1]:g} dB SNR on {a.noise_prob:.0%} of the "
+                      "utterances"] if a.noise_prob else [])
+    if parts:
+        log("augmentation: " + ", ".join(parts) + ", anew every step")
 
 
 def batches_in_order(waves: list[np.ndarray], batch_size: int):
