@@ -132,18 +132,29 @@ def prepare_data(config: str | Path | None = None, overrides: list[str] | dict |
 
 def evaluate(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best", *,
              stride: int = 0, batch_size: int = 8, num_beams: int | None = None, device: str = "auto",
-             log=print) -> dict:
+             benchmark: str | None = None, chat: bool = False, max_new_tokens: int = 32, log=print) -> dict:
     """`kiln eval`: score a run on a file, by the kind of run. A pretraining run: loss, perplexity and bits per
     byte of a text (masked-token accuracy for masked LM); a classifier (or "RUN1,RUN2,...": their ensemble):
     accuracy, precision/recall/F1 and plots on a labelled file; a seq2seq run: BLEU/chrF or ROUGE on a pair
-    file. Returns the metrics, also written as JSON (default RUN_DIR/eval/<FILE stem>.json)."""
+    file; a decoder on a benchmark .jsonl (kiln.eval.benchmarks: `benchmark` a layout or "auto", else found by
+    its fields): acc and acc_norm as lm-evaluation-harness computes them, or exact match; `chat` wraps each
+    question in the run's chat template. Returns the metrics, also written as JSON (default
+    RUN_DIR/eval/<FILE stem>.json)."""
     from kiln import tasks
     from kiln.run.folder import run_kind
 
     run = Path(run_dir)
     kind = "classify" if ("," in str(run_dir) and not run.exists()) else run_kind(run)  # a,b,c: an ensemble
+    if kind not in ("pretrain", "chat"):
+        from kiln.data.benchmarks import sniff
+
+        if benchmark or chat or sniff(file):
+            raise KilnError(f"{run_dir} is a {kind} run: a benchmark is scored by a decoder (a pretraining or chat "
+                            "run)")
+    extra = ({"benchmark": benchmark, "chat": chat, "max_new_tokens": max_new_tokens}
+             if kind in ("pretrain", "chat") else {})
     return tasks.get(kind).evaluate_file(run_dir, file, out, which, log=log, num_beams=num_beams, stride=stride,
-                                         batch_size=batch_size, device=device)
+                                         batch_size=batch_size, device=device, **extra)
 
 
 def predict(run_dir: str | Path, file: str | Path, out: str | Path | None = None, which: str = "best",
@@ -242,10 +253,16 @@ def import_run(src: str | Path, run_dir: str | Path, format: str = "hf") -> Path
 
 
 def export(run_dir: str | Path, out: str | Path, format: str = "hf", which: str | None = None,
-           int8: bool = False) -> None:
+           int8: bool = False, dtype: str = "f32") -> None:
     """`kiln export`: hf (a transformers folder), onnx (checked and measured, OUT/report.json; int8: also
     model.int8.onnx) or peft (a LoRA run's adapters, its base in OUT/base). which: default latest (hf),
-    best (peft; onnx: a classifier)."""
+    best (peft; onnx: a classifier). gguf: `out` is the .gguf file (dtype f32, f16, bf16 or q8_0), an Ollama
+    Modelfile beside it."""
+    if format == "gguf":
+        from kiln.interop.gguf_write import export_gguf
+
+        export_gguf(run_dir, out, dtype, which=which or "latest")
+        return
     if format == "peft":
         from kiln.interop.peft import export_peft
 
@@ -260,7 +277,7 @@ def export(run_dir: str | Path, out: str | Path, format: str = "hf", which: str 
 
         export_hf(run_dir, out, which=which or "latest")
     else:
-        raise KilnError(f"export format {format!r}: one of hf, onnx, peft")
+        raise KilnError(f"export format {format!r}: one of hf, onnx, peft, gguf")
 
 
 def translate(run_dir: str | Path, texts: list[str] | None = None, file: str | Path | None = None,
