@@ -176,10 +176,20 @@ class PretrainTask(Task):
         return load(Path(run_dir), which, device)
 
     def evaluate_file(self, run_dir, file, out=None, which: str = "best", log=print, stride: int = 0,
-                      batch_size: int = 8, device: str = "auto", **kw) -> dict:
-        """`kiln eval` on a text: loss, perplexity, bits per byte (masked-token accuracy for masked LM)."""
+                      batch_size: int = 8, device: str = "auto", benchmark: str | None = None, chat: bool = False,
+                      max_new_tokens: int = 32, **kw) -> dict:
+        """`kiln eval` on a text: loss, perplexity, bits per byte (masked-token accuracy for masked LM); on a
+        benchmark file (--benchmark, or .jsonl rows of a benchmark layout): acc / acc_norm or exact match."""
+        from kiln.data.benchmarks import sniff
         from kiln.eval.lm import evaluate_text
 
+        if benchmark or sniff(file):
+            from kiln.eval.benchmarks import evaluate_benchmark
+
+            return evaluate_benchmark(Path(run_dir), file, out, which, chat=chat, layout=benchmark or "auto",
+                                      batch_size=batch_size, device=device, max_new_tokens=max_new_tokens, log=log)
+        if chat:
+            raise KilnError(f"--chat is for benchmark files; {file} is scored as a text")
         return evaluate_text(Path(run_dir), file, out, which, stride, batch_size, device, log=log)
 
 
