@@ -28,7 +28,7 @@ LAYERS = [
     ("tasks", [["kiln.tasks"]]),
     ("serve", [["kiln.serve"]]),
     ("api", [["kiln.api"]]),
-    ("cli", [["kiln.cli", "kiln.cli_checks", "kiln.__main__"]]),
+    ("cli", [["kiln.cli", "kiln.cli_checks", "kiln.cli_verbs", "kiln.__main__"]]),
 ]
 # the package root is the public face (lazy attributes from kiln.api); it may only be imported for
 # `kiln.__version__`-free names by the faces themselves
