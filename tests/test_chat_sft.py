@@ -10,6 +10,7 @@ the model fits to a loss near zero, so greedy decoding picks it on any CPU.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -126,8 +127,12 @@ def test_a_packed_sequence_gives_each_conversation_its_loss_alone_in_transformer
 
 def test_finetune_chat_learns_a_reply_that_kiln_chat_then_gives(tiny_hf, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", conversations(48))
+    bench = write_jsonl(tmp_path / "sky.jsonl", [
+        {"question": q, "choices": ["The sky in Kilnland is blue.", ANSWER, "It rains."], "answer": 1}
+        for q in QUESTIONS[:4]])
     run = tmp_path / "run"
     assert main(["finetune", "chat", "--init", str(tiny_hf), "--data.train", str(data), "--out", str(run),
+                 "--train.benchmarks", str(bench),
                  "--train.max_steps", "40", "--train.lr", "1e-2", "--train.batch_size", "4", "--train.eval_every",
                  "20", "--data.val_fraction", "0.1", "--data.max_length", "128", "--samples", "1", *FAST]) == 0
     assert {"chat.yaml", "tokenizer.json", "chat_template.jinja", "tokenizer_config.json"} <= {
@@ -138,6 +143,8 @@ def test_finetune_chat_learns_a_reply_that_kiln_chat_then_gives(tiny_hf, tmp_pat
     assert samples[-1]["reply"] == ANSWER and samples[-1]["step"] == 40
     val = json.loads((run / "eval" / "val.json").read_text())
     assert val["loss"] < 0.05  # a reply learned to a loss near zero: greedy decoding picks it anywhere
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val_sky_acc")]
+    assert [float(r["val_sky_acc"]) for r in rows][-1] == 1.0 and (run / "plots" / "benchmarks.png").is_file()
     capsys.readouterr()
     assert main(["chat", str(run), "-m", "What colour is the sky in Kilnland?", "--device", "cpu",
                  "--precision", "fp32"]) == 0
@@ -166,4 +173,13 @@ def test_bad_conversations_are_one_line_exit_2_nothing_written(tiny_hf, tmp_path
     run = tmp_path / "run"
     err = assert_user_error(capsys, ["finetune", "chat", "--init", tiny_hf, "--data.train", data, "--out", run])
     assert re.search(message, err), err
+    assert not run.exists()
+
+
+def test_a_bad_benchmark_file_is_refused_before_anything_is_written(tiny_hf, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", conversations(8))
+    bench = write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 5}])
+    run = tmp_path / "run"
+    assert_user_error(capsys, ["finetune", "chat", "--init", tiny_hf, "--data.train", data, "--out", run,
+                               "--train.benchmarks", bench], "b.jsonl:1")
     assert not run.exists()

@@ -44,8 +44,15 @@ class ChatDataConfig:
     encoding: str = _f("utf-8", "text encoding of the input files")
 
 
-def _chat_train() -> EpochTrainConfig:
-    return EpochTrainConfig(max_steps=0, batch_size=8, lr=2e-5, min_lr=0.0, warmup_steps=0, decay="linear",
+@dataclass
+class ChatTrainConfig(EpochTrainConfig):
+    benchmarks: str = _f("", "benchmark files scored at each evaluation, comma-separated (JSONL: multiple choice "
+                         "or question/answer, as kiln eval reads them; each question a user turn of the chat "
+                         "template): val_<file>_acc, _acc_norm or _exact_match in metrics.csv, plots/benchmarks.png")
+
+
+def _chat_train() -> ChatTrainConfig:
+    return ChatTrainConfig(max_steps=0, batch_size=8, lr=2e-5, min_lr=0.0, warmup_steps=0, decay="linear",
                             weight_decay=0.0, beta2=0.999, eval_every=0, save_every=0, keep_last=1, log_every=5)
 
 
@@ -72,7 +79,7 @@ class ChatConfig:
     sample_tokens: int = _f(64, "longest sample reply in tokens", range=">= 1")
     patience: int = _f(0, "stop after this many evaluations without a lower val loss; 0 = never", range=">= 0")
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
-    train: EpochTrainConfig = field(default_factory=_chat_train)
+    train: ChatTrainConfig = field(default_factory=_chat_train)
     model: ModelConfig = field(default_factory=ModelConfig,
                                metadata={"help": "written by kiln: the model's shape (read from init)"})
 

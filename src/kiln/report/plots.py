@@ -111,8 +111,9 @@ def compare_runs(runs: list[Path], metrics: list[str], out: Path, x: str = "step
     return save_figure(fig, Path(out)), summary
 
 
-def metric_curve(history: list[tuple[int, dict]], keys: tuple[str, ...], path: Path, title: str = "") -> Path:
-    """Validation text metrics (BLEU/chrF or ROUGE) against steps."""
+def metric_curve(history: list[tuple[int, dict]], keys: tuple[str, ...], path: Path, title: str = "",
+                 ylabel: str = "score (0-100)") -> Path:
+    """Validation metrics (BLEU/chrF or ROUGE, benchmark scores) against steps."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = figure(figsize=(7, 4.2), dpi=110)
     ax = fig.subplots()
@@ -122,7 +123,7 @@ def metric_curve(history: list[tuple[int, dict]], keys: tuple[str, ...], path: P
         if xs:
             ax.plot(xs, ys, marker="o", lw=1.6, label=k)
     ax.set_xlabel("step")
-    ax.set_ylabel("score (0-100)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     if title:

@@ -29,7 +29,10 @@ from kiln.constants import IGNORE_INDEX
 from kiln.data import chat_data
 from kiln.data.chat import TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate, stop_tokens
 from kiln.data.chat_data import CONFIG_FILE, ChatConfig, EncodedChat
+from kiln.data.benchmarks import read_benchmark
 from kiln.errors import KilnError
+from kiln.eval.benchmarks import score_benchmark
+from kiln.report.plots import metric_curve
 from kiln.run.checkpoint import unwrap
 from kiln.tasks.backbone import load_backbone
 from kiln.tasks.base import Data, EpochTask, Prepared, eval_batch_size
@@ -63,6 +66,9 @@ class ChatTask(EpochTask):
     usage = "kiln finetune chat [CONFIG.yaml] --data.train FILE.jsonl --init RUN_OR_HF_DIR [--section.key VALUE ...]"
     batch_unit = "sequences"
     throughput_unit = "tok"
+
+    def check(self, cfg: ChatConfig) -> None:
+        _benchmarks(cfg)  # a bad benchmark file is one line before anything is read or written
 
     def read(self, cfg: ChatConfig, log) -> Data:
         d = cfg.data
@@ -179,20 +185,30 @@ def mean_loss(model, enc: list[EncodedChat], cfg, device: str) -> float:
 
 
 def _validation(cfg: ChatConfig, convs, enc, tokenizer, template, device: str, run_dir: Path, log):
-    """(evaluate, on_eval): the val loss, and greedy replies to the first `samples` val prompts, logged and
-    appended to eval/samples.jsonl by on_eval (rank 0)."""
-    if not len(enc):
+    """(evaluate, on_eval): the val loss, the scores of train.benchmarks, and greedy replies to the first
+    `samples` val prompts; on_eval (rank 0) logs the replies, appends them to eval/samples.jsonl and plots the
+    benchmark scores."""
+    benches = _benchmarks(cfg)
+    if not len(enc) and not benches:
         return None, None
     prompts = [chat_data.last_prompt(c) for c in convs[:cfg.samples]]
     stop_ids = stop_tokens(tokenizer, template)[0]
     latest: list[dict] = []
+    history: list[tuple[int, dict]] = []
 
     def evaluate(m) -> dict:
-        loss = mean_loss(m, enc, cfg, device)
+        out = {}
+        if len(enc):
+            loss = mean_loss(m, enc, cfg, device)
+            out.update(val_loss=loss, val_ppl=float(np.exp(min(loss, 50.0))))
+        for name, items in benches.items():
+            scores = score_benchmark(unwrap(m), tokenizer, items, context_length=cfg.model.context_length,
+                                     template=template, batch_size=eval_batch_size(cfg), device=device)
+            out.update({f"val_{name}_{k}": scores[k] for k in ("acc", "acc_norm", "exact_match") if k in scores})
         latest[:] = [{"prompt": p[-1]["content"] if p else "", "reference": ref,
                       "reply": reply(unwrap(m), tokenizer, template, p, cfg.sample_tokens, stop_ids, device)}
                      for p, ref in prompts]
-        return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50.0)))}
+        return out
 
     def on_eval(step: int, metrics: dict) -> None:
         for s in latest:
@@ -202,7 +218,21 @@ def _validation(cfg: ChatConfig, convs, enc, tokenizer, template, device: str, r
         with open(path, "a", encoding="utf-8") as f:
             for s in latest:
                 f.write(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n")
+        keys = tuple(k[4:] for k in metrics if k.startswith("val_") and k not in ("val_loss", "val_ppl"))
+        if keys:
+            history.append((step, metrics))
+            metric_curve(history, keys, run_dir / "plots" / "benchmarks.png", f"{run_dir.name}: benchmarks",
+                         ylabel="score (0-1)")
     return evaluate, on_eval
+
+
+def _benchmarks(cfg: ChatConfig) -> dict[str, list]:
+    """name (the file's stem) -> items of each train.benchmarks file, read (and checked) before training."""
+    files = [f.strip() for f in cfg.train.benchmarks.split(",") if f.strip()]
+    out = {Path(f).stem.replace("-", "_"): read_benchmark(f)[0] for f in files}
+    if len(out) < len(files):
+        raise KilnError(f"train.benchmarks: two files share the name {Path(files[-1]).stem!r}; rename one")
+    return out
 
 
 @torch.no_grad()
