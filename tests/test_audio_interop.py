@@ -157,3 +157,39 @@ def test_exported_asr_run_decodes_the_same_with_wav2vec2_processor(tmp_path):
             ids = model(inputs.input_values).logits.argmax(-1)
         assert processor.batch_decode(ids)[0] == text, name
     assert any(kiln_text.values())  # a random model says something: the comparison is not of empty strings
+
+
+@pytest.mark.parametrize("kind", ["asr", "audio"])
+def test_onnx_export_of_both_tasks(tmp_path, kind):
+    """`kiln export onnx` of an ASR and an audio-classifier run (imported from random HF models, the group-norm
+    layout): onnxruntime's outputs on a padded batch of real files equal kiln's, and its greedy transcripts (or
+    labels) are `kiln predict`'s."""
+    ort = pytest.importorskip("onnxruntime")
+    from kiln.data.audio import normalise, pad, read_audio
+    from kiln.eval.speech import greedy_decode
+
+    torch.manual_seed(5)
+    if kind == "asr":
+        hf = transformers.Wav2Vec2ForCTC(hf_config(False, vocab_size=len(VOCAB), pad_token_id=0))
+    else:
+        hf = transformers.Wav2Vec2ForSequenceClassification(hf_config(False, num_labels=4, classifier_proj_size=8))
+    assert main(["import", "hf", str(save_hf(hf.eval(), tmp_path / "hf", VOCAB if kind == "asr" else None)),
+                 str(tmp_path / "run")]) == 0
+    assert main(["export", "onnx", str(tmp_path / "run"), str(tmp_path / "onnx")]) == 0
+    report = json.loads((tmp_path / "onnx" / "report.json").read_text())
+    assert report["parity"]["fp32"]["max_abs_diff"] < TOL
+    meta = json.loads((tmp_path / "onnx" / "kiln-onnx.json").read_text())
+    rng = np.random.default_rng(1)
+    for i, seconds in enumerate([0.8, 1.3]):
+        sf.write(tmp_path / f"{i}.wav", 0.2 * rng.normal(size=int(16000 * seconds)), 16000)
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "0.wav"), "--out", str(tmp_path / "p0.csv")]) == 0
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "1.wav"), "--out", str(tmp_path / "p1.csv")]) == 0
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for i in range(2):  # one file a batch: the group-norm layout's features depend on a batch's padding (as in HF)
+        x, m = pad([normalise(read_audio(tmp_path / f"{i}.wav", 16000))])
+        out = sess.run(None, {"input_values": x, "attention_mask": m})
+        row = next(csv.DictReader(open(tmp_path / f"p{i}.csv")))
+        if kind == "asr":
+            assert greedy_decode(out[0][0, :out[1][0]].argmax(-1), meta["vocab"]) == row["transcript"] != ""
+        else:
+            assert meta["labels"][int(out[0][0].argmax())] == row["prediction"]
