@@ -87,15 +87,17 @@ def config_from_gguf(meta: dict, names: set[str], where: str) -> ModelConfig:
             raise KilnError(f"{where}: {arch}.{key} {meta[f'{arch}.{key}']} != embedding_length/head_count "
                             f"({head_dim}) is not supported")
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in names:
+    if scaling not in ("none", "linear") or "rope_freqs.weight" in names:
         raise KilnError(f"{where}: rope scaling ({scaling if scaling != 'none' else 'rope_freqs'}) in a GGUF file is "
-                        "not supported (kiln imports plain RoPE from GGUF; `kiln import hf` reads Llama 3's)")
+                        "not supported (kiln imports plain and linear RoPE from GGUF; `kiln import hf` reads Llama 3's)")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
     vocab = meta.get(f"{arch}.vocab_size") or len(_need(meta, "tokenizer.ggml.tokens", where))
     pad = meta.get("tokenizer.ggml.padding_token_id")
     return ModelConfig(
         arch="decoder", vocab_size=int(vocab), n_layer=int(get("block_count")), n_head=n_head, n_kv_head=int(n_kv),
         d_model=d, d_ff=int(get("feed_forward_length")), context_length=int(get("context_length")),
         position="rope", rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), norm="rmsnorm",
+        rope_scaling=scaling, rope_scaling_factor=factor,
         norm_eps=float(get("attention.layer_norm_rms_epsilon")), pre_norm=True, final_norm=True,
         activation="swiglu", bias=False, qkv_bias=arch == "qwen2", dropout=0.0,
         tie_embeddings="output.weight" not in names, type_vocab_size=0,

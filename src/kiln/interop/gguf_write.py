@@ -40,6 +40,8 @@ def architecture(cfg: ModelConfig) -> str:
             raise KilnError(f"cannot export to GGUF gpt2: llama.cpp's GPT-2 uses GELU, this run model.activation "
                             f"{cfg.activation}")
         return "gpt2"
+    if cfg.rope_scaling == "llama3":  # llama.cpp keeps it as a rope_freqs tensor that transformers does not read
+        raise KilnError("GGUF export of Llama 3 RoPE scaling (model.rope_scaling llama3) is not supported yet")
     return "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
 
 
@@ -109,6 +111,9 @@ def _metadata(w, cfg: ModelConfig, arch: str, dtype: str, name: str) -> None:
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.rope_scaling == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling_factor)
     w.add_vocab_size(cfg.vocab_size)
 
 

@@ -51,17 +51,40 @@ def layout(cfg: ModelConfig) -> list[_map.Entry]:
     return _map.entries(_layout_rows(cfg.with_().resolve()), cfg.n_layer)
 
 
-def _rope(h: dict) -> float:
-    """rope_theta from a transformers 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters) config."""
+def _rope(h: dict) -> dict:
+    """The ModelConfig rope keys of a transformers 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters)
+    config: the base frequency and the `linear` or `llama3` scaling."""
     params = h.get("rope_parameters") or {}
-    scaling = h.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
+    scaling = {**(h.get("rope_scaling") or {}), **params}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in ("default", "linear", "llama3"):
         raise KilnError(f"{h.get('model_type')} config.json: rope scaling {kind!r} is not supported "
-                        "(kiln implements plain RoPE)")
+                        "(kiln implements plain RoPE and the linear and llama3 scalings)")
     if h.get("partial_rotary_factor", 1.0) != 1.0 or params.get("partial_rotary_factor", 1.0) != 1.0:
         raise KilnError(f"{h.get('model_type')} config.json: partial_rotary_factor is not supported")
-    return float(params.get("rope_theta") or h.get("rope_theta") or 10000.0)
+    out = {"rope_theta": float(params.get("rope_theta") or h.get("rope_theta") or 10000.0)}
+    if kind == "default":
+        return out
+    out.update(rope_scaling=kind, rope_scaling_factor=float(scaling.get("factor", 1.0)))
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                   rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                   rope_original_context=int(scaling["original_max_position_embeddings"]))
+    return out
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+    """rope_theta and rope_parameters (transformers 5.x) with rope_scaling (4.x) when the frequencies are scaled."""
+    params = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling != "none":
+        params.update(rope_type=cfg.rope_scaling, factor=cfg.rope_scaling_factor)
+    if cfg.rope_scaling == "llama3":
+        params.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                      original_max_position_embeddings=cfg.rope_original_context)
+    out = {"rope_theta": cfg.rope_theta, "rope_parameters": params}
+    if cfg.rope_scaling != "none":
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return out
 
 
 def config_from_hf(h: dict) -> ModelConfig:
@@ -88,7 +111,7 @@ def config_from_hf(h: dict) -> ModelConfig:
     return ModelConfig(
         arch="decoder", vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_head=n_head,
         n_kv_head=h.get("num_key_value_heads") or n_head, d_model=d, d_ff=need("intermediate_size"),
-        context_length=context, position="rope", rope_theta=_rope(h), norm="rmsnorm",
+        context_length=context, position="rope", **_rope(h), norm="rmsnorm",
         norm_eps=h.get("rms_norm_eps", 1e-6), pre_norm=True, final_norm=True, embedding_norm=False,
         activation="swiglu", bias=bias, qkv_bias=qkv_bias, dropout=h.get("attention_dropout", 0.0),
         tie_embeddings=h.get("tie_word_embeddings", False), type_vocab_size=0, pad_token_id=_map.pad_id(h))
@@ -106,8 +129,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.context_length,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rms_norm_eps": cfg.norm_eps, **_rope_to_hf(cfg),
         "attention_dropout": cfg.dropout, "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32",
     }
     if qwen2:

@@ -22,6 +22,17 @@ class ModelConfig:
     position: str = field(default="learned", metadata={"help": "learned | rope | sinusoidal",
                                                        "choices": ("learned", "rope", "sinusoidal")})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency", "range": "> 0"})
+    rope_scaling: str = field(default="none", metadata={
+        "help": "RoPE frequency scaling for a longer context: none | linear (every frequency / factor) | llama3 "
+                "(Llama 3.1's: low frequencies / factor, high ones kept, a smooth ramp between)",
+        "choices": ("none", "linear", "llama3")})
+    rope_scaling_factor: float = field(default=1.0, metadata={"help": "rope_scaling: the factor", "range": ">= 1"})
+    rope_low_freq_factor: float = field(default=1.0, metadata={"help": "rope_scaling llama3: low_freq_factor",
+                                                               "range": "> 0"})
+    rope_high_freq_factor: float = field(default=4.0, metadata={"help": "rope_scaling llama3: high_freq_factor",
+                                                                "range": "> 0"})
+    rope_original_context: int = field(default=8192, metadata={
+        "help": "rope_scaling llama3: the context length the model was pretrained with", "range": ">= 1"})
     norm: str = field(default="layernorm", metadata={"help": "layernorm | rmsnorm", "choices": ("layernorm", "rmsnorm")})
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the norm layers", "range": "> 0"})
     pre_norm: bool = field(default=True, metadata={"help": "pre-LN (GPT-2, Llama) or post-LN (BERT, original Transformer)"})

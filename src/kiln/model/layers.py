@@ -39,8 +39,31 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The rotation frequency of each pair of a head's dimensions, scaled as cfg.rope_scaling says (the
+    formulas of transformers' `linear` and `llama3` rope types)."""
+    head_dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        return inv_freq / factor
+    if cfg.rope_scaling != "llama3":
+        return inv_freq
+    low, high, original = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)  # long waves: stretched
+    smooth = (original / wavelen - low) / (high - low)
+    ramp = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return torch.where(medium, ramp, scaled)
+
+
+def rope_tables(head_dim: int, length: int, theta: float | ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim]; `theta` is the base frequency, or the ModelConfig (its scaling too)."""
+    if isinstance(theta, ModelConfig):
+        inv_freq = rope_frequencies(theta)
+    else:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # the "rotate half" layout used by Llama checkpoints
     return angles.cos(), angles.sin()

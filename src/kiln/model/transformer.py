@@ -39,7 +39,7 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, cross=cross) for _ in range(n_layer))
         self.norm = make_norm(cfg) if (cfg.pre_norm and cfg.final_norm) else None
         if cfg.position == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -56,7 +56,7 @@ def rebuild_buffers(model: torch.nn.Module, cfg: ModelConfig) -> None:
 
     for stack in [s for s in (model.encoder, model.decoder) if s is not None]:
         if cfg.position == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg)
             stack.rope_cos, stack.rope_sin = cos, sin
         if cfg.position == "sinusoidal":
             stack.embed.sinusoid = sinusoidal_table(cfg.context_length, cfg.d_model, cfg.sinusoid_layout)
