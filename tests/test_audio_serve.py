@@ -69,3 +69,37 @@ def test_openai_client_transcribes_as_kiln_predict(asr_run, tmp_path):
             assert client.audio.transcriptions.create(model=asr_run.name, file=f).text == want["1.wav"]
     finally:
         assert server.stop() == 0
+
+
+def test_audio_classifier_answers_with_kiln_predicts_probabilities(tmp_path):
+    """POST /v1/audio/classifications of an audio classifier run: the probabilities of `kiln predict`; a
+    transcription request to it is a 404, a text /v1/classify request a 400 naming the audio route."""
+    import httpx
+
+    from test_audio_interop import hf_config, save_hf
+    from test_serve import Server
+
+    torch.manual_seed(6)
+    labels = ["yes", "no", "up", "down"]
+    hf = transformers.Wav2Vec2ForSequenceClassification(hf_config(True, num_labels=4, classifier_proj_size=8,
+                                                                  id2label=dict(enumerate(labels)))).eval()
+    assert main(["import", "hf", str(save_hf(hf, tmp_path / "hf")), str(tmp_path / "run")]) == 0
+    rng = np.random.default_rng(7)
+    sf.write(tmp_path / "a.wav", 0.2 * rng.normal(size=20000), 22050, subtype="PCM_24")
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "a.wav"), "--out", str(tmp_path / "p.csv")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "p.csv")))
+    server = Server(tmp_path / "run")
+    try:
+        with open(tmp_path / "a.wav", "rb") as f:
+            r = httpx.post(f"{server.url}/v1/audio/classifications", files={"file": ("a.wav", f.read())},
+                           data={"model": "run"}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()["data"][0]
+        assert got["label"] == row["prediction"] and got["label"] in labels
+        assert all(abs(got["probabilities"][n] - float(row[f"p_{n}"])) < 1e-5 for n in labels)
+        with open(tmp_path / "a.wav", "rb") as f, pytest.raises(openai.NotFoundError):
+            server.client().audio.transcriptions.create(model="run", file=f)
+        r = httpx.post(f"{server.url}/v1/classify", json={"input": "hello"}, timeout=60)
+        assert r.status_code == 400 and "/v1/audio/classifications" in r.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0

@@ -79,6 +79,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_ba
     url = _url(sock)
     what = "classifier (POST /v1/classify)" if backend.kind == "classify" else \
         "speech recognition (POST /v1/audio/transcriptions)" if backend.kind == "transcribe" else \
+        "audio classifier (POST /v1/audio/classifications)" if backend.kind == "classify_audio" else \
         "language model (OpenAI API at /v1: completions, models)"
     log(f"kiln serve: {url}  {model_id}: {what}; playground at {url}/, health at {url}/health; "
         f"batches of up to {max_batch}, {queue} waiting at most")

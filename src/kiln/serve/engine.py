@@ -220,7 +220,7 @@ def open_run(run_dir: str | Path, which: str | None = None, device: str = "auto"
         return ClassifierBackend(run, which or "best", device)
     if kind == "pretrain":
         return LMBackend(run, which or "latest", device, precision)
-    if kind in ("asr", "audio"):  # POST /v1/audio/transcriptions (an audio classifier is refused there, saying why)
+    if kind in ("asr", "audio"):  # POST /v1/audio/transcriptions, /v1/audio/classifications
         from kiln.serve.speech import SpeechBackend
 
         return SpeechBackend(run, which or "best", device)
