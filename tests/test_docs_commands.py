@@ -110,7 +110,7 @@ def test_the_checker_catches_what_does_not_exist():
     assert "no such flag" in check("kiln generate RUN --temprature 0")
     assert "no key 'lrr' in section 'train'" in check("kiln pretrain --train.lrr 1e-3")
     assert "no config key 'epochz'" in check("kiln finetune classify --epochz 3")
-    assert "not one of hf, onnx, peft" in check("kiln export gguf RUN OUT")
+    assert "not one of hf, onnx, peft, gguf" in check("kiln export tflite RUN OUT")
     assert check("kiln finetune classify --epochs 3 --data.train x.csv --init RUN") is None
     assert check("kiln export onnx RUN_DIR OUT [--int8] [--checkpoint best|latest|DIR]") is None
 
