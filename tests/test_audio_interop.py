@@ -193,3 +193,36 @@ def test_onnx_export_of_both_tasks(tmp_path, kind):
             assert greedy_decode(out[0][0, :out[1][0]].argmax(-1), meta["vocab"]) == row["transcript"] != ""
         else:
             assert meta["labels"][int(out[0][0].argmax())] == row["prediction"]
+
+
+def test_finetune_from_hugging_face_folders(tmp_path, capsys):
+    """`--init` an HF Wav2Vec2ForCTC folder (its head kept: the same vocabulary), an HF Wav2Vec2Model (a new
+    head) and a kiln asr run for `kiln finetune audio` (its backbone): each trains from the imported weights."""
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    texts = ["one two", "two one", "one one two", "two two", "one", "two one one"]
+    lines = ["path,text,label"]
+    for i, t in enumerate(texts):
+        sf.write(tmp_path / f"{i}.wav", 0.2 * rng.normal(size=12000 + 1000 * i), 16000)
+        lines.append(f"{i}.wav,{t},{t.split()[0]}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    vocab = ["<pad>", "<unk>", "|", "e", "n", "o", "t", "w"]
+    torch.manual_seed(0)
+    ctc = transformers.Wav2Vec2ForCTC(hf_config(True, vocab_size=len(vocab), pad_token_id=0)).eval()
+    save_hf(ctc, tmp_path / "ctc", vocab)
+    save_hf(transformers.Wav2Vec2Model(hf_config(False)).eval(), tmp_path / "base")
+    fast = ["--train.threads", "1", "--train.precision", "fp32", "--train.tensorboard", "false", "--train.max_steps",
+            "1", "--train.batch_size", "3", "--train.lr", "0", "--data.val_fraction", "0", "--data.test_fraction", "0"]
+    capsys.readouterr()
+    assert main(["finetune", "asr", "--data.train", str(tmp_path / "m.csv"), "--init", str(tmp_path / "ctc"),
+                 "--out", str(tmp_path / "asr"), *fast]) == 0
+    assert "head: the init's CTC layer (the same vocabulary)" in capsys.readouterr().out
+    w = load_file(tmp_path / "asr" / "checkpoints" / "step_000001" / "model.safetensors")
+    assert torch.equal(w["lm_head.weight"], ctc.lm_head.weight)  # lr 0: the imported weights, unchanged
+    assert main(["finetune", "audio", "--data.train", str(tmp_path / "m.csv"), "--init", str(tmp_path / "base"),
+                 "--out", str(tmp_path / "kws"), *fast]) == 0
+    assert main(["finetune", "audio", "--data.train", str(tmp_path / "m.csv"), "--init", str(tmp_path / "asr"),
+                 "--out", str(tmp_path / "kws2"), *fast]) == 0
+    k = load_file(tmp_path / "kws2" / "checkpoints" / "step_000001" / "model.safetensors")
+    assert torch.equal(k["backbone.decoder.embed.proj.weight"], w["backbone.decoder.embed.proj.weight"])
