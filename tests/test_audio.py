@@ -89,6 +89,19 @@ def test_generator_splits_by_voice(kws, asr):
     assert sorted(p.name for p in (kws / "train").iterdir()) == sorted(DIGITS)
 
 
+def test_generator_refuses_in_one_line(tmp_path, kws):
+    from kiln.data.speech_synth import main as synth
+
+    for argv, needle in (([str(kws)], "already holds a speech set"),
+                         ([str(tmp_path / "a"), "--voices", "500"], "espeak-ng offers"),
+                         ([str(tmp_path / "b"), "--voices", "4", "--val-voices", "2", "--test-voices", "2"], "no training voice"),
+                         ([str(tmp_path / "c"), "--task", "asr", "--min-digits", "5", "--max-digits", "3"], "digits per string")):
+        with pytest.raises(SystemExit) as e:
+            synth(argv)
+        assert str(e.value).startswith("error: ") and needle in str(e.value) and "\n" not in str(e.value)
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
 # ----------------------------------------------------------------------------------------------- reading
 
 

@@ -84,7 +84,7 @@ def _scan_folder(path: Path, column: str, require: bool) -> Clips:
         if classes and not audio:
             raise KilnError(f"{folder}: a class folder with no audio files ({', '.join(AUDIO_SUFFIXES)})")
         files += audio
-        targets += [folder.name if classes else None] * len(audio)
+        targets += [folder.name if classes and column == "label" else None] * len(audio)  # folders name labels
     if not files:
         raise KilnError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}); expected {EXPECTED}")
     if require and (not classes or column != "label"):
