@@ -149,6 +149,8 @@ def test_finetune_chat_learns_a_reply_that_kiln_chat_then_gives(tiny_hf, tmp_pat
     assert main(["chat", str(run), "-m", "What colour is the sky in Kilnland?", "--device", "cpu",
                  "--precision", "fp32"]) == 0
     assert capsys.readouterr().out.strip() == ANSWER
+    assert main(["eval", str(run), str(bench), "--out", str(tmp_path / "sky.json")]) == 0  # through the template
+    assert json.loads((tmp_path / "sky.json").read_text())["acc"] == 1.0
 
 
 def test_lora_chat_run_merges_and_resume_is_exact(tiny_hf, tmp_path, capsys):

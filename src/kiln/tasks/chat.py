@@ -144,8 +144,18 @@ class ChatTask(EpochTask):
         model, tokenizer, _ = load(run_dir, which, device)
         return model, tokenizer, load_config(Path(run_dir) / CONFIG_FILE, cls=ChatConfig), read_run_json(run_dir)
 
-    def evaluate_file(self, run_dir, file, out=None, which: str = "best", log=print, **kw) -> dict:
-        """The loss on the assistant's tokens of a conversations file."""
+    def evaluate_file(self, run_dir, file, out=None, which: str = "best", log=print, benchmark: str | None = None,
+                      chat: bool = True, batch_size: int = 8, device: str = "auto", max_new_tokens: int = 32,
+                      **kw) -> dict:
+        """On a benchmark file (--benchmark, or rows of a benchmark layout): acc / acc_norm or exact match, each
+        question a user turn of the run's chat template; on conversations: the loss on the assistant's tokens."""
+        from kiln.data.benchmarks import sniff
+
+        if benchmark or sniff(file):
+            from kiln.eval.benchmarks import evaluate_benchmark
+
+            return evaluate_benchmark(Path(run_dir), file, out, which, chat=True, layout=benchmark or "auto",
+                                      batch_size=batch_size, device=device, max_new_tokens=max_new_tokens, log=log)
         model, tokenizer, cfg, info = self.load(run_dir, which)
         template = ChatTemplate.of_run(run_dir)
         convs = chat_data.read_conversations(file, cfg.data.layout, cfg.data.encoding)
