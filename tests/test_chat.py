@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 import openai  # noqa: E402
 from test_gguf import smollm_file  # noqa: E402
-from test_serve import Server  # noqa: E402
+from test_serve import Server, _browser  # noqa: E402
 
 from kiln.cli import main  # noqa: E402
 from kiln.data.chat import CHATML, ChatTemplate  # noqa: E402
@@ -53,39 +53,77 @@ def tiny_run(tmp_path_factory, smollm_run) -> tuple[Path, Path]:
     return hf, root / "run"
 
 
+@pytest.fixture(scope="module")
+def smollm_server(smollm_run):
+    server = Server(smollm_run)
+    yield server
+    server.stop()
+
+
 def kiln_chat(run: Path, capsys, message: str, system: str | None = None, *extra: str) -> str:
     args = ["chat", str(run), "-m", message, "--max-new-tokens", "40", *DECODE, *extra]
     assert main(args + (["--system", system] if system else [])) == 0
     return capsys.readouterr().out.removesuffix("\n")
 
 
-def test_openai_client_equals_kiln_chat_at_temperature_0(smollm_run, capsys):
+def test_openai_client_equals_kiln_chat_at_temperature_0(smollm_run, smollm_server, capsys):
     expected = [kiln_chat(smollm_run, capsys, m, s) for m, s in CHATS]
     assert expected[0] == "The capital of France is Paris."
-    server = Server(smollm_run)
+    client = smollm_server.client(timeout=300)
+    for (message, system), want in zip(CHATS, expected):
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": message}]
+        r = client.chat.completions.create(model=smollm_run.name, messages=messages, temperature=0,
+                                           max_tokens=40)
+        assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens <= 40
+        stream = client.chat.completions.create(model=smollm_run.name, messages=messages, temperature=0,
+                                                max_tokens=40, stream=True)
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+        assert chunks[-1].choices[0].finish_reason == "stop" and chunks[0].choices[0].delta.role == "assistant"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=smollm_run.name, messages=[{"role": "wizard", "content": "hi"}])
+    assert e.value.param == "messages" and "unknown role 'wizard'" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=smollm_run.name,
+                                       messages=[{"role": "user", "content": "hello " * 9000}])
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_playground_chat_mode_in_a_headless_browser(smollm_run, smollm_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, profile = _browser()
     try:
-        client = server.client(timeout=300)
-        for (message, system), want in zip(CHATS, expected):
-            messages = ([{"role": "system", "content": system}] if system else []) + \
-                [{"role": "user", "content": message}]
-            r = client.chat.completions.create(model=smollm_run.name, messages=messages, temperature=0,
-                                               max_tokens=40)
-            assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
-            assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens <= 40
-            stream = client.chat.completions.create(model=smollm_run.name, messages=messages, temperature=0,
-                                                    max_tokens=40, stream=True)
-            chunks = list(stream)
-            assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
-            assert chunks[-1].choices[0].finish_reason == "stop" and chunks[0].choices[0].delta.role == "assistant"
-        with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model=smollm_run.name, messages=[{"role": "wizard", "content": "hi"}])
-        assert e.value.param == "messages" and "unknown role 'wizard'" in e.value.message
-        with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model=smollm_run.name,
-                                           messages=[{"role": "user", "content": "hello " * 9000}])
-        assert e.value.code == "context_length_exceeded"
+        browser.get(smollm_server.url + "/")
+        wait = WebDriverWait(browser, 120)
+        wait.until(lambda b: b.execute_script("return document.body.dataset.ready") == "1")
+        browser.find_element(By.ID, "mode_chat").click()
+        box = browser.find_element(By.ID, "chat_max_tokens")
+        box.clear()
+        box.send_keys("40")
+        client = smollm_server.client(timeout=300)
+        messages = []
+        for text in ("What is the capital of France?", "And of Italy?"):  # the second turn carries the first
+            browser.find_element(By.ID, "message").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: b.find_element(By.ID, "messages").get_attribute("data-state") in ("done", "error"))
+            assert browser.find_element(By.ID, "messages").get_attribute("data-state") == "done", \
+                browser.find_element(By.ID, "status").text
+            shown = browser.execute_script(
+                "const r = document.querySelectorAll('#messages .msg.assistant .text'); return r[r.length - 1].textContent")
+            messages.append({"role": "user", "content": text})
+            want = client.chat.completions.create(model=smollm_run.name, messages=messages, temperature=0,
+                                                  max_tokens=40).choices[0].message.content
+            assert shown == want
+            messages.append({"role": "assistant", "content": want})
+        assert messages[1]["content"] == "The capital of France is Paris."
+        browser.save_screenshot(str(tmp_path / "serve_playground_chat.png"))
     finally:
-        server.stop()
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_the_terminal_loop_keeps_history_and_resets(smollm_run, capsys):
