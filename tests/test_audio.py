@@ -22,7 +22,7 @@ from kiln.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_thread")
-sf = pytest.importorskip("soundfile")
+import soundfile as sf
 FAST = ["--train.threads", "1", "--train.precision", "fp32", "--train.tensorboard", "false", "--train.log_every", "50",
         "--seed", "0"]
 TINY = ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.d_ff", "64",
@@ -108,8 +108,8 @@ def test_generator_refuses_in_one_line(tmp_path, kws):
 def test_read_audio_matches_soundfile_soxr_and_the_feature_extractor(tmp_path):
     """8/16/24-bit, float and stereo WAV, FLAC and OGG at other rates: kiln's samples equal soundfile's, mixed down
     and resampled by soxr; its normalisation equals Wav2Vec2FeatureExtractor's."""
-    soxr = pytest.importorskip("soxr")
-    transformers = pytest.importorskip("transformers")
+    import soxr
+    import transformers
     from kiln.data.audio import normalise, read_audio
 
     rng = np.random.default_rng(0)
@@ -243,7 +243,7 @@ def test_kws_trains_predicts_and_evaluates(tmp_path, kws):
 
 
 def test_asr_trains_predicts_and_scores_with_jiwer(tmp_path, capsys, asr):
-    jiwer = pytest.importorskip("jiwer")
+    import jiwer
     out = tmp_path / "run"
     assert cli(["finetune", "asr", "--data.train", asr / "train.csv", "--data.val", asr / "val.csv", "--data.test",
                  asr / "test.csv", "--out", out, "--epochs", "2", "--train.batch_size", "4", *FAST, *TINY]) == 0
