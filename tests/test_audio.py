@@ -89,6 +89,15 @@ def test_generator_splits_by_voice(kws, asr):
     assert sorted(p.name for p in (kws / "train").iterdir()) == sorted(DIGITS)
 
 
+def test_generator_speaks_command_words(tmp_path):
+    need_speech_tools()
+    from kiln.data.speech_synth import WORDS, generate
+
+    out = generate(tmp_path / "words", "words", n_voices=3, val_voices=1, test_voices=1, per_voice=1, log=lambda *_: None)
+    assert sorted(r["label"] for r in rows(out / "train.csv")) == sorted(WORDS)
+    assert sorted(p.name for p in (out / "test").iterdir()) == sorted(WORDS)
+
+
 def test_generator_refuses_in_one_line(tmp_path, kws):
     from kiln.data.speech_synth import main as synth
 

@@ -1,6 +1,8 @@
-"""Synthetic spoken digits for keyword spotting and speech recognition, made with Debian's espeak-ng and sox.
+"""Synthetic spoken digits and command words for keyword spotting, and digit strings for speech recognition, made
+with Debian's espeak-ng and sox.
 
     python -m kiln.data.speech_synth data/kws --task kws                  # 10 classes: zero .. nine
+    python -m kiln.data.speech_synth data/cmd --task words                # 10 command words: yes, no, up, ...
     python -m kiln.data.speech_synth data/asr --task asr --per-voice 40   # digit strings, 3-8 digits
 
 The set is synthetic: every utterance is espeak-ng's formant synthesis of a word over a voice, an accent
@@ -9,9 +11,10 @@ word gap; sox resamples it to 16 kHz mono 16-bit and stretches its tempo; white 
 ratio is added (seeded numpy). Splits are by voice: no (accent, variant) of val or test speaks in train.
 
 Written (OUT/):
-- train/, val/, test/: the WAV files (keyword spotting: one subfolder per class, so a split folder is also a
+- train/, val/, test/: the WAV files (kws and words: one subfolder per class, so a split folder is also a
   class-per-folder input for `kiln finetune audio --data.train OUT/train`);
-- train.csv, val.csv, test.csv: manifests with columns path (relative to OUT), label (kws) or text (asr), voice;
+- train.csv, val.csv, test.csv: manifests with columns path (relative to OUT), label (kws, words) or text (asr),
+  voice;
 - voices.json: the voices of each split and the settings.
 
 To train on real recordings instead, give kiln the same shapes: a folder with one subfolder per class, or a
@@ -34,6 +37,7 @@ import numpy as np
 from kiln.errors import KilnError
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")  # Speech Commands' ten keywords
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029",
            "en-us-nyc")
 VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
@@ -105,9 +109,10 @@ def utterance(text: str, voice, rng: np.random.Generator, noise_db: tuple[float,
 
 
 def texts(task: str, per_voice: int, rng: np.random.Generator, min_digits: int, max_digits: int) -> list[tuple[str, str]]:
-    """(file stem, text) of one voice's utterances: kws every digit per_voice times; asr per_voice strings."""
-    if task == "kws":
-        return [(f"{d}_{k}", d) for k in range(per_voice) for d in DIGITS]
+    """(file stem, text) of one voice's utterances: kws (words) every digit (word) per_voice times; asr per_voice
+    digit strings."""
+    if task in ("kws", "words"):
+        return [(f"{d}_{k}", d) for k in range(per_voice) for d in (DIGITS if task == "kws" else WORDS)]
     out = []
     for k in range(per_voice):
         n = int(rng.integers(min_digits, max_digits + 1))
@@ -119,8 +124,8 @@ def generate(out: str | Path, task: str = "kws", n_voices: int = 48, val_voices:
              per_voice: int = 4, seed: int = 0, noise_db: tuple[float, float] = (15.0, 40.0), min_digits: int = 3,
              max_digits: int = 8, log=print) -> Path:
     """Synthesise a set into `out` (see the module docstring); returns `out`."""
-    if task not in ("kws", "asr"):
-        raise KilnError(f"task {task!r}: kws (spoken digits, 10 classes) or asr (digit strings)")
+    if task not in ("kws", "words", "asr"):
+        raise KilnError(f"task {task!r}: kws (spoken digits, 10 classes), words (10 command words) or asr (digit strings)")
     missing = need_tools()
     if missing:
         raise KilnError(f"synthesising speech needs {' and '.join(missing)} (apt-get install espeak-ng sox)")
@@ -130,13 +135,13 @@ def generate(out: str | Path, task: str = "kws", n_voices: int = 48, val_voices:
     if (out / "train.csv").exists():
         raise KilnError(f"{out} already holds a speech set (train.csv); pick another folder")
     splits = split_voices(n_voices, val_voices, test_voices, seed)
-    column = "label" if task == "kws" else "text"
+    column = "text" if task == "asr" else "label"
     for split, vs in splits.items():
         rows = []
         for vi, voice in enumerate(vs):
             rng = np.random.default_rng([seed, 2, ACCENTS.index(voice[0]), VARIANTS.index(voice[1])])
             for stem, text in texts(task, per_voice, rng, min_digits, max_digits):
-                rel = Path(split) / (text if task == "kws" else "") / f"{voice_name(voice).replace('+', '_')}_{stem}.wav"
+                rel = Path(split) / (text if column == "label" else "") / f"{voice_name(voice).replace('+', '_')}_{stem}.wav"
                 write_wav(out / rel, utterance(text, voice, rng, noise_db))
                 rows.append((rel.as_posix(), text, voice_name(voice)))
         with open(out / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
@@ -153,11 +158,12 @@ def generate(out: str | Path, task: str = "kws", n_voices: int = 48, val_voices:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m kiln.data.speech_synth", description=__doc__.split("\n")[0])
     p.add_argument("out", help="output folder (train/ val/ test/ + manifests)")
-    p.add_argument("--task", default="kws", choices=("kws", "asr"), help="kws: spoken digits; asr: digit strings")
+    p.add_argument("--task", default="kws", choices=("kws", "words", "asr"),
+                   help="kws: spoken digits; words: ten command words; asr: digit strings")
     p.add_argument("--voices", type=int, default=48, help="voices drawn (accent x variant)")
     p.add_argument("--val-voices", type=int, default=6)
     p.add_argument("--test-voices", type=int, default=8)
-    p.add_argument("--per-voice", type=int, default=4, help="kws: takes of each digit per voice; asr: strings per voice")
+    p.add_argument("--per-voice", type=int, default=4, help="kws/words: takes of each word per voice; asr: strings per voice")
     p.add_argument("--min-digits", type=int, default=3)
     p.add_argument("--max-digits", type=int, default=8)
     p.add_argument("--snr", type=float, nargs=2, default=(15.0, 40.0), metavar=("LOW", "HIGH"),
