@@ -70,8 +70,9 @@ def transcribe(model, waves, vocab: list[str], batch_size: int = 32, device: str
         if ids is not None:
             rows = [ids[i] for i in idx]
             lp = logits.float().log_softmax(-1).transpose(0, 1)
-            loss[0] += float(F.ctc_loss(lp, torch.tensor([t for r in rows for t in r]), frames,
-                                        torch.tensor([len(r) for r in rows]), blank=0, reduction="sum", zero_infinity=True))
+            targets = torch.tensor([t for r in rows for t in r], device=lp.device)
+            loss[0] += float(F.ctc_loss(lp, targets, frames, torch.tensor([len(r) for r in rows], device=lp.device),
+                                        blank=0, reduction="sum", zero_infinity=True))
             loss[1] += sum(map(len, rows))
 
     speech.run_model(model, waves, batch_size, device, keep)
