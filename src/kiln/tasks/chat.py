@@ -119,7 +119,8 @@ class ChatTask(EpochTask):
             for name in (TEMPLATE_FILE, TOKENIZER_CONFIG):
                 if (source / name).is_file():
                     shutil.copyfile(source / name, run_dir / name)
-        meta = {"max_length": T, "packing": cfg.packing, "assistant_only": cfg.assistant_only}
+        meta = {"max_length": T, "packing": cfg.packing, "assistant_only": cfg.assistant_only,
+                "conversations": len(enc["train"]), "rows": len(batches)}
         notes = [f"decoder ({info['kind']}: {cfg.init}); chat template: {data.report['template']}"]
         return Prepared(model, ChatObjective(), batches.batch, len(batches), evaluate, "val_loss", meta, save,
                         on_eval, notes, state={"enc": enc, "device": device}, unit="tok")
