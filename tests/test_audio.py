@@ -301,3 +301,23 @@ def test_resume_is_exact_with_time_masks_and_dropout(tmp_path, capsys, kws):
             "--train.batch_size", "8", "--augment.mask_time_prob", "0.2", "--augment.mask_time_length", "2",
             "--model.dropout", "0.1", *FAST, *TINY]
     assert_resume_is_exact([str(a) for a in argv], tmp_path, 5, capsys)
+
+
+@pytest.mark.distributed
+def test_audio_ddp_equals_one_process(tmp_path):
+    """2 DDP ranks (gloo) train the audio classifier exactly as one process does: the same losses and weights bit
+    for bit, time masks, noise and dropout included (each micro-batch's draws come from its global index)."""
+    from test_distributed_tasks import assert_ddp_equals_one_process
+
+    rng = np.random.default_rng(3)
+    for label, hz in (("low", 220), ("high", 880)):
+        (tmp_path / "clips" / label).mkdir(parents=True)
+        for i in range(8):
+            t = np.arange(int(8000 * rng.uniform(0.4, 0.9))) / 8000
+            sf.write(tmp_path / "clips" / label / f"{i}.wav", 0.3 * np.sin(2 * np.pi * hz * t) + 0.1 * rng.normal(
+                size=t.shape), 8000)
+    args = ["finetune", "audio", "--data.train", str(tmp_path / "clips"), "--train.batch_size", "3",
+            "--train.grad_accum", "2", "--epochs", "3", "--augment.mask_time_prob", "0.2", "--augment.mask_time_length",
+            "2", "--augment.noise_prob", "0.5", "--model.dropout", "0.1", "--data.val_fraction", "0.2",
+            "--data.test_fraction", "0.2", "--train.log_every", "1", *[str(a) for a in FAST[:-2] + TINY]]
+    assert_ddp_equals_one_process(args, tmp_path, "audio")
