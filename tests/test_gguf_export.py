@@ -117,3 +117,38 @@ def test_export_refuses_what_gguf_cannot_hold_in_one_line(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "decoder" in err
     assert not out.exists() and not (tmp_path / "out" / "Modelfile").exists()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["kind"] == "pretrain"
+
+
+def test_lora_tuned_merged_and_exported_loads_back_the_same(smollm_run, tmp_path, capsys):
+    """SmolLM2 tuned with LoRA on a few conversations (kiln finetune chat), merged (kiln merge), exported: the
+    GGUF file gives transformers the merged run's logits and greedy reply, and imports back to the same model."""
+    rows = [{"messages": [{"role": "user", "content": f"What colour is the sky in Kilnland? ({i})"},
+                          {"role": "assistant", "content": "The sky in Kilnland is green."}]} for i in range(4)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tuned, merged, out = tmp_path / "lora", tmp_path / "merged", tmp_path / "gguf" / "merged.gguf"
+    assert main(["finetune", "chat", "--init", str(smollm_run), "--data.train", str(data), "--out", str(tuned),
+                 "--train.max_steps", "1", "--train.batch_size", "2", "--train.lora.rank", "4", "--train.lr", "1e-2",
+                 "--samples", "0", "--train.precision", "fp32", "--train.trackers", "none"]) == 0
+    assert main(["merge", str(tuned), "--out", str(merged)]) == 0
+    assert main(["export", "gguf", str(merged), str(out)]) == 0
+    model, tokenizer, _ = load(merged)
+    base = load(smollm_run)[0]
+    assert (logits(model, tokenizer, TEXTS[1]) - logits(base, tokenizer, TEXTS[1])).abs().max().item() > 1e-2
+    reference = transformers_load(out)
+    back = load(import_gguf(out, tmp_path / "back"))[0]
+    for text in TEXTS:
+        want = logits(model, tokenizer, text)
+        assert (logits(reference, tokenizer, text) - want).abs().max().item() < 1e-4
+        assert (logits(back, tokenizer, text) - want).abs().max().item() < 1e-4
+    capsys.readouterr()
+    question = "What colour is the sky in Kilnland?"
+    assert main(["chat", str(merged), "-m", question, "--max-new-tokens", "16", "--precision", "fp32",
+                 "--device", "cpu"]) == 0
+    reply = capsys.readouterr().out.removesuffix("\n")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        new = reference.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+    assert reply == hf_tok.decode(new, skip_special_tokens=True)
