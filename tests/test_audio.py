@@ -271,7 +271,8 @@ def test_asr_trains_predicts_and_scores_with_jiwer(tmp_path, capsys, asr):
 
 
 def test_tiny_keyword_set_is_learned_above_chance(tmp_path):
-    """Three digits, held-out voices, ~15 s of training from scratch: well above the 1/3 of chance."""
+    """Three digits, held-out voices, ~15 s of training from scratch with time masks and noise: well above the 1/3
+    of chance (83% measured on 18 test utterances; 61-83% across nearby settings)."""
     need_speech_tools()
     from kiln.data.speech_synth import generate
 
@@ -286,7 +287,8 @@ def test_tiny_keyword_set_is_learned_above_chance(tmp_path):
     out = tmp_path / "run"
     assert cli(["finetune", "audio", "--data.train", data / "train3.csv", "--data.val", data / "val3.csv",
                  "--data.test", data / "test3.csv", "--out", out, "--epochs", "12", "--train.batch_size", "16",
-                 "--train.lr", "3e-3", *FAST, "--model.n_layer", "2", "--model.audio_conv_dim", "32",
+                 "--train.lr", "3e-3", "--augment.mask_time_prob", "0.1", "--augment.mask_time_length", "3",
+                 "--augment.noise_prob", "0.5", *FAST, "--model.n_layer", "2", "--model.audio_conv_dim", "32",
                  "--model.d_model", "64", "--model.d_ff", "128", "--model.sample_rate", "8000"]) == 0
     assert json.loads((out / "eval" / "test.json").read_text())["accuracy"] >= 0.5
 
