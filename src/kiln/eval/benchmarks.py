@@ -89,17 +89,28 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], context_l
         x = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, ids in enumerate(inputs):
             x[row, :len(ids)] = torch.tensor(ids)
-        logp = torch.log_softmax(model(x.to(device)).float(), dim=-1)
-        for row, i in enumerate(chunk):
-            cont = requests[i][1]
-            n = len(inputs[row])
-            if not cont:
-                out[i] = (0.0, True)
-                continue
-            lp = logp[row, n - len(cont):n]
-            target = torch.tensor(cont, device=lp.device)
+        spans = [(len(ids) - len(requests[i][1]), len(ids)) for i, ids in zip(chunk, inputs)]
+        rows = torch.tensor([r for r, (a, b) in enumerate(spans) for _ in range(a, b)], dtype=torch.long)
+        cols = torch.tensor([c for a, b in spans for c in range(a, b)], dtype=torch.long)
+        logp = torch.log_softmax(_logits_at(model, x.to(device), rows.to(device), cols.to(device)).float(), dim=-1)
+        at = 0
+        for i, (a, b) in zip(chunk, spans):
+            lp, at = logp[at:at + b - a], at + b - a
+            target = torch.tensor(requests[i][1], device=lp.device, dtype=torch.long)
             out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
     return out
+
+
+def _logits_at(model, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Logits [N, vocab] at positions (rows, cols) of the batch x: a kiln Transformer runs its head on those
+    positions only (with a large vocabulary the head and its softmax are a large share of a small model's work)."""
+    head = getattr(model, "lm_head", None)
+    if hasattr(model, "hidden") and isinstance(head, torch.nn.Module):
+        h = model.hidden(x)[rows, cols]
+        if getattr(model, "head_transform", None) is not None:
+            h = model.head_transform(h)
+        return head(h)
+    return model(x)[rows, cols]
 
 
 def choice_results(items, lls: list[list[float]]) -> list[dict]:
