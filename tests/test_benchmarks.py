@@ -4,8 +4,9 @@ The model: a small random Llama (transformers) with a byte-level BPE that adds a
 tokenizer does, imported with `kiln import hf` and exported back with `kiln export hf`; lm_eval runs its `hf`
 model on the export with local task YAMLs over the same JSONL files (the layouts question/choices/answer, ARC's
 and HellaSwag's). Every item's chosen index (by log-likelihood and by log-likelihood per character), its
-log-likelihoods and acc / acc_norm must equal lm_eval's. Generative exact match is checked against transformers'
-greedy generate on the exported folder.
+log-likelihoods and acc / acc_norm must equal lm_eval's, in plain mode and with `--chat` (lm_eval's
+apply_chat_template, the run's template exported beside the weights). Generative exact match is checked against
+transformers' greedy generate on the exported folder.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def rows(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# ChatML with a default system turn, as SmolLM2's template writes one
+CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou answer questions.<|im_end|>\n' }}{% endif %}"
+                 "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(kiln run, its `kiln export hf` folder, tmp folder)."""
@@ -44,14 +52,17 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     texts = [r["question"] + " " + " ".join(r["choices"]) for r in rows(BENCH)] + [r["question"] for r in rows(GEN)]
     tok = train_tokenizer("bpe", texts, vocab_size=1200)
-    eot = tok.token_to_id("<|endoftext|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", eot)])
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    bos, eos = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
     src = tmp / "hf"
     src.mkdir()
     tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}))
+    (src / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, bos_token_id=eot, eos_token_id=eot,
+                                   max_position_embeddings=256, bos_token_id=bos, eos_token_id=eos,
                                    initializer_range=0.3)  # wide weights: log-likelihoods far apart
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(src)
@@ -80,32 +91,52 @@ TASK_YAML = {  # as lm_eval's own arc_easy and hellaswag tasks, over local files
                 'doc_to_target: "{{choices.label.index(answerKey)}}"\n',
     "kiln_hellaswag": 'process_docs: !function hs_utils.process_docs\ndoc_to_text: "{{query}}"\n'
                       'doc_to_choice: "choices"\ndoc_to_target: "{{label}}"\n',
+    # kiln eval --chat asks the bare question as the user turn
+    "kiln_chat": 'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: answer\n',
 }
 
 
-def lm_eval_samples(exported, files: dict, tmp) -> dict:
-    """{task: (results, samples in doc order)} of lm_eval's hf model on the exported folder."""
+def lm_eval_samples(exported, files: dict, tmp, chat: bool = False) -> dict:
+    """{task: (results, samples in doc order)} of lm_eval's hf model on the exported folder (`files`: task ->
+    its JSONL; `chat`: lm_eval's apply_chat_template)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     tasks = tmp / "tasks"
     tasks.mkdir(exist_ok=True)
     (tasks / "hs_utils.py").write_text("from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n")
-    for name, body in TASK_YAML.items():
+    for name in files:
+        body = TASK_YAML[name]
         (tasks / f"{name}.yaml").write_text(
             f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {files[name]}\n"
             f"test_split: test\noutput_type: multiple_choice\n{body}"
             "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
             "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={exported},dtype=float32", tasks=list(TASK_YAML),
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={exported},dtype=float32", tasks=list(files),
                                   task_manager=TaskManager(include_path=str(tasks)), log_samples=True, device="cpu",
-                                  batch_size=16)
-    return {t: (out["results"][t], sorted(out["samples"][t], key=lambda s: s["doc_id"])) for t in TASK_YAML}
+                                  batch_size=16, apply_chat_template=chat)
+    return {t: (out["results"][t], sorted(out["samples"][t], key=lambda s: s["doc_id"])) for t in files}
+
+
+def assert_same(name: str, ours: tuple, theirs: tuple) -> None:
+    """kiln's metrics and per-item rows equal lm_eval's results and samples, item by item."""
+    import numpy as np
+
+    metrics, items = ours
+    results, samples = theirs
+    assert len(items) == len(samples) == metrics["n"] and metrics["n"] >= 100
+    for mine, s in zip(items, samples):
+        lls = [ll for ll, _ in s["filtered_resps"]]
+        assert mine["chosen"] == int(np.argmax(lls)), (name, s["doc_id"])
+        assert mine["acc"] == s["acc"] and mine["acc_norm"] == s["acc_norm"], (name, s["doc_id"])
+        assert mine["gold"] == s["target"], (name, s["doc_id"])
+        assert np.allclose(mine["loglikelihoods"], lls, rtol=0, atol=1e-3), (name, s["doc_id"])
+    assert metrics["acc"] == pytest.approx(results["acc,none"], abs=1e-12), name
+    assert metrics["acc_norm"] == pytest.approx(results["acc_norm,none"], abs=1e-12), name
+    assert sum(r["chosen"] != r["chosen_norm"] for r in items) > 0  # the two rules do differ on some items
 
 
 def test_multiple_choice_equals_lm_eval_on_every_item(runs, capsys):
-    import numpy as np
-
     run, exported, tmp = runs
     arc, hs = arc_and_hellaswag(tmp)
     files = {"kiln_mc": BENCH, "kiln_arc": arc, "kiln_hellaswag": hs}
@@ -116,20 +147,21 @@ def test_multiple_choice_equals_lm_eval_on_every_item(runs, capsys):
     assert [ours[n][0]["layout"] for n in files] == ["mc", "arc", "hellaswag"]
     theirs = lm_eval_samples(exported, files, tmp)
     for name in files:
-        metrics, items = ours[name]
-        results, samples = theirs[name]
-        assert len(items) == len(samples) == metrics["n"] and metrics["n"] >= 100
-        for mine, s in zip(items, samples):
-            lls = [ll for ll, _ in s["filtered_resps"]]
-            assert mine["chosen"] == int(np.argmax(lls)), (name, s["doc_id"])
-            assert mine["acc"] == s["acc"] and mine["acc_norm"] == s["acc_norm"], (name, s["doc_id"])
-            assert mine["gold"] == s["target"], (name, s["doc_id"])
-            assert np.allclose(mine["loglikelihoods"], lls, rtol=0, atol=1e-3), (name, s["doc_id"])
-        assert metrics["acc"] == pytest.approx(results["acc,none"], abs=1e-12), name
-        assert metrics["acc_norm"] == pytest.approx(results["acc_norm,none"], abs=1e-12), name
-        assert sum(r["chosen"] != r["chosen_norm"] for r in items) > 0  # the two rules do differ on some items
+        assert_same(name, ours[name], theirs[name])
     assert set(ours["kiln_mc"][0]["per_kind"]) == {"sentiment", "translate", "source", "missing", "speaker"}
     assert "acc_norm" in capsys.readouterr().out
+
+
+def test_chat_mode_equals_lm_eval_with_its_chat_template(runs):
+    run, exported, tmp = runs
+    sub = tmp / "chat.jsonl"  # every third item
+    sub.write_text("".join(json.dumps(r) + "\n" for r in rows(BENCH)[::3]))
+    assert main(["eval", str(run), str(sub), "--chat", "--out", str(tmp / "chat.json")]) == 0
+    ours = (json.loads((tmp / "chat.json").read_text()), rows(tmp / "chat.items.jsonl"))
+    assert ours[0]["chat"] is True
+    theirs = lm_eval_samples(exported, {"kiln_chat": sub}, tmp, chat=True)["kiln_chat"]
+    assert theirs[1][0]["arguments"][0][0].startswith("<|im_start|>system\nYou answer questions.")
+    assert_same("kiln_chat", ours, theirs)
 
 
 def test_generative_exact_match_equals_transformers_greedy(runs):
@@ -169,10 +201,6 @@ def test_bad_benchmark_lines_are_one_line_and_write_nothing(runs, capsys, tmp_pa
         out = tmp_path / f"out{i}" / "m.json"
         assert_user_error(capsys, ["eval", run, f, "--benchmark", "--out", out], f"bad{i}.jsonl:2", needle)
         assert not out.parent.exists()
-    f = tmp_path / "ok.jsonl"
-    f.write_text(json.dumps(good) + "\n")
-    assert_user_error(capsys, ["eval", run, f, "--chat", "--out", tmp_path / "c" / "m.json"], "chat_template.jinja")
-    assert not (tmp_path / "c").exists()
 
 
 def test_a_run_that_is_not_a_decoder_is_refused(tmp_path, capsys):

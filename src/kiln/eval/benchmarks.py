@@ -210,9 +210,9 @@ def evaluate_benchmark(run_dir, file, out=None, which: str = "best", *, chat: bo
     if max_new_tokens < 1:
         raise KilnError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     items, layout = read_benchmark(file, layout)
-    if chat and not (run_dir / TEMPLATE_FILE).is_file():
-        raise KilnError(f"{run_dir} has no {TEMPLATE_FILE}: --chat wraps each question in the run's chat template")
     template = ChatTemplate.of_run(run_dir) if chat else None
+    if chat and template.is_default:  # as kiln chat: a run without a template is asked in ChatML
+        log(f"{run_dir} has no {TEMPLATE_FILE}: each question is a user turn in ChatML")
     specials = template.specials if template else ChatTemplate.of_run(run_dir).specials
     if which == "best" and not (run_dir / "checkpoints" / "best").is_file():
         which = "latest"  # a run without validation has no best checkpoint
