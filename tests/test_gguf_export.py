@@ -152,3 +152,40 @@ def test_lora_tuned_merged_and_exported_loads_back_the_same(smollm_run, tmp_path
     with torch.no_grad():
         new = reference.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
     assert reply == hf_tok.decode(new, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_every_dtype_round_trips_through_gguf(tmp_path, family):
+    """A small random Llama (grouped-query attention) and Qwen2 (q/k/v biases): each dtype's file read by
+    transformers and imported back by kiln gives the same logits (the same quantized weights, read twice), and
+    f32 gives kiln's own."""
+    from kiln.data.tokenizer import train_tokenizer, vocab_size
+
+    hf = tmp_path / "hf"
+    tok = train_tokenizer("bpe", [" ".join(TEXTS) * 20, "the sea, the sky and the sun " * 40], vocab_size=400)
+    shape = dict(vocab_size=vocab_size(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+    torch.manual_seed(0)
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, tie_word_embeddings=True))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    model.save_pretrained(hf)
+    tok.save(str(hf / "tokenizer.json"))
+    assert main(["import", "hf", str(hf), str(tmp_path / "run")]) == 0
+    kiln_model, tokenizer, _ = load(tmp_path / "run")
+    for dtype in ("f32", "f16", "bf16", "q8_0"):
+        out = tmp_path / dtype / f"{family}.gguf"
+        assert main(["export", "gguf", str(tmp_path / "run"), str(out), "--dtype", dtype]) == 0
+        assert open_gguf(out).fields["general.architecture"].contents() == family
+        reference = transformers_load(out)
+        back = load(import_gguf(out, tmp_path / dtype / "run"))[0]
+        for text in TEXTS:
+            want = logits(reference, tokenizer, text)
+            assert (logits(back, tokenizer, text) - want).abs().max().item() < 1e-4, dtype
+            if dtype == "f32":
+                assert (logits(kiln_model, tokenizer, text) - want).abs().max().item() < 1e-4
