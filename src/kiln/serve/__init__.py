@@ -1,6 +1,7 @@
 """`kiln serve RUN_DIR`: an HTTP server for a run, in the OpenAI API's shape.
 
-A language-model run: POST /v1/completions (streaming with `stream: true`), GET /v1/models; a classifier run:
+A language-model run: POST /v1/completions and /v1/chat/completions (the run's chat template; streaming with
+`stream: true`), GET /v1/models; a classifier run:
 POST /v1/classify. Both: GET /health and GET / (a playground page). Needs `pip install 'kiln[serve]'`.
 
     from kiln.serve import serve
@@ -80,7 +81,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_ba
     what = "classifier (POST /v1/classify)" if backend.kind == "classify" else \
         "speech recognition (POST /v1/audio/transcriptions)" if backend.kind == "transcribe" else \
         "audio classifier (POST /v1/audio/classifications)" if backend.kind == "classify_audio" else \
-        "language model (OpenAI API at /v1: completions, models)"
+        "language model (OpenAI API at /v1: completions, chat completions, models)"
     log(f"kiln serve: {url}  {model_id}: {what}; playground at {url}/, health at {url}/health; "
         f"batches of up to {max_batch}, {queue} waiting at most")
     if host not in ("127.0.0.1", "localhost", "::1"):
