@@ -101,3 +101,43 @@ def test_linear_rope_scaling_through_gguf(tmp_path):
     ids = torch.randint(0, SMALL["vocab_size"], (1, 300), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (load(back)[0](ids) - hf_logits(model, ids)).abs().max().item() < 1e-4
+
+
+def test_llama3_rope_scaling_through_gguf_as_rope_freqs(tmp_path):
+    """llama.cpp keeps Llama 3's scaling as a rope_freqs tensor (transformers' GGUF loader ignores it, so the
+    reference is the Hugging Face model itself): export writes the tensor llama.cpp's converter computes, import
+    reads the scaling back from it."""
+    pytest.importorskip("gguf")
+    import math
+
+    from kiln.data.tokenizer import train_tokenizer
+    from kiln.interop.gguf_read import import_gguf, open_gguf
+
+    model = build("llama", rope_parameters={"rope_theta": 500000.0, **LLAMA3})
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    tok = train_tokenizer("bpe", ["hello world, the sea and the sky " * 50], vocab_size=SMALL["vocab_size"])
+    tok.save(str(src / "tokenizer.json"))
+    assert main(["import", "hf", str(src), str(tmp_path / "run")]) == 0
+    assert main(["export", "gguf", str(tmp_path / "run"), str(tmp_path / "llama3.gguf")]) == 0
+    stored = next(t for t in open_gguf(tmp_path / "llama3.gguf").tensors if t.name == "rope_freqs.weight")
+    dim, base, factor = 16, 500000.0, LLAMA3["factor"]  # llama.cpp's convert_hf_to_gguf.py, written out again
+    low_wavelen = LLAMA3["original_max_position_embeddings"] / LLAMA3["low_freq_factor"]
+    high_wavelen = LLAMA3["original_max_position_embeddings"] / LLAMA3["high_freq_factor"]
+    want = []
+    for freq in 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            want.append(1.0)
+        elif wavelen > low_wavelen:
+            want.append(factor)
+        else:
+            smooth = (LLAMA3["original_max_position_embeddings"] / wavelen - 1.0) / (4.0 - 1.0)
+            want.append(1 / ((1 - smooth) / factor + smooth))
+    assert torch.allclose(torch.from_numpy(stored.data.copy()), torch.tensor(want, dtype=torch.float32), rtol=1e-5)
+    back = import_gguf(tmp_path / "llama3.gguf", tmp_path / "back")
+    cfg = load(back)[2].model
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor) == ("llama3", 8.0)  # (8 frequencies: one on the ramp)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (load(back)[0](ids) - hf_logits(model, ids)).abs().max().item() < 1e-4

@@ -74,7 +74,7 @@ def _need(meta: dict, key: str, where: str):
     return meta[key]
 
 
-def config_from_gguf(meta: dict, names: set[str], where: str) -> ModelConfig:
+def config_from_gguf(meta: dict, names: set[str], where: str, rope_freqs: torch.Tensor | None = None) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
         raise KilnError(f"{where}: unsupported GGUF architecture {arch!r}; kiln imports {', '.join(ARCHS)}")
@@ -87,13 +87,13 @@ def config_from_gguf(meta: dict, names: set[str], where: str) -> ModelConfig:
             raise KilnError(f"{where}: {arch}.{key} {meta[f'{arch}.{key}']} != embedding_length/head_count "
                             f"({head_dim}) is not supported")
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", "linear") or "rope_freqs.weight" in names:
-        raise KilnError(f"{where}: rope scaling ({scaling if scaling != 'none' else 'rope_freqs'}) in a GGUF file is "
-                        "not supported (kiln imports plain and linear RoPE from GGUF; `kiln import hf` reads Llama 3's)")
+    if scaling not in ("none", "linear"):
+        raise KilnError(f"{where}: rope scaling {scaling!r} in a GGUF file is not supported (kiln reads plain RoPE, "
+                        "linear scaling and Llama 3's rope_freqs)")
     factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
     vocab = meta.get(f"{arch}.vocab_size") or len(_need(meta, "tokenizer.ggml.tokens", where))
     pad = meta.get("tokenizer.ggml.padding_token_id")
-    return ModelConfig(
+    cfg = ModelConfig(
         arch="decoder", vocab_size=int(vocab), n_layer=int(get("block_count")), n_head=n_head, n_kv_head=int(n_kv),
         d_model=d, d_ff=int(get("feed_forward_length")), context_length=int(get("context_length")),
         position="rope", rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), norm="rmsnorm",
@@ -102,6 +102,14 @@ def config_from_gguf(meta: dict, names: set[str], where: str) -> ModelConfig:
         activation="swiglu", bias=False, qkv_bias=arch == "qwen2", dropout=0.0,
         tie_embeddings="output.weight" not in names, type_vocab_size=0,
         pad_token_id=int(pad) if isinstance(pad, int) else -1)
+    if rope_freqs is None:
+        return cfg
+    from kiln.interop.gguf_rope import llama3_keys
+
+    keys = llama3_keys(rope_freqs, cfg.with_().resolve()) if rope_freqs.numel() == head_dim // 2 else None
+    if keys is None:
+        raise KilnError(f"{where}: its rope_freqs are not Llama 3's RoPE scaling; kiln cannot read them")
+    return cfg.with_(**keys)
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -131,6 +139,8 @@ def hf_state(reader, cfg: ModelConfig, arch: str, where: str) -> dict[str, torch
 
     state = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # Llama 3's RoPE scaling: read into the config (kiln.interop.gguf_rope)
+            continue
         name = hf_name(t.name)
         if name is None:
             raise KilnError(f"{where}: unexpected tensor {t.name!r} for a {arch} model")
@@ -154,7 +164,9 @@ def read_gguf(path: str | Path):
     reader = open_gguf(path)
     where = str(path)
     meta = metadata(reader)
-    cfg = config_from_gguf(meta, {t.name for t in reader.tensors}, where)
+    freqs = next((torch.from_numpy(t.data.astype("float32").reshape(-1)) for t in reader.tensors
+                  if t.name == "rope_freqs.weight"), None)
+    cfg = config_from_gguf(meta, {t.name for t in reader.tensors}, where, freqs)
     try:
         cfg.validate()
     except KilnError as e:

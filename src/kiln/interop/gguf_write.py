@@ -40,8 +40,6 @@ def architecture(cfg: ModelConfig) -> str:
             raise KilnError(f"cannot export to GGUF gpt2: llama.cpp's GPT-2 uses GELU, this run model.activation "
                             f"{cfg.activation}")
         return "gpt2"
-    if cfg.rope_scaling == "llama3":  # llama.cpp keeps it as a rope_freqs tensor that transformers does not read
-        raise KilnError("GGUF export of Llama 3 RoPE scaling (model.rope_scaling llama3) is not supported yet")
     return "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
 
 
@@ -65,6 +63,10 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
         if arch == "llama" and base.endswith(("q_proj", "k_proj")):
             t = permute(t, cfg.n_head if base.endswith("q_proj") else cfg.n_kv_head)
         out[f"{name}.{suffix}"] = t.contiguous()
+    if cfg.rope_scaling == "llama3":  # llama.cpp's form of it (transformers' GGUF loader does not read it)
+        from kiln.interop.gguf_rope import rope_freqs
+
+        out["rope_freqs.weight"] = rope_freqs(cfg)
     return out
 
 
