@@ -73,9 +73,11 @@ def runs(tmp_path_factory):
 
 
 def arc_and_hellaswag(tmp, n: int = 100):
-    """The first n benchmark items in ARC's layout and in HellaSwag's."""
+    """n benchmark items in ARC's layout and in HellaSwag's; the last one's question is longer than the
+    model's context (both cut it from the left)."""
     arc, hs = tmp / "arc.jsonl", tmp / "hellaswag.jsonl"
     items = rows(BENCH)[:300:300 // n]
+    items[-1] = {**items[-1], "question": " ".join([items[-1]["question"]] * 12)}
     arc.write_text("".join(json.dumps({"question": r["question"], "answerKey": "ABCD"[r["answer"]],
                                        "choices": {"text": r["choices"], "label": list("ABCD"[:len(r["choices"])])}})
                            + "\n" for r in items))
@@ -145,6 +147,7 @@ def test_multiple_choice_equals_lm_eval_on_every_item(runs, capsys):
         assert main(["eval", str(run), str(f), "--out", str(tmp / f"{name}.json")]) == 0
         ours[name] = (json.loads((tmp / f"{name}.json").read_text()), rows(tmp / f"{name}.items.jsonl"))
     assert [ours[n][0]["layout"] for n in files] == ["mc", "arc", "hellaswag"]
+    assert [ours[n][0]["truncated"] for n in files] == [0, 1, 1]
     theirs = lm_eval_samples(exported, files, tmp)
     for name in files:
         assert_same(name, ours[name], theirs[name])
@@ -194,7 +197,8 @@ def test_bad_benchmark_lines_are_one_line_and_write_nothing(runs, capsys, tmp_pa
              (good, {**good, "choices": []}, "no choices"),
              (swag, {**swag, "label": 5}, "label 5 is out of range"),
              (good, {"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "B"}, "answerKey 'B'"),
-             (good, {"question": "q", "answer": "a"}, "not a mc row")]
+             (good, {"question": "q", "answer": "a"}, "not a mc row"),
+             (good, {**good, "choices": ["3", " ".join(["four"] * 300)]}, "longer than the model's context")]
     for i, (first, bad, needle) in enumerate(cases):
         f = tmp_path / f"bad{i}.jsonl"
         f.write_text(json.dumps(first) + "\n" + json.dumps(bad) + "\n")

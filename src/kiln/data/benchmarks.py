@@ -34,6 +34,7 @@ class Item:
     gold: int = -1  # the index of the right choice
     answers: list[str] = field(default_factory=list)  # generative: the accepted answers
     kind: str = ""  # the row's `kind` field, when it has one: scores are also given per kind
+    where: str = ""  # FILE:LINE, for messages
 
 
 def layout_of(row) -> str | None:
@@ -164,6 +165,7 @@ def read_benchmark(path: str | Path, layout: str = "auto") -> tuple[list[Item], 
                             "expected question/choices/answer, ctx/endings/label, question/choices{text,label}/"
                             "answerKey or question/answer")
         items.append(parse_row(row, layout if found != "arc" else "arc", where))
+        items[-1].where = where
     if not items:
         raise KilnError(f"{path}: no benchmark rows")
     return items, layout

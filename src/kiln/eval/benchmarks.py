@@ -156,11 +156,18 @@ def score_benchmark(model, tokenizer, items, *, context_length: int, template=No
         delim = "" if template is not None else TARGET_DELIMITER
         if items[0].choices:
             reqs = [(i, enc.pair(c, delim + ch)) for i, (it, c) in enumerate(zip(items, ctxs)) for ch in it.choices]
+            for i, (ctx, cont) in reqs:
+                if len(cont) > context_length:
+                    raise KilnError(f"{items[i].where or f'benchmark item {i}'}: a choice of {len(cont)} tokens is "
+                                    f"longer than the model's context ({context_length})")
             res = loglikelihoods(model, [r for _, r in reqs], context_length, batch_size, device)
             lls: list[list[float]] = [[] for _ in items]
             for (i, _), (ll, _) in zip(reqs, res):
                 lls[i].append(ll)
             rows, keys = choice_results(items, lls), ("acc", "acc_norm")
+            cut = {i for i, (ctx, cont) in reqs if len(ctx) + len(cont) > context_length + 1}
+            for i in cut:  # lm_eval cuts such inputs from the left too; the count says how many items it touched
+                rows[i]["truncated"] = True
         else:
             stops = template.end_of_turn() if template is not None else ["\n"]
             stop_ids = [i for i in (tokenizer.token_to_id(s) for s in stops) if i is not None]
@@ -180,6 +187,7 @@ def summarise(rows: list[dict], keys) -> dict:
     """Mean of each key over the items, and per item kind when the items have kinds."""
     out: dict = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     out["n"] = len(rows)
+    out["truncated"] = sum(bool(r.get("truncated")) for r in rows)
     kinds = defaultdict(list)
     for r in rows:
         if r["kind"]:
@@ -238,7 +246,8 @@ def evaluate_benchmark(run_dir, file, out=None, which: str = "best", *, chat: bo
     per_item.write_text("".join(json.dumps({"index": i, **r}) + "\n" for i, r in enumerate(rows)))
     out.write_text(json.dumps(result, indent=2) + "\n")
     keys = [k for k in ("acc", "acc_norm", "exact_match") if k in result]
-    log(f"{file}: {result['n']} {layout} item(s){' (chat template)' if chat else ''}")
+    log(f"{file}: {result['n']} {layout} item(s){' (chat template)' if chat else ''}"
+        + (f"; {result['truncated']} cut from the left to the context" if result["truncated"] else ""))
     log("\n".join(f"  {k:<12} {result[k]:.4f}" for k in keys))
     for kind, m in result["per_kind"].items():
         log(f"  {kind:<24} " + "  ".join(f"{k} {m[k]:.4f}" for k in keys) + f"  (n={m['n']})")
