@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)   # one pytest worker per core (at most 4), a test file per worker: ~4.5 min on 2 cores
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile
 
-test-slow: $(STAMP)   # the wheel in a fresh venv (tests/test_packaging.py): a few minutes, PyPI downloads
+test-slow: $(STAMP)   # the wheel in a fresh venv (tests/repo/test_packaging.py): a few minutes, PyPI downloads
 	$(PY) -m pytest -m slow
 
 bench: $(STAMP)   # product vs product in ~15 min, one table (bench/summary.py); NANOGPT=path/to/nanoGPT adds the race

@@ -56,12 +56,13 @@ def per_kind(result: dict) -> dict:
     return {k: v.get("acc") for k, v in result.get("per_kind", {}).items()}
 
 
-def train(kiln, out: Path, name: str, base: Path, data: Path, steps: int, extra: list[str]) -> tuple[Path, dict]:
+def train(kiln, out: Path, name: str, base: Path, data: Path, steps: int, extra: list[str],
+          max_length: int = 512) -> tuple[Path, dict]:
     run = out / name
     if not (run / "eval" / "summary.json").is_file():
         kiln.finetune("chat", None, ["--init", str(base), "--data.train", str(data), "--out", str(run),
                                      "--data.val_fraction", "0", "--train.max_steps", str(steps), "--samples", "0",
-                                     "--data.max_length", "512", "--train.trackers", "none", *extra])
+                                     "--data.max_length", str(max_length), "--train.trackers", "none", *extra])
     return run, json.loads((run / "eval" / "summary.json").read_text())["train"]
 
 
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--bench-n", type=int, default=120)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=512, help="tokens per (packed) sequence")
     ap.add_argument("--full", action="store_true", help="also a full fine-tune (lr 2e-5)")
     ap.add_argument("--speed-steps", type=int, default=8, help="steps of the packing vs padding comparison")
     args = ap.parse_args()
@@ -88,7 +90,7 @@ def main() -> None:
     score = lambda run, tag: kiln.evaluate(run, bench, out / f"{tag}.json", "latest", chat=True)  # noqa: E731
     results = {"cpu": cpu_name(), "train_n": args.train_n, "bench_n": args.bench_n, "steps": args.steps,
                "before": score(base, "before")}
-    common = ["--train.batch_size", str(args.batch_size)]
+    common = ["--train.batch_size", str(args.batch_size), "--data.max_length", str(args.max_length)]
     lora_run, results["lora_train"] = train(kiln, out, "lora", base, train_file, args.steps, [
         *common, "--train.lora.rank", "16", "--train.lora.alpha", "32", "--train.lr", "2e-4",
         "--train.lora.targets", "qkv_proj,out_proj,mlp.up_proj,mlp.down_proj,mlp.gate_proj"])

@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,13 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` (pytest -n): each
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"  # small data files the tests read (tests/assets/README.md: sources, licenses)
 SHAKESPEARE = ROOT / "src" / "kiln" / "assets" / "tinyshakespeare.txt"
+# The tests sit in one folder per layer of src/kiln (tests/README.md); a test may import another's helpers by
+# module name (`from test_classify import make_backbone`) wherever the two files sit
+for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and p.name not in ("assets", "__pycache__")):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 # A tiny GPT that trains for real in a second or two.
 TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.d_model", "32", "--model.context_length", "32",

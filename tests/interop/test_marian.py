@@ -21,7 +21,7 @@ transformers.logging.set_verbosity_error()
 
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import assert_user_error  # noqa: E402
+from conftest import ASSETS, assert_user_error  # noqa: E402
 from kiln.api import load  # noqa: E402
 from kiln.cli import main  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -33,7 +33,7 @@ from kiln.model.layers import sinusoidal_table  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
 
-BIBLE = Path(__file__).parent / "assets" / "bible_en_es_400.tsv"
+BIBLE = ASSETS / "bible_en_es_400.tsv"
 TOL = 1e-4
 V, EOS, PAD = 64, 0, 63  # opus-mt's layout: </s> = 0, <pad> = the last id = the decoder start token
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from conftest import ROOT
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "kiln"
+SRC = ROOT / "src" / "kiln"
 MAX_FUNCTION, MAX_MODULE = 80, 400
 ALLOWED: dict[str, str] = {}  # "path::name" (or "path" for a module) -> why it stays longer
 

@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conftest import ROOT
+
+SRC = ROOT / "src"
 
 # (layer, sibling groups of module prefixes) from the bottom up: a module imports its own group and the layers
 # below; sibling groups of one layer stay independent of each other
@@ -43,7 +45,7 @@ def _where(module: str) -> tuple[int, str]:
             for p in prefixes:
                 if (module == p or module.startswith(p + ".")) and len(p) > length:
                     best, length = (i, g), len(p)
-    assert best is not None, f"{module} is in no layer: add it to LAYERS in tests/test_layers.py"
+    assert best is not None, f"{module} is in no layer: add it to LAYERS in tests/repo/test_layers.py"
     return best
 
 

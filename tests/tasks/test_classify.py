@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error as user_error
+from conftest import ROOT, assert_user_error as user_error
 from kiln.cli import main
 from kiln.config import RunConfig, dump_yaml
 from kiln.data import tables
@@ -345,7 +345,7 @@ def test_huggingface_minilm_init(capsys, tmp_path):
 def test_rotten_recipe_loads():
     from kiln.config import ClassifyConfig, load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "classify-rotten.yaml", cls=ClassifyConfig)
+    cfg = load_config(ROOT / "configs" / "classify-rotten.yaml", cls=ClassifyConfig)
     assert cfg.data.max_length == 64 and cfg.train.batch_size == 32 and cfg.epochs == 2 and cfg.pooling == "mean"
     assert cfg.data.split == "shuffle" and cfg.data.split_seed == 0  # the data README's reference split
 

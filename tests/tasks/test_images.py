@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error as user_error
+from conftest import ASSETS, ROOT, assert_user_error as user_error
 from kiln.cli import main
 from kiln.data import images as imdata
 from kiln.errors import KilnError
@@ -26,7 +26,6 @@ from kiln.errors import KilnError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ASSETS = Path(__file__).parent / "assets"
 FM_TRAIN = ASSETS / "fashion_mnist_train-images-idx3-ubyte.gz"
 FM_TEST = ASSETS / "fashion_mnist_test-images-idx3-ubyte.gz"
 FAST = ["--train.threads", "1", "--train.precision", "fp32", "--train.tensorboard", "false", "--train.log_every", "5",
@@ -194,7 +193,7 @@ def test_patch_embedding_is_a_strided_convolution_on_the_one_encoder():
         from kiln.config import load_config
         from kiln.data.images import ImageConfig
 
-        recipe = load_config(Path(__file__).parents[1] / "configs" / "vit-fashion-mnist.yaml", cls=ImageConfig)
+        recipe = load_config(ROOT / "configs" / "vit-fashion-mnist.yaml", cls=ImageConfig)
         m = recipe.model.with_(channels=1, image_size=28)
         logits = ImageClassifier(Transformer(m), len(recipe.data.label_names))(torch.zeros(4, 1, 28, 28))
     assert logits.shape == (4, 10) and m.context_length == 49  # 7 x 7 patches, no class token

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_user_error
+from conftest import ASSETS, assert_user_error
 from kiln.cli import main
 from kiln.errors import KilnError
 from kiln.model.beam import beam_search, greedy, strip
 from kiln.model.config import ModelConfig
 from kiln.model.transformer import Transformer
 
-ASSETS = Path(__file__).parent / "assets"
 BIBLE = ASSETS / "bible_en_es_400.tsv"
 
 

@@ -8,7 +8,7 @@ accumulation does (a + b, one rounding; the 2x of DDP's averaging is a power of 
 over ranks before it is divided, as one process does. Evaluation runs once, on rank 0, on the same weights.
 
 FSDP2 shards each parameter over the ranks: the gradient norm that clipping divides by is summed shard by shard
-(another fp32 order), so weights may differ in the last bits; the tolerance is the one tests/test_scale.py derives
+(another fp32 order), so weights may differ in the last bits; the tolerance is the one tests/train/test_scale.py derives
 for pretraining, and the same run with clipping off must equal one process (showing that is the only difference).
 """
 
@@ -97,7 +97,7 @@ def test_classify_ddp_equals_one_process_and_resumes_on_one(tmp_path):
 def test_classify_fsdp_matches_one_process(tmp_path):
     """Without clipping, FSDP2 equals one process bit for bit; with it (train.grad_clip 1, the default), only the
     clipping factor's norm is summed in another order: losses within ATOL_LOSS, grad norms within RTOL, the final
-    weights within RTOL_WEIGHTS per tensor (tests/test_scale.py derives them; measured here: losses 6e-8 apart,
+    weights within RTOL_WEIGHTS per tensor (tests/train/test_scale.py derives them; measured here: losses 6e-8 apart,
     grad norms 6e-8 relative, weights after 18 steps 2.4e-6 relative at most)."""
     args = classify_args(tmp_path)
     one, fsdp = tmp_path / "one", tmp_path / "fsdp"

@@ -1,6 +1,6 @@
 """Training on several machines: two torchrun "nodes" on this machine (c10d rendezvous on 127.0.0.1, gloo), one
-process each, run the tiny pretraining of tests/test_scale.py as one job of 2 ranks and equal one process bit
-for bit, as DDP on one machine does (why: the comment above RTOL in tests/test_scale.py)."""
+process each, run the tiny pretraining of tests/train/test_scale.py as one job of 2 ranks and equal one process bit
+for bit, as DDP on one machine does (why: the comment above RTOL in tests/train/test_scale.py)."""
 
 from __future__ import annotations
 

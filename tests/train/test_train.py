@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_until_crash
+from conftest import ASSETS, TINY, run_until_crash
 from kiln.config import load_config
 from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
@@ -151,7 +151,7 @@ GOLDEN_ATOL = 2e-6
 def test_golden_loss_curve(corpus, tmp_path):
     """A fixed-seed tiny run; a silent numerical change in model, data order or optimizer shows up here."""
     args = ["--train.max_steps", "8", "--train.eval_every", "100", "--train.optimizer", "adamw"]
-    golden = [float(x) for x in (Path(__file__).parent / "assets" / "golden_losses.txt").read_text().split()]
+    golden = [float(x) for x in (ASSETS / "golden_losses.txt").read_text().split()]
     run = run_pretrain(cfg_for(corpus, tmp_path / "run", *args), quiet=True)
     got = [losses(run)[s] for s in range(1, 9)]
     assert max(abs(a - b) for a, b in zip(got, golden)) <= GOLDEN_ATOL, got

@@ -26,12 +26,16 @@ class Callback:
     def load_state_dict(self, state: dict) -> None: ...
 
 
+LOWER_IS_BETTER = ("loss", "ppl", "wer", "cer", "mse", "rmse", "mae")  # metric-name endings: an error, not a score
+
+
 def lower_is_better(metric: str) -> bool:
-    return metric.endswith("loss") or metric.endswith("ppl")
+    return metric.endswith(LOWER_IS_BETTER)
 
 
 class BestByMetric(Callback):
-    """`best` is the checkpoint with the best value of `metric` (lower for *loss / *ppl, higher otherwise).
+    """`best` is the checkpoint with the best value of `metric` (lower for an error: *loss, *ppl, *wer, *cer,
+    *mse, ...; higher otherwise).
     `improved` after each evaluation: True, False, or None when the metric is absent."""
 
     name = "best"
