@@ -164,6 +164,9 @@ def read_gguf(path: str | Path):
     reader = open_gguf(path)
     where = str(path)
     meta = metadata(reader)
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is not None:  # the rows of the embedding, which may outnumber the tokenizer's tokens
+        meta.setdefault(f"{meta.get('general.architecture')}.vocab_size", int(embed.shape[-1]))
     freqs = next((torch.from_numpy(t.data.astype("float32").reshape(-1)) for t in reader.tensors
                   if t.name == "rope_freqs.weight"), None)
     cfg = config_from_gguf(meta, {t.name for t in reader.tensors}, where, freqs)
