@@ -82,6 +82,11 @@ def test_openai_client_equals_kiln_chat_at_temperature_0(smollm_run, smollm_serv
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
         assert chunks[-1].choices[0].finish_reason == "stop" and chunks[0].choices[0].delta.role == "assistant"
+    # OpenAI's list of text parts and its `developer` role (the system's) read as the plain form
+    parts = [{"role": "developer", "content": [{"type": "text", "text": CHATS[1][1]}]},
+             {"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "colors."}]}]
+    r = client.chat.completions.create(model=smollm_run.name, messages=parts, temperature=0, max_tokens=40)
+    assert r.choices[0].message.content == expected[1]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=smollm_run.name, messages=[{"role": "wizard", "content": "hi"}])
     assert e.value.param == "messages" and "unknown role 'wizard'" in e.value.message

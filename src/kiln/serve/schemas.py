@@ -6,7 +6,7 @@ turns pydantic's report into OpenAI's error shape), never silently ignored.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -84,10 +84,23 @@ class CompletionRequest(_Strict):
         return _only(v, (None,), "no suffix")
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Strict):
+    """One message; content as a string or as OpenAI's list of text parts (joined)."""
+
     role: str
-    content: str
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
     name: str | None = None
+
+    def as_dict(self) -> dict:
+        """{role, content[, name]} as a chat template reads it; OpenAI's `developer` role is the system's."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        out = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return out | ({"name": self.name} if self.name is not None else {})
 
 
 class ChatRequest(_Strict):

@@ -35,7 +35,7 @@ async def chat(req: ChatRequest, request: Request, s: ServedDep):
         check_generation(max_tokens, req.temperature, req.top_k, req.top_p, names={"max_new_tokens": "max_tokens"})
     except GenerationError as e:
         raise APIError(400, str(e), param=e.param, code="invalid_value") from None
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    messages = [m.as_dict() for m in req.messages]
     try:
         ids = s.backend.encode_chat(messages)
     except KilnError as e:
