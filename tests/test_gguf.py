@@ -136,3 +136,55 @@ def test_bad_gguf_files_are_one_line_exit_2_nothing_written(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expect in err, err
         assert not out.exists()
+
+
+def sentencepiece_gguf(path: Path) -> Path:
+    """A Llama-2-style GGUF file: a SentencePiece BPE vocabulary (byte-fallback tokens, scores, no merges) trained
+    here with `tokenizers`, and a random one-block llama."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    corpus = ["Hello world, this is a small test of a sentencepiece tokenizer.", "The sea and sky; 12345 too.",
+              "Über café naïve, unicode!", "  leading spaces and\nnew lines\tand tabs"] * 50
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    types = [3 if t in specials[:3] else 6 if t.startswith("<0x") else 1 for t in tokens]  # control, byte, normal
+    w = gguf.GGUFWriter(str(path), "llama")
+    d = 32
+    for add, value in ((w.add_context_length, 128), (w.add_embedding_length, d), (w.add_block_count, 1),
+                       (w.add_feed_forward_length, 64), (w.add_head_count, 4), (w.add_head_count_kv, 2),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
+                       (w.add_rope_dimension_count, 8), (w.add_tokenizer_model, "llama"), (w.add_token_list, tokens),
+                       (w.add_token_scores, [-float(i) if k == 1 else 0.0 for i, k in enumerate(types)]),
+                       (w.add_token_types, types), (w.add_bos_token_id, 1), (w.add_eos_token_id, 2),
+                       (w.add_unk_token_id, 0)):
+        add(value)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (len(tokens), d), "blk.0.attn_q": (d, d), "blk.0.attn_k": (16, d), "blk.0.attn_v": (16, d),
+              "blk.0.attn_output": (d, d), "blk.0.ffn_gate": (64, d), "blk.0.ffn_up": (64, d), "blk.0.ffn_down": (d, 64)}
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.2).astype(np.float32))
+    for name in ("output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"):
+        w.add_tensor(f"{name}.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_sentencepiece_gguf_imports_as_transformers_reads_it(tmp_path):
+    f = sentencepiece_gguf(tmp_path / "spm.gguf")
+    run = import_gguf(f, tmp_path / "run")
+    model, tokenizer, _ = load(run)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=f.name)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f.name, dtype=torch.float32)
+    for text in ["Hello world", " Hello  world", "Über café 😀 naïve", "The sea\nand sky 12345", "<s>Hi</s>"]:
+        ids = tokenizer.encode(text).ids
+        assert ids == hf_tok.encode(text), text  # bos added, byte fallback for what the vocabulary lacks
+        assert tokenizer.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            assert (model(x) - hf_model.eval()(x).logits).abs().max().item() < 1e-4

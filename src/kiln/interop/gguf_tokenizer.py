@@ -51,14 +51,43 @@ def _pre_tokenizer(pre: str | None):
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # "gpt2", "default" and the rest
 
 
-def tokenizer_from_gguf(meta: dict, where: str):
-    """A `tokenizers.Tokenizer` from the metadata of a GGUF file with a byte-level BPE vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """A SentencePiece vocabulary's merges, which GGUF does not store: every split of a token into two tokens,
+    the pairs ordered by the merged token's score, best first (as transformers' `generate_merges` orders them)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ids and token[i:] in ids]
+        merges += [(left, right, score) for left, right in sorted(pairs, key=lambda p: (ids[p[0]], ids[p[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise KilnError(f"{where}: tokenizer model {model!r} is not supported (kiln reads GPT-2-style byte-level "
-                        "BPE vocabularies: tokenizer.ggml.model 'gpt2')")
+
+def _sentencepiece(meta: dict, where: str):
+    """Llama 2 / Mistral / TinyLlama style: SentencePiece BPE with byte fallback, "▁" for spaces, one prefix
+    space before the text (transformers' LlamaTokenizer)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens, scores = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.scores")
+    if not tokens or not scores or len(scores) != len(tokens):
+        raise KilnError(f"{where}: the SentencePiece tokenizer has no tokens or no scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges_from_scores(tokens, scores), fuse_unk=True,
+                               byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
+                            if k == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types)
+                    if k == USER_DEFINED])
+    return tok, tokens
+
+
+def _byte_level(meta: dict, where: str):
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
     tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
     if not tokens or not merges:
         raise KilnError(f"{where}: the tokenizer has no tokens or no merges")
@@ -75,11 +104,25 @@ def tokenizer_from_gguf(meta: dict, where: str):
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(spelt, types) if k == USER_DEFINED]
     tok.add_special_tokens(control)
     tok.add_tokens(user)
+    return tok, spelt
+
+
+def tokenizer_from_gguf(meta: dict, where: str):
+    """A `tokenizers.Tokenizer` from a GGUF file's metadata: a byte-level BPE (`gpt2`: GPT-2, Llama 3, Qwen2,
+    SmolLM) or a SentencePiece BPE (`llama`: Llama 2, Mistral, TinyLlama)."""
+    from tokenizers import processors
+
+    model = meta.get("tokenizer.ggml.model")
+    if model not in ("gpt2", "llama"):
+        raise KilnError(f"{where}: tokenizer model {model!r} is not supported (kiln reads byte-level BPE "
+                        "vocabularies, tokenizer.ggml.model 'gpt2', and SentencePiece BPE ones, 'llama')")
+    tok, spelt = _byte_level(meta, where) if model == "gpt2" else _sentencepiece(meta, where)
     bos = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama")  # llama.cpp's default for SentencePiece
+    if add_bos and bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{spelt[bos]} $A", pair=f"{spelt[bos]} $A $B",
                                                            special_tokens=[(spelt[bos], bos)])
-    else:
+    elif model == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
 
@@ -92,7 +135,7 @@ def special_tokens(meta: dict) -> dict:
         i = meta.get(f"tokenizer.ggml.{key}")
         if isinstance(i, int) and 0 <= i < len(tokens):
             out[role] = tokens[i]
-    out["add_bos_token"] = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    out["add_bos_token"] = bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
     return out
 
 
