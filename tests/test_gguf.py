@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from kiln.cli import main  # noqa: E402
 from kiln.data.chat import ChatTemplate, encode_chat, stop_tokens  # noqa: E402
-from kiln.interop.gguf_read import import_gguf  # noqa: E402
+from kiln.interop.gguf_read import import_gguf, open_gguf  # noqa: E402
 from kiln.run.load import load  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -188,3 +188,20 @@ def test_sentencepiece_gguf_imports_as_transformers_reads_it(tmp_path):
         with torch.no_grad():
             x = torch.tensor([ids])
             assert (model(x) - hf_model.eval()(x).logits).abs().max().item() < 1e-4
+
+
+def test_sentencepiece_run_exports_back_to_an_equal_gguf(tmp_path):
+    f = sentencepiece_gguf(tmp_path / "spm.gguf")
+    run = import_gguf(f, tmp_path / "run")
+    out = tmp_path / "out" / "spm.gguf"
+    assert main(["export", "gguf", str(run), str(out)]) == 0
+    assert open_gguf(out).fields["tokenizer.ggml.model"].contents() == "llama"
+    original = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=f.name)
+    exported = transformers.AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    back = load(import_gguf(out, tmp_path / "back"))
+    model = load(run)[0]
+    for text in ["Hello world", " Hello  world", "Über café 😀 naïve", "The sea\nand sky 12345"]:
+        ids = original.encode(text)
+        assert exported.encode(text) == ids and back[1].encode(text).ids == ids, text
+        with torch.no_grad():
+            assert (back[0](torch.tensor([ids])) - model(torch.tensor([ids]))).abs().max().item() < 1e-6

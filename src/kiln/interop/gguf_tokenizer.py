@@ -12,7 +12,7 @@ import json
 
 from kiln.errors import KilnError
 
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp's token types
+NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6  # llama.cpp's token types
 
 # the split regexes of the `tokenizer.ggml.pre` names llama.cpp writes (from the models' own tokenizer.json)
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -143,14 +143,16 @@ def special_tokens(meta: dict) -> dict:
 
 
 def gguf_tokenizer_fields(tokenizer_json: str, vocab_size: int, specials: dict) -> dict:
-    """The GGUF tokenizer metadata (key -> value) of a byte-level BPE tokenizer.json, padded to the model's
-    vocab_size with unused control tokens (llama.cpp wants one token per embedding row)."""
+    """The GGUF tokenizer metadata (key -> value) of a byte-level BPE tokenizer.json (`gpt2`) or a SentencePiece
+    BPE one (`llama`: merges become scores), padded to the model's vocab_size with unused control tokens
+    (llama.cpp wants one token per embedding row)."""
     spec = json.loads(tokenizer_json)
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not _is_byte_level(spec):
-        raise KilnError("GGUF export needs a byte-level BPE tokenizer (GPT-2 / Llama 3 / SmolLM style); this run's "
-                        f"tokenizer.json is {model.get('type', 'unknown')}"
-                        + ("" if model.get("type") != "BPE" else " without byte-level pre-tokenization"))
+    spm = model.get("type") == "BPE" and bool(model.get("byte_fallback")) and "Metaspace" in json.dumps(spec)
+    if model.get("type") != "BPE" or not (spm or _is_byte_level(spec)):
+        raise KilnError("GGUF export needs a byte-level BPE tokenizer (GPT-2 / Llama 3 / SmolLM style) or a "
+                        "SentencePiece BPE one (Llama 2 style); this run's tokenizer.json is "
+                        f"{model.get('type', 'unknown')}")
     by_id = {i: t for t, i in model["vocab"].items()}
     added = {a["id"]: a for a in spec.get("added_tokens") or []}
     by_id.update({i: a["content"] for i, a in added.items()})
@@ -163,16 +165,30 @@ def gguf_tokenizer_fields(tokenizer_json: str, vocab_size: int, specials: dict) 
             types.append(CONTROL)
             continue
         tokens.append(by_id[i])
-        types.append((CONTROL if added[i].get("special") else USER_DEFINED) if i in added else NORMAL)
+        byte = spm and len(by_id[i]) == 6 and by_id[i].startswith("<0x") and by_id[i].endswith(">")
+        types.append((CONTROL if added[i].get("special") else USER_DEFINED) if i in added else BYTE if byte else NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     ids = {t: i for i, t in enumerate(tokens)}
-    out = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_name(spec), "tokenizer.ggml.tokens": tokens,
-           "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-           "tokenizer.ggml.add_bos_token": bool(specials.get("add_bos_token", False))}
+    out = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+           "tokenizer.ggml.add_bos_token": bool(specials.get("add_bos_token", spm))}
+    if spm:
+        out.update({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": _scores(tokens, merges)})
+    else:
+        out.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_name(spec),
+                    "tokenizer.ggml.merges": merges})
     for role, key in SPECIAL_ROLES.items():
         if specials.get(role) in ids:
             out[f"tokenizer.ggml.{key}"] = ids[specials[role]]
     return out
+
+
+def _scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece scores that order the merges as the list does: a token scores minus the rank of the first
+    merge that makes it (merges_from_scores rebuilds the same list); a token no merge makes scores below all."""
+    first: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        first.setdefault(merge.replace(" ", "", 1), rank)
+    return [-float(first.get(t, len(merges) + i)) for i, t in enumerate(tokens)]
 
 
 def _is_byte_level(spec: dict) -> bool:

@@ -121,10 +121,13 @@ def _metadata(w, cfg: ModelConfig, arch: str, dtype: str, name: str) -> None:
 
 def _tokenizer(w, fields: dict, template: str) -> None:
     w.add_tokenizer_model(fields["tokenizer.ggml.model"])
-    w.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
     w.add_token_list(fields["tokenizer.ggml.tokens"])
     w.add_token_types(fields["tokenizer.ggml.token_type"])
-    w.add_token_merges(fields["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.merges" in fields:  # byte-level BPE
+        w.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
+        w.add_token_merges(fields["tokenizer.ggml.merges"])
+    else:  # SentencePiece: its merges are the scores' order
+        w.add_token_scores(fields["tokenizer.ggml.scores"])
     for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
                      ("unknown_token_id", w.add_unk_token_id), ("padding_token_id", w.add_pad_token_id)):
         if f"tokenizer.ggml.{key}" in fields:
