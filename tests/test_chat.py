@@ -176,3 +176,26 @@ def test_bad_conversations_and_templates_are_one_line_exit_2(tiny_run, tmp_path,
         assert len(err.strip().splitlines()) == 1 and expect in err, err
     with pytest.raises(Exception, match="unknown role 'robot'"):
         ChatTemplate.of_run(run).render([{"role": "robot", "content": "hi"}])
+
+
+def test_export_hf_carries_the_template_and_special_tokens(smollm_run, tmp_path):
+    """The run's chat template and special tokens travel into `kiln export hf`: transformers renders the same
+    prompt from the exported folder and its model gives kiln's logits."""
+    import torch
+
+    from kiln.run.load import load
+
+    out = tmp_path / "hf"
+    assert main(["export", "hf", str(smollm_run), str(out)]) == 0
+    assert (out / "chat_template.jinja").read_text() == (smollm_run / "chat_template.jinja").read_text()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = ChatTemplate.of_run(smollm_run).render(messages)
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    model, tokenizer, _ = load(smollm_run)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False).ids])
+    assert ids[0].tolist() == hf_tok.encode(text, add_special_tokens=False)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (model(ids) - hf_model(ids).logits).abs().max().item() < 1e-4
