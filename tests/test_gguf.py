@@ -138,9 +138,29 @@ def test_bad_gguf_files_are_one_line_exit_2_nothing_written(tmp_path, capsys):
         assert not out.exists()
 
 
-def sentencepiece_gguf(path: Path) -> Path:
+# bytes of one 256-value block of each K-quant and where its fp16 scales sit (ggml's block_q*_K layouts)
+K_QUANTS = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)), "Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)),
+            "Q6_K": (210, (208,))}
+
+
+def quantized(shape: tuple[int, int], kind: str, rng):
+    """(array, raw GGML type or None) of a random matrix in `kind`: F32, or a type the gguf package quantizes
+    to, or a K-quant as random blocks with small fp16 scales (gguf quantizes no K-quant)."""
+    if kind == "F32":
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32), None
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind not in K_QUANTS:
+        return gguf.quants.quantize((rng.standard_normal(shape) * 0.2).astype(np.float32), qtype), qtype
+    size, scales = K_QUANTS[kind]
+    blocks = rng.integers(0, 256, (shape[0], shape[1] // 256, size), dtype=np.uint8)
+    for at in scales:
+        blocks[..., at:at + 2] = np.full(blocks.shape[:2], 2e-4, np.float16).view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return blocks.reshape(shape[0], -1), qtype
+
+
+def sentencepiece_gguf(path: Path, d: int = 32, kinds: dict | None = None) -> Path:
     """A Llama-2-style GGUF file: a SentencePiece BPE vocabulary (byte-fallback tokens, scores, no merges) trained
-    here with `tokenizers`, and a random one-block llama."""
+    here with `tokenizers`, and a random one-block llama (`kinds`: GGUF tensor name -> its type, default F32)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     corpus = ["Hello world, this is a small test of a sentencepiece tokenizer.", "The sea and sky; 12345 too.",
@@ -152,20 +172,24 @@ def sentencepiece_gguf(path: Path) -> Path:
     tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
     types = [3 if t in specials[:3] else 6 if t.startswith("<0x") else 1 for t in tokens]  # control, byte, normal
     w = gguf.GGUFWriter(str(path), "llama")
-    d = 32
+    ff, kv = 2 * d, d // 2
     for add, value in ((w.add_context_length, 128), (w.add_embedding_length, d), (w.add_block_count, 1),
-                       (w.add_feed_forward_length, 64), (w.add_head_count, 4), (w.add_head_count_kv, 2),
+                       (w.add_feed_forward_length, ff), (w.add_head_count, 4), (w.add_head_count_kv, 2),
                        (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
-                       (w.add_rope_dimension_count, 8), (w.add_tokenizer_model, "llama"), (w.add_token_list, tokens),
+                       (w.add_rope_dimension_count, d // 4), (w.add_tokenizer_model, "llama"),
+                       (w.add_token_list, tokens),
                        (w.add_token_scores, [-float(i) if k == 1 else 0.0 for i, k in enumerate(types)]),
                        (w.add_token_types, types), (w.add_bos_token_id, 1), (w.add_eos_token_id, 2),
                        (w.add_unk_token_id, 0)):
         add(value)
     rng = np.random.default_rng(0)
-    shapes = {"token_embd": (len(tokens), d), "blk.0.attn_q": (d, d), "blk.0.attn_k": (16, d), "blk.0.attn_v": (16, d),
-              "blk.0.attn_output": (d, d), "blk.0.ffn_gate": (64, d), "blk.0.ffn_up": (64, d), "blk.0.ffn_down": (d, 64)}
+    shapes = {"token_embd": (len(tokens), d), "blk.0.attn_q": (d, d), "blk.0.attn_k": (kv, d), "blk.0.attn_v": (kv, d),
+              "blk.0.attn_output": (d, d), "blk.0.ffn_gate": (ff, d), "blk.0.ffn_up": (ff, d), "blk.0.ffn_down": (d, ff)}
+    if kinds and "output" in kinds:
+        shapes["output"] = (len(tokens), d)
     for name, shape in shapes.items():
-        w.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.2).astype(np.float32))
+        array, raw = quantized(shape, (kinds or {}).get(name, "F32"), rng)
+        w.add_tensor(f"{name}.weight", array, raw_dtype=raw)
     for name in ("output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"):
         w.add_tensor(f"{name}.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
     w.write_header_to_file()
@@ -173,6 +197,21 @@ def sentencepiece_gguf(path: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def test_quantized_types_dequantize_as_transformers_does(tmp_path):
+    """Each tensor of another type: Q4_0/Q4_1/Q5_0/Q5_1 and the K-quants Q2_K-Q6_K (dequantized by the gguf
+    package in kiln, by transformers' own kernels there), F16. The same logits, so the same weights."""
+    kinds = {"token_embd": "Q4_1", "blk.0.attn_q": "Q4_K", "blk.0.attn_k": "Q5_K", "blk.0.attn_v": "Q6_K",
+             "blk.0.attn_output": "Q3_K", "blk.0.ffn_gate": "Q2_K", "blk.0.ffn_up": "Q4_0", "blk.0.ffn_down": "Q5_0",
+             "output": "F16"}
+    f = sentencepiece_gguf(tmp_path / "quants.gguf", d=256, kinds=kinds)
+    assert {t.tensor_type.name for t in open_gguf(f).tensors} == set(kinds.values()) | {"F32"}
+    model, tokenizer, _ = load(import_gguf(f, tmp_path / "run"))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f.name, dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode("Hello world, the sea and the sky. Über café naïve!").ids])
+    with torch.no_grad():
+        assert (model(ids) - hf_model.eval()(ids).logits).abs().max().item() < 1e-4
 
 
 def test_sentencepiece_gguf_imports_as_transformers_reads_it(tmp_path):
