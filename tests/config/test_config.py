@@ -84,10 +84,12 @@ def test_every_shipped_recipe_loads_and_its_model_validates(recipe):
     from kiln.config import ClassifyConfig, Seq2SeqConfig
 
     folder = ROOT / "configs"
-    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["bert-mlm", "classify-rotten", "ner-austen",
-                                                              "qa-shakespeare", "shakespeare-char",
-                                                              "translate-en-es", "vit-fashion-mnist"]
-    # a new recipe joins this test (ner-austen, qa-shakespeare: the next test; vit-fashion-mnist: tests/tasks/test_images.py)
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["asr-digits", "bert-mlm", "classify-rotten",
+                                                              "kws-digits", "ner-austen", "qa-shakespeare",
+                                                              "shakespeare-char", "translate-en-es",
+                                                              "vit-fashion-mnist"]
+    # a new recipe joins this test (ner-austen, qa-shakespeare: the next test; vit-fashion-mnist:
+    # tests/tasks/test_images.py; kws-digits, asr-digits: test_the_speech_recipes_load_and_build_their_models)
     cls = {"classify-rotten": ClassifyConfig, "translate-en-es": Seq2SeqConfig}.get(recipe, RunConfig)
     cfg = load_config(folder / f"{recipe}.yaml", cls=cls)
     if recipe == "bert-mlm":  # the masked-LM recipe: an encoder with rotary positions (docs/benchmarks.md)
@@ -150,3 +152,16 @@ def test_api_overrides_take_dotted_keys_or_nested_dicts():
     assert (cfg.train.lr, cfg.model.n_layer, cfg.model.d_model, cfg.seed) == (0.001, 3, 64, 7)
     with pytest.raises(KilnError, match=r"unknown key 'train.lrr' \(did you mean 'train.lr'\?\)"):
         load_config(None, {"train.lrr": 0.1})
+
+
+@pytest.mark.parametrize("recipe,task", [("kws-digits", "audio"), ("asr-digits", "asr")])
+def test_the_speech_recipes_load_and_build_their_models(recipe, task):
+    """The speech recipes load as their task's config and describe a model that builds: a Wav2Vec 2.0 feature
+    encoder (model.audio_conv_dim) in front of the encoder, as docs/guides/speech.md trains them."""
+    from kiln import tasks
+    from kiln.model.transformer import Transformer
+
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", cls=tasks.get(task).config_cls)
+    assert cfg.model.arch == "encoder" and cfg.model.audio_conv_dim > 0
+    model = Transformer(cfg.model.with_(vocab_size=12))
+    assert sum(p.numel() for p in model.parameters()) > 0

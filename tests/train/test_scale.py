@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHAKESPEARE, TINY
+from conftest import ROOT, SHAKESPEARE, TINY
 from kiln.cli import main
 from kiln.config import DataConfig, load_config
 from kiln.data.mixture import MixtureTokens, apportion, read_mixture
@@ -226,8 +226,9 @@ def torchrun(nproc: int, *args: str, timeout: int = 600, restored: Path | None =
     model and optimizer state right after the resume (see the end of the file)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     program = ["-m", "kiln"]
-    if restored is not None:
+    if restored is not None:  # this file as the program: its imports (conftest) from the tests folder
         env[RESTORED], program = str(restored), [__file__]
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc-per-node", str(nproc), *program, "pretrain", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
