@@ -184,4 +184,9 @@ def export_gguf(run_dir: str | Path, out: str | Path, dtype: str = "f32", which:
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_text(out.parent / "Modelfile", modelfile(out.name, template, cfg.context_length))
+    if arch == "gpt2" and cfg.activation == "gelu":
+        import sys
+
+        print("kiln: warning: llama.cpp's GPT-2 computes GELU with its tanh approximation and this run uses exact "
+              "GELU (model.activation gelu): its logits there differ slightly (about 1e-3)", file=sys.stderr)
     return out
