@@ -185,3 +185,16 @@ def test_a_bad_benchmark_file_is_refused_before_anything_is_written(tiny_hf, tmp
     assert_user_error(capsys, ["finetune", "chat", "--init", tiny_hf, "--data.train", data, "--out", run,
                                "--train.benchmarks", bench], "b.jsonl:1")
     assert not run.exists()
+
+
+@pytest.mark.distributed
+def test_chat_ddp_equals_one_process(tiny_hf, tmp_path):
+    """2 DDP ranks (gloo) tune the chat model exactly as one process does: packed rows split by rank, the same
+    losses, val losses and weights bit for bit (each rank takes whole micro-batches of every step)."""
+    from test_distributed_tasks import assert_ddp_equals_one_process
+
+    data = write_jsonl(tmp_path / "train.jsonl", conversations(24))
+    assert_ddp_equals_one_process(["finetune", "chat", "--init", str(tiny_hf), "--data.train", str(data),
+                                   "--train.max_steps", "4", "--train.batch_size", "2", "--train.grad_accum", "2",
+                                   "--train.eval_every", "2", "--train.log_every", "1", "--samples", "1",
+                                   "--data.val_fraction", "0.2", *FAST], tmp_path, "chat")

@@ -183,7 +183,7 @@ def _encode_all(tokenizer, template, convs, assistant_only: bool, T: int) -> tup
 @torch.no_grad()
 def mean_loss(model, enc: list[EncodedChat], cfg, device: str) -> float:
     """Mean cross-entropy per target token over conversations (each its own padded row)."""
-    was, model = model.training, model
+    was = model.training
     model.eval()
     total, n, bs = 0.0, 0, eval_batch_size(cfg)
     objective = ChatObjective()
