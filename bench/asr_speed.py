@@ -55,7 +55,7 @@ def data(args, cfg):
 
     if args.data:
         clips = adata.scan(args.data, "text")
-        waves, kept, _ = adata.load(clips, cfg.model.sample_rate, cfg.data.max_seconds, "skip")
+        waves, kept, _ = adata.load_waveforms(clips, cfg.model.sample_rate, cfg.data.max_seconds, "skip")
         texts = [sp.clean(clips.targets[i], True) for i in kept]
     else:
         rng = np.random.default_rng(args.seed)

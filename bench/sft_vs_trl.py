@@ -53,7 +53,8 @@ def trl_run(hf: Path, data: Path, out: Path, args) -> float:
     bf16 = bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX"))
     cfg = SFTConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                     learning_rate=2e-4, max_length=args.max_length, logging_steps=100, save_strategy="no",
-                    report_to=[], bf16=bf16, use_cpu=True, group_by_length=True, completion_only_loss=True,
+                    report_to=[], bf16=bf16, use_cpu=True, train_sampling_strategy="group_by_length",
+                    completion_only_loss=True,
                     dataloader_num_workers=0, seed=1337)
     model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(pairs),

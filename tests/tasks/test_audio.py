@@ -140,7 +140,7 @@ def test_read_audio_matches_soundfile_soxr_and_the_feature_extractor(tmp_path):
 
 
 def test_manifest_forms_and_too_long(tmp_path):
-    from kiln.data.audio import load, scan
+    from kiln.data.audio import load_waveforms, scan
 
     rng = np.random.default_rng(1)
     for i, seconds in enumerate([0.5, 1.0, 3.0]):
@@ -164,10 +164,10 @@ def test_manifest_forms_and_too_long(tmp_path):
         pass
     for clips in forms:
         assert [f.resolve() for f in clips.files] == [f.resolve() for f in files] and clips.targets == ["c0", "c0", "c1"]
-    waves, kept, rep = load(forms[0], 8000, max_seconds=2.0, too_long="cut")
+    waves, kept, rep = load_waveforms(forms[0], 8000, max_seconds=2.0, too_long="cut")
     assert [len(w) for w in waves] == [4000, 16000, 8000] and rep["cut"] == 1
     assert abs(float(waves[0].mean())) < 1e-5 and abs(float(waves[0].std()) - 1) < 1e-3
-    waves, kept, rep = load(forms[0], 8000, max_seconds=2.0, too_long="skip")
+    waves, kept, rep = load_waveforms(forms[0], 8000, max_seconds=2.0, too_long="skip")
     assert kept == [0, 2] and rep["skipped_too_long"] == 1
 
 

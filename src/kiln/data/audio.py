@@ -1,7 +1,7 @@
 """Speech for `kiln finetune audio` (labels) and `kiln finetune asr` (transcripts): reading, splitting, batches.
 
     clips = scan("data/kws/train.csv", "label")        # a class-per-folder tree, or a CSV/TSV/JSONL/Parquet manifest
-    waves, report = load(clips, 16000, max_seconds=2)  # float32 mono at 16 kHz, each normalised
+    waves, report = load_waveforms(clips, 16000, max_seconds=2)  # float32 mono at 16 kHz, each normalised
     batches = AudioBatches(waves, targets, collate, batch_size=32, seed=0)
 
 Inputs (one-line KilnErrors naming the file and what was expected):
@@ -152,7 +152,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean()) / np.sqrt(x.var() + 1e-7)).astype(np.float32)
 
 
-def load(clips: Clips, sample_rate: int, max_seconds: float = 0.0, too_long: str = "cut", min_samples: int = 1,
+def load_waveforms(clips: Clips, sample_rate: int, max_seconds: float = 0.0, too_long: str = "cut", min_samples: int = 1,
          log=None, what: str = "") -> tuple[list[np.ndarray], list[int], dict]:
     """(normalised waveforms, the indices of the clips kept, a report); `too_long` cut | skip | error."""
     limit = int(max_seconds * sample_rate) if max_seconds > 0 else 0

@@ -29,7 +29,7 @@ from kiln.data.audio_config import ASR_CONFIG_FILE, ASRConfig
 from kiln.errors import KilnError
 from kiln.eval import speech as sp
 from kiln.tasks import speech
-from kiln.tasks.base import Data, EpochTask, Prepared
+from kiln.tasks.base import Data, Prepared
 
 
 class CTCObjective:
@@ -79,22 +79,12 @@ def transcribe(model, waves, vocab: list[str], batch_size: int = 32, device: str
     return out, (loss[0] / max(loss[1], 1) if ids is not None else float("nan"))
 
 
-class ASRTask(EpochTask):
+class ASRTask(speech.SpeechTask):
     name, config_cls, config_file = "asr", ASRConfig, ASR_CONFIG_FILE
     usage = "kiln finetune asr [CONFIG.yaml] --data.train MANIFEST [--init RUN_OR_HF_DIR] [--section.key VALUE ...]"
     example = "configs/asr-digits.yaml"
-    batch_unit = "utterances"
-    time_budget_minutes = staticmethod(lambda cfg: cfg.time_budget)
-
-    def shows(self, flag: str) -> bool:
-        return speech.shows(flag)
-
-    def check(self, cfg) -> None:
-        speech.check(cfg)
-
     def read(self, cfg: ASRConfig, log) -> Data:
-        model = speech.init_model(cfg, self.name) if cfg.init else cfg.model.with_()
-        model.validate()
+        model = self.model_config(cfg)
         sets, rep = speech.read_sets(cfg, "text", model, log, stratify=False)
         splits = {n: (w, [sp.clean(t, cfg.lowercase) for t in texts], s) for n, (w, texts, s) in sets.items()}
         vocab = sp.build_vocab(splits["train"][1])
@@ -142,10 +132,6 @@ class ASRTask(EpochTask):
         return Prepared(model, CTCObjective(), batches.batch, len(x_tr), evaluate, cfg.metric, meta,
                         save=lambda d: write_vocab(d, vocab), notes=notes,
                         state={"splits": data.splits, "ids": ids, "device": device})
-
-    def summary(self, result: dict, trainer) -> dict:
-        return {"examples_seen": result["tokens"],
-                "examples_per_second": result["tokens"] / max(trainer.train_seconds, 1e-9)}
 
     def test(self, cfg, prep: Prepared, model, ckpt: Path, run_dir: Path, log) -> dict:
         results = {}

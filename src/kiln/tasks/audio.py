@@ -27,7 +27,7 @@ from kiln.data.audio import AudioBatches
 from kiln.data.audio_config import AUDIO_CONFIG_FILE, AudioConfig
 from kiln.errors import KilnError
 from kiln.tasks import speech
-from kiln.tasks.base import Data, EpochTask, Prepared
+from kiln.tasks.base import Data, Prepared
 
 
 class AudioObjective:
@@ -57,23 +57,13 @@ def predict_probs(model, waves, batch_size: int = 32, device: str = "cpu") -> np
     return np.stack(out) if out else np.zeros((0, 0), np.float32)
 
 
-class AudioTask(EpochTask):
+class AudioTask(speech.SpeechTask):
     name, config_cls, config_file = "audio", AudioConfig, AUDIO_CONFIG_FILE
     usage = ("kiln finetune audio [CONFIG.yaml] --data.train FOLDER|MANIFEST [--init RUN_OR_HF_DIR] "
              "[--section.key VALUE ...]")
     example = "configs/kws-digits.yaml"
-    batch_unit = "utterances"
-    time_budget_minutes = staticmethod(lambda cfg: cfg.time_budget)
-
-    def shows(self, flag: str) -> bool:
-        return speech.shows(flag)
-
-    def check(self, cfg) -> None:
-        speech.check(cfg)
-
     def read(self, cfg: AudioConfig, log) -> Data:
-        model = speech.init_model(cfg, self.name) if cfg.init else cfg.model.with_()
-        model.validate()
+        model = self.model_config(cfg)
         sets, rep = speech.read_sets(cfg, "label", model, log, stratify=True)
         labels = _sorted_labels(sets["train"][1])
         if len(labels) < 2:
@@ -115,10 +105,6 @@ class AudioTask(EpochTask):
         meta = {"labels": labels, "sample_rate": m.sample_rate, "proj_dim": cfg.proj_dim}
         return Prepared(model, AudioObjective(cfg.label_smoothing), batches.batch, len(y_tr), evaluate, cfg.metric,
                         meta, notes=notes, state={"splits": data.splits, "device": device})
-
-    def summary(self, result: dict, trainer) -> dict:
-        return {"examples_seen": result["tokens"],
-                "examples_per_second": result["tokens"] / max(trainer.train_seconds, 1e-9)}
 
     def test(self, cfg, prep: Prepared, model, ckpt: Path, run_dir: Path, log) -> dict:
         from kiln.eval.classification import metrics_table

@@ -12,6 +12,23 @@ def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
 
 
+def resolve_init(init: str, checkpoint: str, run_dir: Path, log) -> tuple[Path, str, dict]:
+    """(the kiln run folder to start from, its checkpoint, info for data.json) of `init`: a Hugging Face folder is
+    imported once into run_dir/base (a resumed run finds it there), a kiln run is used where it is."""
+    path, info = Path(init).expanduser(), {"init": init}
+    if not is_hf_folder(path):
+        return path, checkpoint, {**info, "kind": "kiln", "checkpoint": checkpoint}
+    from kiln.interop.hf import import_hf
+
+    base = run_dir / "base"
+    if (base / "config.yaml").is_file() or (base / "run.json").is_file():
+        log(f"using the backbone already imported into {base}")
+    else:
+        log(f"importing Hugging Face model {path} -> {base}")
+        import_hf(path, base)
+    return base, "latest", {**info, "kind": "huggingface", "imported_to": str(base)}
+
+
 def load_backbone(init: str, checkpoint: str, run_dir: Path, log, refuse: tuple[str, ...] = ()):
     """(backbone, tokenizer, info) from `init`: a kiln run folder, or a Hugging Face folder imported into
     run_dir/base. `refuse`: config files of run kinds that are no backbone (a fine-tuned classifier)."""
@@ -22,25 +39,12 @@ def load_backbone(init: str, checkpoint: str, run_dir: Path, log, refuse: tuple[
     path = Path(init).expanduser()
     if not path.exists():
         raise KilnError(f"init not found: {path}")
-    info = {"init": str(path)}
     for name in refuse:
         if (path / name).is_file():
             raise KilnError(f"init {path} is a fine-tuned run ({name}); start from its backbone (a kiln run or HF "
                             "folder)")
-    if is_hf_folder(path):
-        from kiln.interop.hf import import_hf
-
-        base = run_dir / "base"
-        if (base / "config.yaml").is_file():
-            log(f"using the backbone already imported into {base}")
-        else:
-            log(f"importing Hugging Face model {path} -> {base}")
-            import_hf(path, base)
-        info.update(kind="huggingface", imported_to=str(base))
-        backbone, tokenizer, run_cfg = load(base)
-    else:
-        backbone, tokenizer, run_cfg = load(path, checkpoint, quantized_ok=False)
-        info.update(kind="kiln", checkpoint=checkpoint)
+    path, which, info = resolve_init(str(path), checkpoint, run_dir, log)
+    backbone, tokenizer, run_cfg = load(path, which, quantized_ok=False)
     if tokenizer is None:
         raise KilnError(f"init {path} has no tokenizer.json; fine-tuning needs the backbone's tokenizer")
     return backbone, tokenizer, info

@@ -32,7 +32,7 @@ from kiln.eval.classification import val_metrics
 from kiln.eval.images import predict_probs, report
 from kiln.model.heads import ImageClassifier
 from kiln.tasks.base import Data, EpochTask, Prepared, eval_batch_size
-from kiln.tasks.backbone import is_hf_folder
+from kiln.tasks.backbone import is_hf_folder, resolve_init
 
 TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "embedding_norm", "mlm_head",
              "tie_embeddings", "type_vocab_size", "pad_token_id", "embed_scale", "sinusoid_layout", "head_bias")
@@ -272,19 +272,9 @@ def _backbone(cfg: ImageConfig, run_dir: Path, size: int, channels: int, log):
     if not cfg.init:
         m = cfg.model.with_(image_size=size, channels=channels)
         return Transformer(m), None, None, {"kind": "scratch"}
-    path, info = Path(cfg.init).expanduser(), {"init": cfg.init}
-    norm = vit._normalization(path) if is_hf_folder(path) else None
-    if is_hf_folder(path):
-        from kiln.interop.hf import import_hf
-
-        base = run_dir / "base"
-        log(f"importing Hugging Face model {path} -> {base}")
-        import_hf(path, base)
-        path, which = base, "latest"
-        info.update(kind="huggingface", imported_to=str(base))
-    else:
-        which = cfg.init_checkpoint
-        info.update(kind="kiln", checkpoint=which)
+    source = Path(cfg.init).expanduser()
+    norm = vit._normalization(source) if is_hf_folder(source) else None
+    path, which, info = resolve_init(cfg.init, cfg.init_checkpoint, run_dir, log)
     if read_run_json(path).get("kind") == "image":
         model, _, labels, run_info = load_image_run(path, which)
         head = {"labels": labels, "state": model.head.state_dict()}

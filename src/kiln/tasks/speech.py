@@ -13,7 +13,8 @@ import numpy as np
 from kiln.config import load_config
 from kiln.data import audio as adata
 from kiln.errors import KilnError
-from kiln.tasks.backbone import is_hf_folder
+from kiln.tasks.backbone import is_hf_folder, resolve_init
+from kiln.tasks.base import EpochTask
 
 # the model keys a speech model does not read (hidden from --help)
 TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "mlm_head",
@@ -38,6 +39,29 @@ def check(cfg) -> None:
     if low > high:
         raise KilnError(f"augment.noise_snr {snr}: two numbers in dB, low then high (e.g. 10,30)")
     cfg.augment.noise_snr = [low, high]
+
+
+class SpeechTask(EpochTask):
+    """What the audio and asr tasks share: batches of utterances, a time budget, the speech keys in --help, the
+    checks, and the model config (the init's, or the recipe's)."""
+
+    batch_unit = "utterances"
+    time_budget_minutes = staticmethod(lambda cfg: cfg.time_budget)
+
+    def shows(self, flag: str) -> bool:
+        return shows(flag)
+
+    def check(self, cfg) -> None:
+        check(cfg)
+
+    def model_config(self, cfg):
+        model = init_model(cfg, self.name) if cfg.init else cfg.model.with_()
+        model.validate()
+        return model
+
+    def summary(self, result: dict, trainer) -> dict:
+        return {"examples_seen": result["tokens"],
+                "examples_per_second": result["tokens"] / max(trainer.train_seconds, 1e-9)}
 
 
 def min_samples(m) -> int:
@@ -110,7 +134,7 @@ def read_sets(cfg, column: str, model, log, stratify: bool) -> tuple[dict, dict]
         if not len(clips):
             out[name] = ([], [], [])
             continue
-        waves, kept, r = adata.load(clips, model.sample_rate, d.max_seconds, d.too_long, min_samples(model), log,
+        waves, kept, r = adata.load_waveforms(clips, model.sample_rate, d.max_seconds, d.too_long, min_samples(model), log,
                                     f"{clips.path} ({name})")
         out[name] = (waves, [clips.targets[i] for i in kept], [str(clips.files[i]) for i in kept])
         rep["splits"][name] = r
@@ -128,19 +152,9 @@ def backbone(cfg, run_dir: Path, kind: str, log):
 
     if not cfg.init:
         return Transformer(cfg.model.with_()), None, None, {"kind": "scratch"}
-    path, info = Path(cfg.init).expanduser(), {"init": cfg.init}
-    rate = _hf_rate(path) if is_hf_folder(path) else None
-    if is_hf_folder(path):
-        from kiln.interop.hf import import_hf
-
-        base = run_dir / "base"
-        log(f"importing Hugging Face model {path} -> {base}")
-        import_hf(path, base)
-        path, which = base, "latest"
-        info.update(kind="huggingface", imported_to=str(base))
-    else:
-        which = cfg.init_checkpoint
-        info.update(kind="kiln", checkpoint=which)
+    source = Path(cfg.init).expanduser()
+    rate = _hf_rate(source) if is_hf_folder(source) else None
+    path, which, info = resolve_init(cfg.init, cfg.init_checkpoint, run_dir, log)
     run_kind = read_run_json(path).get("kind")
     if run_kind in SPEECH_KINDS:  # a speech run: its backbone, and its head when it is this task's
         from kiln.tasks import get
@@ -212,7 +226,7 @@ def read_for(file, cfg, column: str, require: bool, log):
     data.too_long applies, except that `skip` refuses (a prediction per input row)."""
     clips = adata.scan(file, column, require=require)
     too_long = "error" if cfg.data.too_long == "skip" else cfg.data.too_long
-    waves, _, _ = adata.load(clips, cfg.model.sample_rate, cfg.data.max_seconds, too_long, min_samples(cfg.model), log,
+    waves, _, _ = adata.load_waveforms(clips, cfg.model.sample_rate, cfg.data.max_seconds, too_long, min_samples(cfg.model), log,
                              str(file))
     has = all(t is not None for t in clips.targets)
     return waves, (list(clips.targets) if has else None), [str(f) for f in clips.files]
