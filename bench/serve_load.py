@@ -7,7 +7,7 @@ three ways on 127.0.0.1 (a free port each): 16 concurrent clients against the de
 sending the requests one after another, and 16 clients against `--max-batch 1` (no batching). Each request asks
 for a greedy completion of 8 or 32 tokens (a quarter streamed); every answer is checked against
 `kiln.sample` at temperature 0. Prints p50/p95 latency and requests/s per setup and the server's batch counts;
-raw results in bench/results/serve_load.json. tests/test_serve.py runs `load` with a smaller load for
+raw results in bench/results/serve_load.json. tests/serve/test_serve.py runs `load` with a smaller load for
 correctness (every answer, batching) and measures nothing.
 """
 

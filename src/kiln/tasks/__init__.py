@@ -23,7 +23,7 @@ REGISTRY = {
 }
 # kind -> "module:Class" of its config (TASK.config_cls), so the CLI reads a recipe and its overrides before it
 # imports the task: a mistake in them is one line in ~0.2-0.5 s, not after ~3-5 s of importing torch (each of these
-# modules imports no torch; tests/test_cli.py checks it).
+# modules imports no torch; tests/cli/test_cli.py checks it).
 CONFIGS = {"classify": "kiln.config:ClassifyConfig", "seq2seq": "kiln.config:Seq2SeqConfig",
            "qa": "kiln.data.squad:QAConfig", "tokens": "kiln.data.conll:TokensConfig",
            "image": "kiln.data.images:ImageConfig", "chat": "kiln.data.chat_data:ChatConfig",

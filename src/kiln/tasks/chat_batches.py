@@ -4,7 +4,7 @@ A row's labels are the next token where that token is a target (IGNORE_INDEX els
 each conversation: nothing follows it within the conversation). A packed row also carries position ids that
 restart with each conversation and a block-diagonal causal mask [B, 1, T, T]: a token attends to the earlier
 tokens of its own conversation only, so a packed conversation's loss is the loss it has alone (checked in
-tests/test_chat.py); padding is its own block.
+tests/tasks/test_chat_sft.py); padding is its own block.
 
 Micro-batch i is a pure function of i (kiln.data.batches.EpochSampler over rows; the packing is fixed once from
 the seed), so a resumed run takes the batches the uninterrupted one would have.
