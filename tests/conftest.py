@@ -23,6 +23,7 @@ for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() a
 
 # A tiny GPT that trains for real in a second or two.
 TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.d_model", "32", "--model.context_length", "32",
+        "--model.position", "learned",  # the GPT-2 layout (HF export, golden losses), whatever the default recipe's
         "--train.batch_size", "4", "--train.warmup_steps", "2", "--train.eval_every", "10",
         "--train.eval_batches", "2", "--train.log_every", "1", "--train.sample_tokens", "0",
         "--train.tensorboard", "false", "--train.precision", "fp32", "--train.threads", "1",

@@ -140,17 +140,17 @@ class RunConfig:
 
 
 def default_recipe_model() -> ModelConfig:
-    """kiln's default recipe (configs/shakespeare-char.yaml): nanoGPT's "baby" GPT shape."""
-    return ModelConfig(n_layer=4, n_head=4, d_model=128, context_length=64)
+    """kiln's default recipe (configs/shakespeare-char.yaml): nanoGPT's "baby" GPT shape, rotary positions."""
+    return ModelConfig(n_layer=4, n_head=4, d_model=128, context_length=64, position="rope")
 
 
 def default_recipe_train() -> PretrainTrainConfig:
     """The default recipe's training: Muon for hidden matrices, AdamW for the rest, a short cosine schedule.
-    Chosen by measurement (docs/benchmarks.md): val loss 1.88 in ~500 steps vs ~2000 for nanoGPT's recipe.
+    Chosen by measurement (docs/benchmarks.md): val loss 1.88 in ~375 steps vs ~2000 for nanoGPT's recipe.
     optimizer auto keeps Muon here and picks AdamW where Muon's per-step cost is not amortised (GPT-2 124M at
     batch 4 x 256: 3.3x slower a step; kiln.train.optim.choose_optimizer)."""
-    return PretrainTrainConfig(max_steps=600, batch_size=12, optimizer="auto", lr=3e-3, muon_lr=0.01, min_lr=1e-4,
-                       warmup_steps=100, beta2=0.99, eval_every=100, save_every=200)
+    return PretrainTrainConfig(max_steps=450, batch_size=12, optimizer="auto", lr=3e-3, muon_lr=0.01, min_lr=1e-4,
+                               warmup_steps=50, beta2=0.99, eval_every=75, save_every=225)
 
 
 @dataclass
