@@ -198,3 +198,15 @@ def test_chat_ddp_equals_one_process(tiny_hf, tmp_path):
                                    "--train.max_steps", "4", "--train.batch_size", "2", "--train.grad_accum", "2",
                                    "--train.eval_every", "2", "--train.log_every", "1", "--samples", "1",
                                    "--data.val_fraction", "0.2", *FAST], tmp_path, "chat")
+
+
+def test_int8_base_lora_chat_run_trains_and_chats(tiny_hf, tmp_path, capsys):
+    """QLoRA-style: the frozen linears as int8 weights, fp32 adapters; the run trains and loads for kiln chat."""
+    data = write_jsonl(tmp_path / "train.jsonl", conversations(16))
+    run = tmp_path / "run"
+    assert main(["finetune", "chat", "--init", str(tiny_hf), "--data.train", str(data), "--out", str(run),
+                 "--train.max_steps", "3", "--train.batch_size", "2", "--train.lora.rank", "4",
+                 "--train.lora.int8_base", "true", "--samples", "0", *FAST]) == 0
+    assert "int8" in (run / "log.txt").read_text()
+    capsys.readouterr()
+    assert main(["chat", str(run), "-m", "Hi", "--max-new-tokens", "4", "--device", "cpu"]) == 0
