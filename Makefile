@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/kiln pretrain configs/shakespeare-char.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)   # one pytest worker per core (at most 4), a test file per worker: ~4.5 min on 2 cores
+test: $(STAMP)   # one pytest worker per core (at most 4), a test file per worker: ~6 min on 2 cores
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 test-slow: $(STAMP)   # the wheel in a fresh venv (tests/repo/test_packaging.py): a few minutes, PyPI downloads
