@@ -28,14 +28,9 @@ def _only(value, allowed, what: str):
     return value
 
 
-class CompletionRequest(_Strict):
-    """POST /v1/completions: OpenAI's fields (those kiln can honour) plus top_k."""
+class _Sampling(_Strict):
+    """The sampling fields /v1/completions and /v1/chat/completions share (those kiln can honour) plus top_k."""
 
-    model: str | None = None
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
-    # the server's own bounds (OpenAI's); the ranges every face shares are kiln.model.generation_settings's,
-    # checked in kiln.serve.routes.completions as kiln generate and kiln.sample check them
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
     temperature: float = Field(1.0, le=2)
     top_p: float = 1.0
     top_k: int = 0
@@ -44,29 +39,15 @@ class CompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
     user: str | None = None
 
     @field_validator("n")
     @classmethod
     def _n(cls, v):
         return _only(v, (1,), "only n=1 (send one request per completion)")
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v):
-        return _only(v, (None, 1), "no best_of but 1")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        return _only(v, (None,), "no logprobs")
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -77,6 +58,30 @@ class CompletionRequest(_Strict):
     @classmethod
     def _bias(cls, v):
         return _only(v or None, (None,), "no logit_bias")
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions: OpenAI's fields (those kiln can honour) plus top_k."""
+
+    model: str | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
+    # the server's own bounds (OpenAI's); the ranges every face shares are kiln.model.generation_settings's,
+    # checked in kiln.serve.routes.completions as kiln generate and kiln.sample check them
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        return _only(v, (None, 1), "no best_of but 1")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        return _only(v, (None,), "no logprobs")
 
     @field_validator("suffix")
     @classmethod
@@ -103,7 +108,7 @@ class ChatMessage(_Strict):
         return out | ({"name": self.name} if self.name is not None else {})
 
 
-class ChatRequest(_Strict):
+class ChatRequest(_Sampling):
     """POST /v1/chat/completions: OpenAI's fields (those kiln can honour) plus top_k. Without max_tokens a
     reply may fill the rest of the context."""
 
@@ -111,39 +116,12 @@ class ChatRequest(_Strict):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(1.0, le=2)
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
     logprobs: bool | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v):
-        return _only(v, (1,), "only n=1 (send one request per completion)")
 
     @field_validator("logprobs")
     @classmethod
     def _logprobs(cls, v):
         return _only(v, (None, False), "no logprobs")
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v):
-        return _only(v, (0, 0.0), "no penalty but 0")
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v):
-        return _only(v or None, (None,), "no logit_bias")
 
 
 class ClassifyRequest(_Strict):
