@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.data.folders import scan_class_folders
 from kiln.errors import KilnError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga")
@@ -70,21 +71,9 @@ def scan(path: str | Path, column: str = "label", require: bool = True) -> Clips
 
 
 def _scan_folder(path: Path, column: str, require: bool) -> Clips:
-    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    classes = [p for p in entries if p.is_dir()]
-    loose = [p for p in entries if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
-    if classes and loose:
-        raise KilnError(f"{path}: holds audio files ({loose[0].name}, ...) and class subfolders ({classes[0].name}, "
-                        "...); put every file in its class's subfolder")
-    files, targets, skipped = [], [], 0
-    for folder in classes or [path]:
-        inside = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        audio = [p for p in inside if p.suffix.lower() in AUDIO_SUFFIXES]
-        skipped += len(inside) - len(audio)
-        if classes and not audio:
-            raise KilnError(f"{folder}: a class folder with no audio files ({', '.join(AUDIO_SUFFIXES)})")
-        files += audio
-        targets += [folder.name if classes and column == "label" else None] * len(audio)  # folders name labels
+    files, names, skipped, classes = scan_class_folders(path, AUDIO_SUFFIXES, "audio files", "file",
+                                                        ", ".join(AUDIO_SUFFIXES))
+    targets = names if column == "label" else [None] * len(files)  # folders name labels, never transcripts
     if not files:
         raise KilnError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}); expected {EXPECTED}")
     if require and (not classes or column != "label"):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kiln.config import EpochTrainConfig, _f
+from kiln.data.folders import scan_class_folders
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 
@@ -175,22 +176,8 @@ def scan(path: str | Path, label_names: list | None = None, require_label: bool 
 
 
 def _scan_folder(path: Path, require_label: bool) -> Items:
-    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    classes = [p for p in entries if p.is_dir()]
-    loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     expected = "expected one subfolder per class holding .png/.jpg files"
-    if classes and loose:
-        raise KilnError(f"{path}: holds images ({loose[0].name}, ...) and class subfolders ({classes[0].name}, ...); "
-                        "put every image in its class's subfolder")
-    files, labels, skipped = [], [], 0
-    for folder in classes or [path]:
-        inside = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        images = [p for p in inside if p.suffix.lower() in IMAGE_SUFFIXES]
-        skipped += len(inside) - len(images)
-        if classes and not images:
-            raise KilnError(f"{folder}: a class folder with no images ({expected})")
-        files += images
-        labels += [folder.name if classes else None] * len(images)
+    files, labels, skipped, classes = scan_class_folders(path, IMAGE_SUFFIXES, "images", "image", expected)
     if not files:
         raise KilnError(f"{path}: no images ({expected}, IDX files or a CSV of path,label)")
     if require_label and not classes:
