@@ -29,8 +29,8 @@ test: $(STAMP)   # one pytest worker per core (at most 4), a test file per worke
 test-slow: $(STAMP)   # the wheel in a fresh venv (tests/repo/test_packaging.py): a few minutes, PyPI downloads
 	$(PY) -m pytest -m slow
 
-bench: $(STAMP)   # product vs product in ~15 min, one table (bench/summary.py); NANOGPT=path/to/nanoGPT adds the race
-	HF_HUB_OFFLINE=1 $(PY) bench/summary.py $(if $(NANOGPT),--nanogpt $(NANOGPT))
+bench: $(STAMP)   # product vs product in ~15 min, one table (bench/summary.py); NANOGPT=path/to/nanoGPT adds the race, RECORDS=1 the 20-min Fashion-MNIST record
+	HF_HUB_OFFLINE=1 $(PY) bench/summary.py $(if $(NANOGPT),--nanogpt $(NANOGPT)) $(if $(RECORDS),--only race,cli,generate,finetune,fashion)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

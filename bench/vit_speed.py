@@ -4,8 +4,9 @@
     .venv/bin/python bench/vit_speed.py --steps 5 --rounds 1     # smoke test (~1 min)
     .venv/bin/python bench/vit_speed.py --precision bf16 --json bench/results/vit_speed_bf16.json
 
-Like for like: one shape (the recipe's width, depth, heads, MLP and patch size on 28x28x1 Fashion-MNIST; a class
-token and learned positions, because HF's ViT has only those), the *same weights* (kiln's model exported with
+Like for like: one shape (the recipe's width, depth, heads and MLP on 28x28x1 Fashion-MNIST; a class token,
+learned positions and a linear 4x4 patchify instead of the recipe's convolutional stem, because HF's ViT has
+only those), the *same weights* (kiln's model exported with
 `kiln export hf`'s name map and loaded into ViTForImageClassification; the logits are checked equal first), the
 same batches (kiln.data.images.ImageBatches over the same images, augmentation on), the same loss (summed
 cross-entropy), the same optimizer (torch AdamW, fused), the same precision (fp32, or both models' parameters and
@@ -72,8 +73,10 @@ def build(args):
     items = imdata.scan(args.data)
     images = imdata.load(items, 28, 1)
     labels = np.array([int(x) for x in items.labels], dtype=np.int64)
-    # HF's ViT has a class token and learned positions only: the compared shape uses them on both sides
-    m = cfg.model.with_(channels=1, image_size=28, class_token=True, position="learned", dropout=0.0)
+    # HF's ViT has a class token, learned positions and one linear patch projection only: the compared shape uses
+    # them on both sides (the recipe's convolutional stem has no HF ViT counterpart: its 4x4 patches on 28x28 instead)
+    m = cfg.model.with_(channels=1, image_size=28, class_token=True, position="learned", dropout=0.0, stem_channels=[],
+                        patch_size=4 if cfg.model.stem_channels else cfg.model.patch_size)
     torch.manual_seed(args.seed)
     kiln_model = ImageClassifier(Transformer(m), 10, "cls")
     names = [str(i) for i in range(10)]

@@ -74,9 +74,10 @@ def test_classify_resumes_exactly_with_length_buckets_and_early_stopping(tmp_pat
 
 
 def test_image_augmentation_resumes_exactly(tmp_path, capsys):
-    root = image_folder(tmp_path / "imgs", n=20)
+    root = image_folder(tmp_path / "imgs", n=20)  # a convolutional stem: BatchNorm's running statistics resume too
     argv = ["finetune", "image", "--data.train", str(root), "--model.n_layer", "1", "--model.d_model", "32",
-            "--model.n_head", "2", "--model.d_ff", "64", "--train.batch_size", "8", "--epochs", "4",
+            "--model.n_head", "2", "--model.d_ff", "64", "--model.patch_size", "4", "--model.stem_channels", "[8]",
+            "--train.batch_size", "8", "--epochs", "4",
             "--train.lr", "3e-3", "--augment.crop_padding", "2", "--augment.flip", "true", "--data.val_fraction",
             "0.2", "--data.test_fraction", "0.2", *FAST]
     full, part = assert_resume_is_exact(argv, tmp_path, 7, capsys)  # 24 images: 3 steps an epoch

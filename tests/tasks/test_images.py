@@ -194,9 +194,57 @@ def test_patch_embedding_is_a_strided_convolution_on_the_one_encoder():
         from kiln.data.images import ImageConfig
 
         recipe = load_config(ROOT / "configs" / "vit-fashion-mnist.yaml", cls=ImageConfig)
-        m = recipe.model.with_(channels=1, image_size=28)
-        logits = ImageClassifier(Transformer(m), len(recipe.data.label_names))(torch.zeros(4, 1, 28, 28))
-    assert logits.shape == (4, 10) and m.context_length == 49  # 7 x 7 patches, no class token
+        size = recipe.model.image_size or 28  # the recipe may resize Fashion-MNIST's 28x28 for its stem
+        m = recipe.model.with_(channels=1, image_size=size)
+        logits = ImageClassifier(Transformer(m), len(recipe.data.label_names))(torch.zeros(4, 1, size, size))
+    assert logits.shape == (4, 10) and m.context_length == (size // m.patch_size) ** 2  # no class token
+
+
+def test_a_convolutional_stem_feeds_the_patchify_and_its_statistics_are_the_checkpointed_ones():
+    """model.stem_channels: 3x3 stride-2 conv -> BatchNorm -> GELU per width, then the linear patchify on the feature
+    map, written out here with torch.nn.functional; BatchNorm runs in fp32 under bf16 autocast and in a bf16
+    weight copy (train.bf16_weights), whose running statistics are the master model's tensors; kernels go to
+    AdamW, not Muon; export to HF's ViT refuses it."""
+    import torch.nn.functional as F
+
+    from kiln.interop.vit import config_to_hf
+    from kiln.model.config import ModelConfig
+    from kiln.model.transformer import Transformer
+    from kiln.train.bf16 import bf16_copy
+    from kiln.train.optim import _hidden_matrices
+
+    cfg = ModelConfig(arch="encoder", channels=1, image_size=8, patch_size=4, d_model=16, n_head=2, n_layer=1,
+                      position="sinusoidal", class_token=False, stem_channels=[4, 6])
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    emb = model.decoder.embed
+    c1, bn1, c2, bn2 = emb.stem[0], emb.stem[1], emb.stem[3], emb.stem[4]
+    assert c1.weight.shape == (4, 1, 3, 3) and c2.weight.shape == (6, 4, 3, 3) and emb.proj.in_features == 6
+    x = torch.randn(5, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        bn1.running_mean.normal_(), bn1.running_var.uniform_(0.5, 2)  # eval: the running statistics are used
+        h = F.gelu(F.batch_norm(F.conv2d(x, c1.weight, stride=2, padding=1), bn1.running_mean, bn1.running_var,
+                                bn1.weight, bn1.bias, eps=bn1.eps))
+        h = F.gelu(F.batch_norm(F.conv2d(h, c2.weight, stride=2, padding=1), bn2.running_mean, bn2.running_var,
+                                bn2.weight, bn2.bias, eps=bn2.eps))  # [5, 6, 2, 2]: 1x1 patches of 6 channels
+        want = emb.proj(h.flatten(2).transpose(1, 2)) + emb._sincos(x.device, x.dtype)
+        assert torch.allclose(emb(x), want, atol=1e-5)
+    model.train()
+    before = bn2.running_mean.clone()
+    twin = bf16_copy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.encode(x).shape == (5, 4, 16)  # fp32 weights, bf16 autocast
+    assert twin.encode(x.bfloat16()).dtype == torch.bfloat16  # bf16 weights
+    assert twin.decoder.embed.stem[4].running_mean is bn2.running_mean and not bn2.running_mean.equal(before)
+    assert int(bn2.num_batches_tracked) == 2 and "decoder.embed.stem.4.running_var" in model.state_dict()
+    hidden, adamw, _ = _hidden_matrices(model, list(model.named_parameters()))
+    assert {id(c1.weight), id(c2.weight)} <= {id(p) for p in adamw} and all(p.dim() == 2 for p in hidden)
+    with pytest.raises(KilnError, match="stem_channels"):
+        config_to_hf(cfg.with_(position="learned", class_token=True))
+    for bad, match in (([4, 6, 8], "patch_size divisible by 8"), ([0], "positive whole numbers")):
+        with pytest.raises(KilnError, match=match):
+            Transformer(cfg.with_(stem_channels=bad))
 
 
 # ----------------------------------------------------------------------------------------------- end to end

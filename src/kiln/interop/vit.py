@@ -109,6 +109,9 @@ def config_to_hf(cfg: ModelConfig, labels: list[str] | None = None) -> dict:
                  bias=True, class_token=True, activation=("gelu", "gelu_tanh", "relu", "silu"))
     if not cfg.channels:
         raise KilnError("cannot export to vit: model.channels is 0 (a text model)")
+    if cfg.stem_channels:
+        raise KilnError(f"cannot export to vit: model.stem_channels is {cfg.stem_channels} (a convolutional stem); "
+                        f"HF's ViT cuts pixels with one linear patch projection")
     if cfg.n_kv_head != cfg.n_head:
         raise KilnError(f"cannot export to vit: n_kv_head {cfg.n_kv_head} != n_head {cfg.n_head}")
     out = {

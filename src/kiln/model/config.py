@@ -62,6 +62,10 @@ class ModelConfig:
                                                   "range": ">= 1"})
     class_token: bool = field(default=True, metadata={"help": "image models: a learned class token before the patches (ViT); "
                                                       "false = patches only"})
+    stem_channels: list = field(default_factory=list, metadata={
+        "help": "image models: a convolutional stem (Xiao et al. 2021): channels of each 3x3 stride-2 convolution "
+                "(+ BatchNorm + GELU) before the patch projection; k of them leave patches of patch_size / 2^k on "
+                "the feature map. [] = the linear patchify (ViT)"})
     audio_conv_dim: int = field(default=0, metadata={"help": "audio models: channels of the convolutional feature encoder over "
                                                      "the raw waveform (kiln.model.audio; Wav2Vec 2.0: 512); 0 = not an "
                                                      "audio model", "range": ">= 0"})
@@ -133,6 +137,11 @@ class ModelConfig:
         if self.image_size < 1 or self.image_size % self.patch_size:
             raise KilnError(f"model.image_size ({self.image_size}) must be a positive multiple of model.patch_size "
                             f"({self.patch_size})")
+        if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in self.stem_channels):
+            raise KilnError(f"model.stem_channels must be positive whole numbers, got {self.stem_channels}")
+        if self.patch_size % (2 ** len(self.stem_channels)):
+            raise KilnError(f"model.stem_channels: {len(self.stem_channels)} stride-2 convolutions need model.patch_size "
+                            f"divisible by {2 ** len(self.stem_channels)}, got {self.patch_size}")
         if self.position not in ("learned", "sinusoidal"):
             raise KilnError(f"image models take model.position learned or sinusoidal (2-D sin-cos), got {self.position}")
         for key in ("mlm_head", "embedding_norm", "type_vocab_size", "embed_scale"):

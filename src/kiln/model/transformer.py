@@ -140,7 +140,7 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             else:  # norm weights
                 nn.init.ones_(p)
-        if hasattr(self.decoder.embed, "init_weights"):  # audio: the convolutions drawn as Wav2Vec 2.0 draws them
+        if hasattr(self.decoder.embed, "init_weights"):  # convolutions: Wav2Vec 2.0's draws, an image stem's He-normal
             self.decoder.embed.init_weights()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

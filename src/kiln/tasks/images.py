@@ -148,7 +148,10 @@ class ImageTask(EpochTask):
                 "channels": channels}
         data.report["init"] = info
         mc = cfg.model
-        notes = [f"ViT {mc.n_layer}x{mc.d_model}, patch {mc.patch_size} on {size}x{size}x{channels} "
+        stem = model.backbone.config.stem_channels
+        notes = [f"ViT {mc.n_layer}x{mc.d_model}, "
+                 + (f"convolutional stem {list(stem)} (3x3, stride 2), " if stem else "")
+                 + f"patch {mc.patch_size} on {size}x{size}x{channels} "
                  f"({(size // mc.patch_size) ** 2} patches) ({info['kind']}{': ' + cfg.init if cfg.init else ''})",
                  f"pooling {model.pooling}", f"{len(labels)} classes"]
         return Prepared(model, ImageObjective(cfg.label_smoothing), batches.batch, len(y_tr), evaluate, cfg.metric,

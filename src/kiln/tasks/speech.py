@@ -19,7 +19,7 @@ from kiln.tasks.base import EpochTask
 # the model keys a speech model does not read (hidden from --help)
 TEXT_ONLY = ("vocab_size", "n_decoder_layer", "context_length", "rope_theta", "mlm_head",
              "tie_embeddings", "type_vocab_size", "pad_token_id", "embed_scale", "sinusoid_layout", "head_bias",
-             "channels", "image_size", "patch_size", "class_token", "position", "pooler")
+             "channels", "image_size", "patch_size", "class_token", "stem_channels", "position", "pooler")
 
 
 SPEECH_KINDS = ("audio", "asr")

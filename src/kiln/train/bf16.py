@@ -13,6 +13,10 @@ def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
     for p in twin.parameters():  # parameters only: buffers such as RoPE tables stay fp32
         if p.is_floating_point():  # int8 weights (a LoRA run's int8 base) stay int8
             p.data = p.data.to(torch.bfloat16)
+    for mt, mm in zip(twin.modules(), model.modules(), strict=True):  # the buffers are the master's own tensors:
+        for name, b in mm._buffers.items():  # what the forward updates (BatchNorm's running statistics) is what
+            if b is not None:  # the checkpoint stores
+                mt._buffers[name] = b
     return twin
 
 

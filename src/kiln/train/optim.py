@@ -80,13 +80,15 @@ def _decay_groups(named, cfg: OptimizerConfig) -> list[dict]:
 
 
 def _hidden_matrices(model: torch.nn.Module, named) -> tuple[list, list, list]:
-    """(Muon's hidden 2-D matrices, 2-D weights that stay with AdamW, 1-D parameters)."""
+    """(Muon's hidden 2-D matrices, weights that stay with AdamW: embeddings, the LM head, LoRA's factors and
+    convolution kernels (an image stem's, an audio feature encoder's), 1-D parameters)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     head = getattr(model, "lm_head", None)
     if head is not None:
         embeddings.add(id(head.weight))
     # LoRA's low-rank A and B stay with AdamW too (only the parameters that train are here)
     embeddings |= {id(p) for n, p in named if n.endswith((".lora_A", ".lora_B"))}
+    embeddings |= {id(p) for _, p in named if p.dim() > 2}
     decay = [p for n, p in named if p.dim() >= 2]
     return ([p for p in decay if id(p) not in embeddings], [p for p in decay if id(p) in embeddings],
             [p for n, p in named if p.dim() < 2])
