@@ -132,8 +132,8 @@ VERBS = {
         _a("format", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: a llama.cpp / Ollama file "
                                                    "(llama, qwen2; tokenizer and chat template from its metadata)"),
         _a("src"), _a("run_dir")]),
-    "export": ({"help": "export a run to another format: hf (transformers folder) or onnx (a classifier or "
-                        "language model for onnxruntime, checked and measured: OUT/report.json)"}, [
+    "export": ({"help": "export a run to another format: hf (transformers folder) or onnx (a classifier, "
+                        "image or speech run, or a language model, for onnxruntime, checked: OUT/report.json)"}, [
         _a("format", choices=["hf", "onnx", "peft", "gguf"], help="peft: a LoRA run's adapters (adapter_config.json "
                                                                   "+ adapter_model.safetensors) and its frozen base in "
                                                                   "OUT/base (transformers); gguf: OUT is the .gguf file "

@@ -297,6 +297,36 @@ def test_fashion_mnist_subset_learns_and_the_misclassified_grid(tmp_path, capsys
     assert (run / "eval" / "fashion_mnist_test-images-idx3-ubyte_misclassified.png").is_file()
 
 
+def test_a_stem_run_exports_to_onnx_and_onnxruntime_predicts_what_kiln_predicts(tmp_path, capsys):
+    """`kiln export onnx` of an image run with a convolutional stem (its one export route: HF's ViT has no stem):
+    onnxruntime's logits equal kiln's on random images (report.json), and fed the held-out PNGs normalised as
+    kiln-onnx.json says, onnxruntime picks the classes `kiln predict` wrote."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    root, held = image_folder(tmp_path / "train", n=16), image_folder(tmp_path / "held", n=4, seed=3)
+    run, out = tmp_path / "run", tmp_path / "onnx"
+    assert finetune("--data.train", root, "--out", run, "--model.patch_size", "4", "--model.stem_channels", "[4, 8]",
+                    "--model.n_layer", "1", "--model.d_model", "16", "--model.n_head", "2", "--model.d_ff", "32",
+                    "--train.batch_size", "8", "--epochs", "3", "--train.lr", "3e-3", "--data.val_fraction", "0.25",
+                    "--data.test_fraction", "0") == 0
+    user_error(capsys, ["export", "hf", run, tmp_path / "hf"], "stem_channels")  # HF's ViT cannot hold it
+    assert main(["export", "onnx", str(run), str(out), "--int8"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["fp32"]["max_abs_diff"] < TOL and report["parity"]["fp32"]["argmax_agreement"] == 1.0
+    meta = json.loads((out / "kiln-onnx.json").read_text())
+    assert meta["inputs"] == ["pixel_values"] and meta["labels"] == ["bottom", "top"] and meta["image_size"] == 12
+    assert main(["predict", str(run), str(held / "top")]) == 0
+    rows = [r.split(",") for r in (run / "predictions" / "top.csv").read_text().splitlines()[1:]]
+    mean, std = np.array(meta["mean"], np.float32), np.array(meta["std"], np.float32)
+    x = np.stack([(np.asarray(Image.open(held / "top" / Path(r[0]).name), np.float32)[None] / 255 - mean[:, None, None])
+                  / std[:, None, None] for r in rows])
+    logits = ort.InferenceSession(str(out / "model.onnx")).run(None, {"pixel_values": x.astype(np.float32)})[0]
+    assert [meta["labels"][i] for i in logits.argmax(-1)] == [r[1] for r in rows]
+    int8 = ort.InferenceSession(str(out / "model.int8.onnx")).run(None, {"pixel_values": x.astype(np.float32)})[0]
+    assert int8.shape == logits.shape and "int8" in report["parity"]  # int8 weights: close, not equal
+
+
 # ----------------------------------------------------------------------------------------------- HF interop
 
 

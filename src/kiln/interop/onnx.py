@@ -48,10 +48,15 @@ def export_onnx(run_dir: str | Path, out: str | Path, int8: bool = False, which:
     require("onnx", "onnx", "`kiln export onnx`")
     require("onnxruntime", "onnx", "`kiln export onnx`")
     run_dir, out = Path(run_dir), Path(out)
-    if (run_dir / "run.json").is_file() and json.loads((run_dir / "run.json").read_text()).get("kind") in ("audio", "asr"):
+    kind = json.loads((run_dir / "run.json").read_text()).get("kind") if (run_dir / "run.json").is_file() else None
+    if kind in ("audio", "asr"):
         from kiln.interop.onnx_audio import export_speech_onnx  # waveforms in, logits (and frames) out
 
         return export_speech_onnx(run_dir, out, int8, which, log)
+    if kind == "image":
+        from kiln.interop.onnx_image import export_image_onnx  # normalised pixels in, logits out
+
+        return export_image_onnx(run_dir, out, int8, which, log)
     _check_out(out)
     ex = load_run(run_dir, which)
     tmp = _temp_folder(out)

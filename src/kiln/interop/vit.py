@@ -148,6 +148,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 
 def state_to_hf(kiln_state: dict[str, torch.Tensor], cfg: ModelConfig, prefix: bool = False) -> dict[str, torch.Tensor]:
     """ViTModel's names (no `vit.`), or with prefix=True those of ViTForImageClassification's backbone."""
+    config_to_hf(cfg)  # refuses, in one line, what HF's ViT cannot hold (a stem, 2-D sin-cos) before any reshape
     out = _map.to_hf(kiln_state, layout(cfg), FAMILY)
     for name, shape in _hf_shapes(cfg).items():
         out[name] = out[name].reshape(shape).contiguous()
