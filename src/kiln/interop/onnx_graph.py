@@ -348,6 +348,24 @@ def _temp_folder(out: Path) -> Path:
     return tmp
 
 
+def finish_export(tmp: Path, out: Path, meta: dict, result: dict, log) -> dict:
+    """The end a speech or image export shares: kiln-onnx.json (meta), report.json (result + the files' sizes),
+    moved into place; then the log lines. Returns the report."""
+    import json
+
+    result["size_mb"] = {f: round((tmp / f).stat().st_size / 1e6, 3) for f in (MODEL_FILE, INT8_FILE)
+                         if (tmp / f).is_file()}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / REPORT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    _install(tmp, out)
+    fp32 = result["parity"]["fp32"]
+    log(f"exported {result['run']} ({result['kind']}, checkpoint {Path(result['checkpoint']).name}) in "
+        f"{result['export_seconds']:.1f}s: {MODEL_FILE}, max |kiln - onnxruntime| {fp32['max_abs_diff']:.2e} "
+        f"(argmax agreement {100 * fp32['argmax_agreement']:.1f}%)")
+    log(f"wrote {out}")
+    return result
+
+
 def _install(tmp: Path, out: Path) -> None:
     _check_out(out)
     old = None

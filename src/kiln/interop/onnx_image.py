@@ -13,7 +13,6 @@ and report.json (sizes and kiln-vs-onnxruntime parity on random images).
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import warnings
@@ -22,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kiln.interop.onnx_graph import (INT8_FILE, META_FILE, MODEL_FILE, OPSET, REPORT_FILE, _check_out, _install,
-                                     _temp_folder, exportable, quantize_int8, session)
+from kiln.interop.onnx_graph import (INT8_FILE, MODEL_FILE, OPSET, _check_out, _temp_folder, exportable,
+                                     finish_export, quantize_int8, session)
 
 
 def load_image(run_dir: Path, which: str):
@@ -88,18 +87,9 @@ def export_image_onnx(run_dir: str | Path, out: str | Path, int8: bool = False, 
         meta = {"kind": "image", "inputs": ["pixel_values"], "outputs": ["logits"], "labels": info["labels"],
                 "image_size": size, "channels": channels, "mean": info["mean"], "std": info["std"],
                 "normalise": "resize to image_size, x / 255, then (x - mean) / std per channel"}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         result = {"run": str(run_dir), "checkpoint": str(ckpt), "kind": "image", "opset": OPSET,
-                  "export_seconds": round(seconds, 2), "parity": checks, "torch": torch.__version__,
-                  "size_mb": {f: round((tmp / f).stat().st_size / 1e6, 3) for f in (MODEL_FILE, INT8_FILE)
-                              if (tmp / f).is_file()}}
-        (tmp / REPORT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-        _install(tmp, out)
+                  "export_seconds": round(seconds, 2), "parity": checks, "torch": torch.__version__}
+        return finish_export(tmp, out, meta, result, log)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"exported {run_dir} (image, checkpoint {ckpt.name}) in {seconds:.1f}s: {MODEL_FILE}, max |kiln - "
-        f"onnxruntime| {checks['fp32']['max_abs_diff']:.2e} (argmax agreement "
-        f"{100 * checks['fp32']['argmax_agreement']:.1f}%)")
-    log(f"wrote {out}")
-    return result
