@@ -191,27 +191,34 @@ def write_conll(path: Path, sentences, docstart: bool = True) -> Path:
 # ----------------------------------------------------------------------------------------------- backbones
 
 
-def make_backbone(path: Path, text: str, context_length: int = 128, vocab_size: int = 1500, n_layer: int = 2) -> Path:
-    """A tiny post-LN encoder run folder (BERT-shaped, so it exports to HF) with kiln's lowercasing WordPiece
-    tokenizer trained on `text` (the same in every process) and BERT's [CLS] A [SEP] B [SEP] pair template."""
+def save_backbone(path: Path, tok, cfg) -> Path:
+    """A kiln run folder at `path` (made here) holding `tok` and a `cfg` model drawn with seed 0, checkpointed at
+    step 0: a backbone for `--init`."""
     import torch
 
     from kiln.config import RunConfig, dump_yaml
-    from kiln.data.tokenizer import train_tokenizer
-    from kiln.model.config import ModelConfig
     from kiln.model.transformer import Transformer
     from kiln.run.checkpoint import save_checkpoint
 
-    tok = train_tokenizer("wordpiece", [text], vocab_size, lowercase=True)
-    cfg = ModelConfig(arch="encoder", vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=2, d_model=32,
-                      context_length=context_length, pre_norm=False, final_norm=False, embedding_norm=True,
-                      type_vocab_size=2, pad_token_id=0, norm_eps=1e-12)
     path.mkdir(parents=True)
     tok.save(str(path / "tokenizer.json"))
     torch.manual_seed(0)
     (path / "config.yaml").write_text(dump_yaml(RunConfig(out=str(path), model=cfg)))
     save_checkpoint(path, Transformer(cfg), 0)
     return path
+
+
+def make_backbone(path: Path, text: str, context_length: int = 128, vocab_size: int = 1500, n_layer: int = 2) -> Path:
+    """A tiny post-LN encoder run folder (BERT-shaped, so it exports to HF) with kiln's lowercasing WordPiece
+    tokenizer trained on `text` (the same in every process) and BERT's [CLS] A [SEP] B [SEP] pair template."""
+    from kiln.data.tokenizer import train_tokenizer
+    from kiln.model.config import ModelConfig
+
+    tok = train_tokenizer("wordpiece", [text], vocab_size, lowercase=True)
+    cfg = ModelConfig(arch="encoder", vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=2, d_model=32,
+                      context_length=context_length, pre_norm=False, final_norm=False, embedding_norm=True,
+                      type_vocab_size=2, pad_token_id=0, norm_eps=1e-12)
+    return save_backbone(path, tok, cfg)
 
 
 def baselines_of_run(run_dir: str) -> dict:

@@ -11,14 +11,15 @@ from safetensors.torch import load_file
 
 from conftest import TINY, assert_user_error, run_until_crash
 from kiln.cli import main
-from kiln.config import ClassifyConfig, RunConfig, TrainConfig, dump_yaml, load_config
+from kiln.config import ClassifyConfig, TrainConfig, load_config
 from kiln.model.config import ModelConfig
 from kiln.model.heads import SequenceClassifier
 from kiln.model.lora import LoraLinear, LoraInt8Linear, LoraSpec, apply_lora, merge_state
 from kiln.model.transformer import Transformer
-from kiln.run.checkpoint import checkpoint_lora, find_checkpoint, load_weights, save_checkpoint
+from kiln.run.checkpoint import checkpoint_lora, find_checkpoint, load_weights
 from kiln.run.load import build_model
 from kiln.tasks.lm import run_pretrain
+from task_data import save_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,12 +60,7 @@ def encoder_backbone(path: Path, pooler: bool = False) -> Path:
     cfg = ModelConfig(arch="encoder", vocab_size=len(vocab), n_layer=2, n_head=2, d_model=16, context_length=32,
                       pre_norm=False, final_norm=False, embedding_norm=True, type_vocab_size=2, pad_token_id=0,
                       pooler=pooler)
-    path.mkdir(parents=True)
-    tok.save(str(path / "tokenizer.json"))
-    torch.manual_seed(0)
-    (path / "config.yaml").write_text(dump_yaml(RunConfig(out=str(path), model=cfg)))
-    save_checkpoint(path, Transformer(cfg), 0)
-    return path
+    return save_backbone(path, tok, cfg)
 
 
 def classify(tmp: Path, backbone: Path, name: str, *extra) -> Path:

@@ -147,25 +147,17 @@ def reviews(n: int):
 
 
 def backbone(path):
-    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from kiln.config import RunConfig, dump_yaml
     from kiln.model.config import ModelConfig
-    from kiln.model.transformer import Transformer
-    from kiln.run.checkpoint import save_checkpoint
+    from task_data import save_backbone
 
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]"] + POS + NEG + FILLER)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     cfg = ModelConfig(arch="encoder", vocab_size=len(vocab), n_layer=1, n_head=2, d_model=16, context_length=16,
                       pad_token_id=0)
-    path.mkdir()
-    tok.save(str(path / "tokenizer.json"))
-    torch.manual_seed(0)
-    (path / "config.yaml").write_text(dump_yaml(RunConfig(out=str(path), model=cfg)))
-    save_checkpoint(path, Transformer(cfg), 0)
-    return path
+    return save_backbone(path, tok, cfg)
 
 
 def _losses(run):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY, assert_user_error
+from task_data import save_backbone
 from kiln.cli import main
 
 import onnxruntime  # noqa: F401  (a dev dependency: missing, the file fails to load, not skipped)
@@ -42,10 +43,7 @@ def _backbone(path: Path, arch: str) -> Path:
     (RoPE, RMSNorm, SwiGLU, grouped-query attention)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    from kiln.config import RunConfig, dump_yaml
     from kiln.model.config import ModelConfig
-    from kiln.model.transformer import Transformer
-    from kiln.run.checkpoint import save_checkpoint
 
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + POS + NEG + FILLER)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -59,12 +57,7 @@ def _backbone(path: Path, arch: str) -> Path:
     else:
         cfg = ModelConfig(arch="decoder", vocab_size=len(vocab), n_layer=2, n_head=4, n_kv_head=2, d_model=16,
                           context_length=32, position="rope", norm="rmsnorm", activation="swiglu", bias=False)
-    path.mkdir(parents=True)
-    tok.save(str(path / "tokenizer.json"))
-    torch.manual_seed(0)
-    (path / "config.yaml").write_text(dump_yaml(RunConfig(out=str(path), model=cfg)))
-    save_checkpoint(path, Transformer(cfg), 0)
-    return path
+    return save_backbone(path, tok, cfg)
 
 
 @pytest.fixture(scope="module", params=["encoder", "decoder"])
